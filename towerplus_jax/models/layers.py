@@ -1,0 +1,165 @@
+"""Decoder building blocks. Every parameter carries logical axis names in its `axes` metadata.
+
+Shape letters: B batch, T query length, S key length (cache slots), D embed, N query heads, K kv heads,
+G query heads per kv head, H head dim, F mlp, V vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from towerplus_jax.models.config import ModelConfig
+
+NEG_INF = -2.3819763e38  # large finite mask value: fully masked (padding) rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, jnp.dtype(dtype)), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm in float32. Gemma scales by (1 + w) with w = 0 at init; Qwen scales by w with w = 1 at init."""
+
+  def __init__(self, dim: int, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    init = nnx.initializers.zeros if cfg.is_gemma else nnx.initializers.ones
+    self.scale = _param(rngs, init, (dim,), ("norm",), cfg.param_dtype)
+    self.eps, self.gemma = cfg.norm_eps, cfg.is_gemma
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    w = self.scale[...].astype(jnp.float32)
+    if self.gemma:
+      return (normed * (1.0 + w)).astype(x.dtype)
+    return w.astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+  """Token embedding table [V, D]; `decode` is the tied output projection."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.table_VD = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.embed_dim),
+                           ("vocab", "embed"), cfg.param_dtype)
+    self.scale = cfg.embed_dim ** 0.5 if cfg.is_gemma else None
+    self.dtype = jnp.dtype(cfg.dtype)
+
+  def encode(self, tokens_BT: jax.Array) -> jax.Array:
+    x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.dtype)
+    if self.scale is not None:  # HF casts the normaliser to the activation dtype first
+      x_BTD = x_BTD * jnp.asarray(self.scale, self.dtype)
+    return x_BTD
+
+  def decode(self, x_BTD: jax.Array) -> jax.Array:
+    return jnp.einsum("BTD,VD->BTV", x_BTD, self.table_VD[...].astype(self.dtype))
+
+
+def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, scale: float = 1.0) -> jax.Array:
+  """Rotary embedding, rotate-half layout (as Hugging Face), computed in float32."""
+  h = x_BTNH.shape[-1]
+  inv_freq = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  angles_BTh = (positions_BT.astype(jnp.float32) / scale)[..., None] * inv_freq
+  sin, cos = jnp.sin(angles_BTh)[:, :, None, :], jnp.cos(angles_BTh)[:, :, None, :]
+  x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTNH.dtype)
+
+
+def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None,
+                   q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
+  """[B, T, S] boolean: causal by position, same segment, and within the sliding window."""
+  diff_BTS = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
+  mask_BTS = diff_BTS >= 0
+  if window is not None:
+    mask_BTS &= diff_BTS < window
+  if q_seg_BT is not None:
+    mask_BTS &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
+  return mask_BTS
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional qkv bias, q/k norms, soft-capping and a KV cache."""
+
+  def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+    d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init, pd = nnx.initializers.lecun_normal(), cfg.param_dtype
+    self.q_DNH = _param(rngs, init, (d, n, h), ("embed", "q_heads", "head_dim"), pd)
+    self.k_DKH = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_DKH = _param(rngs, init, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_NHD = _param(rngs, init, (n, h, d), ("q_heads", "head_dim", "embed"), pd)
+    if cfg.qkv_bias:
+      zeros = nnx.initializers.zeros
+      self.q_bias_NH = _param(rngs, zeros, (n, h), ("q_heads", "head_dim"), pd)
+      self.k_bias_KH = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+      self.v_bias_KH = _param(rngs, zeros, (k, h), ("kv_heads", "head_dim"), pd)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(h, cfg, rngs=rngs)
+      self.k_norm = RMSNorm(h, cfg, rngs=rngs)
+    sliding = layer_type == "sliding"
+    self.window = cfg.sliding_window if sliding else None
+    self.theta = (cfg.rope_local_theta or cfg.rope_theta) if sliding else cfg.rope_theta
+    self.rope_scale = 1.0 if sliding else cfg.rope_scale
+    self.scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+    self.softcap = cfg.attn_logit_softcap
+    self.cfg = cfg
+
+  def _project(self, x_BTD: jax.Array, w: nnx.Param, bias_name: str) -> jax.Array:
+    y = jnp.einsum("BTD,DNH->BTNH", x_BTD, w[...].astype(x_BTD.dtype))
+    if self.cfg.qkv_bias:
+      y = y + getattr(self, bias_name)[...].astype(y.dtype)
+    return y
+
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+               cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+    cfg = self.cfg
+    q_BTNH = self._project(x_BTD, self.q_DNH, "q_bias_NH")
+    k_BTKH = self._project(x_BTD, self.k_DKH, "k_bias_KH")
+    v_BTKH = self._project(x_BTD, self.v_DKH, "v_bias_KH")
+    if cfg.qk_norm:
+      q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
+    q_BTNH = rope(q_BTNH, positions_BT, self.theta, self.rope_scale)
+    k_BTKH = rope(k_BTKH, positions_BT, self.theta, self.rope_scale)
+
+    if cache is None:
+      k_pos_BS, k_seg_BS = positions_BT, segment_ids_BT
+      mask_BTS = attention_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)
+      if segment_ids_BT is not None:  # packed rows: causal by index too (positions restart per segment)
+        idx_T = jnp.arange(x_BTD.shape[1])
+        mask_BTS &= idx_T[:, None] >= idx_T[None, :]
+    else:  # slot s of the cache holds position s of its row
+      rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
+      cache = {"k": cache["k"].at[rows_B1, positions_BT].set(k_BTKH.astype(cache["k"].dtype)),
+               "v": cache["v"].at[rows_B1, positions_BT].set(v_BTKH.astype(cache["v"].dtype))}
+      k_BTKH, v_BTKH = cache["k"].astype(x_BTD.dtype), cache["v"].astype(x_BTD.dtype)
+      slots_BS = jnp.broadcast_to(jnp.arange(k_BTKH.shape[1]), (x_BTD.shape[0], k_BTKH.shape[1]))
+      mask_BTS = attention_mask(positions_BT, slots_BS, self.window)
+
+    b, t, n, h = q_BTNH.shape
+    kv = cfg.num_kv_heads
+    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h) * jnp.asarray(self.scale, q_BTNH.dtype)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH,
+                              preferred_element_type=jnp.float32)
+    if self.softcap is not None:
+      logits_BKGTS = jnp.tanh(logits_BKGTS / self.softcap) * self.softcap
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BTKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BTKH)
+    out_BTNH = out_BTKGH.reshape(b, t, n, h)
+    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(out_BTNH.dtype)), cache
+
+
+class MLP(nnx.Module):
+  """Gated MLP: down(act(gate x) * up x); gelu-tanh for Gemma, SiLU (SwiGLU) for Qwen."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    init, d, f, pd = nnx.initializers.lecun_normal(), cfg.embed_dim, cfg.mlp_dim, cfg.param_dtype
+    self.gate_DF = _param(rngs, init, (d, f), ("embed", "mlp"), pd)
+    self.up_DF = _param(rngs, init, (d, f), ("embed", "mlp"), pd)
+    self.down_FD = _param(rngs, init, (f, d), ("mlp", "embed"), pd)
+    self.gelu = cfg.is_gemma
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    dt = x_BTD.dtype
+    gate_BTF = x_BTD @ self.gate_DF[...].astype(dt)
+    act_BTF = jax.nn.gelu(gate_BTF, approximate=True) if self.gelu else jax.nn.silu(gate_BTF)
+    return (act_BTF * (x_BTD @ self.up_DF[...].astype(dt))) @ self.down_FD[...].astype(dt)
