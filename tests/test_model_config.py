@@ -1,0 +1,43 @@
+"""Presets: abstract parameter counts equal the published sizes; config validation."""
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from towerplus_jax.models.config import PRESETS, ModelConfig, preset
+from towerplus_jax.models.transformer import Transformer
+
+# Published parameter counts (HF model cards / safetensors metadata; Gemma 3 text-only towers).
+PUBLISHED = {
+    "gemma2_2b": 2.614e9, "gemma2_9b": 9.242e9, "gemma2_27b": 27.23e9,
+    "gemma3_1b": 0.9999e9, "gemma3_4b": 3.880e9, "gemma3_12b": 11.77e9, "gemma3_27b": 27.01e9,
+    "qwen2_5_0_5b": 0.494e9, "qwen2_5_1_5b": 1.544e9, "qwen2_5_3b": 3.086e9, "qwen2_5_7b": 7.616e9,
+    "qwen2_5_14b": 14.77e9, "qwen2_5_32b": 32.76e9, "qwen2_5_72b": 72.71e9,
+    "qwen3_0_6b": 0.596e9, "qwen3_1_7b": 1.721e9, "qwen3_4b": 4.022e9, "qwen3_8b": 8.191e9,
+    "qwen3_14b": 14.77e9, "qwen3_32b": 32.76e9,
+}
+
+
+def count(cfg: ModelConfig) -> int:
+  state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def test_every_preset_has_a_published_count():
+  assert set(PRESETS) == set(PUBLISHED)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_count(name):
+  assert count(preset(name)) == pytest.approx(PUBLISHED[name], rel=0.01)
+
+
+def test_tiny_presets_and_errors():
+  for fam in ("gemma2", "gemma3", "qwen2", "qwen3"):
+    assert preset(f"tiny_{fam}").family == fam
+  with pytest.raises(ValueError, match="unknown model preset"):
+    preset("gemma2_3b")
+  with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+    ModelConfig.tiny().replace(num_kv_heads=3)
+  with pytest.raises(ValueError, match="layer_types"):
+    ModelConfig.tiny().replace(layer_types=("full",))
