@@ -1,0 +1,123 @@
+"""GRPO clipped policy-gradient loss with optional k3 KL to a reference policy (TRL-compatible definitions).
+
+Batch: int32 [B, T] `inputs`, `targets`, `positions`, `segment_ids`; float32 [B, T] `loss_mask` (completion
+tokens; zero for masked truncated completions); float32 [B] `advantages`; optional float32 [B, T] `old_logps`
+(sampling policy; absent -> stop_gradient of the current log-probs, ratio exactly 1) and `ref_logps`
+(`reference_fn` computes them; required when beta != 0). All log-probs use logits / temperature.
+Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,
+aggregation = 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm', max_completion_length = 0
+(the normaliser of 'seq_mean_token_sum_norm', required there).
+  r_t = exp(logπ − logπ_old),  ℓ_t = −min(r_t·A, clip(r_t, 1−ε_low, 1+ε_high)·A) + β·k3,
+  k3 = exp(ref − logπ) − (ref − logπ) − 1.
+Aggregation (loss_denominator: completion tokens of the global batch for token_mean, else its sequences):
+  token_mean: Σ_tokens ℓ / denominator;  seq_mean_token_mean: Σ_seq mean_t ℓ / denominator;
+  seq_mean_token_sum_norm: Σ_seq (Σ_t ℓ / max_completion_length) / denominator.
+Metrics: loss, kl (when the batch has ref_logps), entropy, clip_ratio/{low,high,region}_mean (TRL's
+definitions). They are token means over the global batch with token_mean, else means over sequences of
+per-sequence token means; either way sums / loss_denominator, so they add across micro-batches.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from towerplus_jax.losses import common, register
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+DEFAULTS = {"epsilon_low": 0.2, "epsilon_high": 0.2, "beta": 0.0, "temperature": 1.0,
+            "aggregation": "token_mean", "max_completion_length": 0}
+KEYS = ("inputs", "targets", "loss_mask", "advantages")
+REFERENCE_KEYS = ("ref_logps",)
+
+
+def _config(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  c = common.read_config(cfg, DEFAULTS, "grpo")
+  if c.aggregation not in AGGREGATIONS:
+    raise ValueError(f"config.loss.aggregation: '{c.aggregation}' is not one of {AGGREGATIONS}")
+  if c.aggregation == "seq_mean_token_sum_norm" and c.max_completion_length <= 0:
+    raise ValueError("config.loss.max_completion_length must be > 0 for aggregation 'seq_mean_token_sum_norm'")
+  if c.temperature <= 0:
+    raise ValueError(f"config.loss.temperature must be > 0, got {c.temperature}")
+  return c
+
+
+def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> jax.Array:
+  """Completion tokens (token_mean) or sequences (rows that are not all padding)."""
+  if _config(cfg).aggregation == "token_mean":
+    return jnp.sum(jnp.asarray(batch["loss_mask"], jnp.float32))
+  return jnp.sum(common.row_mask(batch))
+
+
+def k3_kl(ref_logp_BT: jax.Array, logp_BT: jax.Array) -> jax.Array:
+  """Per-token k3 estimator of KL(π || π_ref): exp(ref − logp) − (ref − logp) − 1 (>= 0, 0 when equal)."""
+  delta_BT = ref_logp_BT - logp_BT
+  return jnp.exp(delta_BT) - delta_BT - 1.0
+
+
+def aggregate(x_BT: jax.Array, mask_BT: jax.Array, rows_B: jax.Array, mode: str, max_len: int,
+              denom: jax.Array) -> jax.Array:
+  """Sum over this micro-batch in aggregation `mode`, divided by the (global) denominator."""
+  if mode == "token_mean":
+    return jnp.sum(x_BT * mask_BT) / denom
+  if mode == "seq_mean_token_mean":
+    per_seq_B = common.masked_mean(x_BT, mask_BT, axis=-1)
+  else:
+    per_seq_B = jnp.sum(x_BT * mask_BT, axis=-1) / max_len
+  return jnp.sum(per_seq_B * rows_B) / denom
+
+
+def _logits(model, batch: common.Batch, temperature: float) -> jax.Array:
+  return common.forward(model, batch) / temperature
+
+
+def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDict | None = None
+                    ) -> dict[str, jax.Array]:
+  """Per-token reference log-probs [B, T] (logits / temperature)."""
+  logits_BTV = _logits(ref_model, batch, _config(cfg).temperature)
+  return {"ref_logps": jax.lax.stop_gradient(common.token_logprobs(logits_BTV, batch["targets"]))}
+
+
+@register("grpo", count_fn=count, defaults=DEFAULTS, reference_fn=reference_logps, reference_keys=REFERENCE_KEYS,
+          needs_reference=lambda cfg: _config(cfg).beta != 0)
+def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict
+              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Clipped surrogate (PPO-style, per token) with group-relative advantages and optional k3 KL."""
+  del rng
+  c = _config(cfg)
+  common.require(batch, KEYS, "grpo")
+  if c.beta != 0:
+    common.require(batch, REFERENCE_KEYS, "grpo with beta != 0 (add them with get('grpo').reference_fn)")
+  mask_BT = batch["loss_mask"].astype(jnp.float32)
+  on_BT = mask_BT > 0
+  logits_BTV = _logits(model, batch, c.temperature)
+  logp_BT = common.token_logprobs(logits_BTV, batch["targets"])
+  old_BT = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp_BT)
+  ratio_BT = jnp.exp(jnp.where(on_BT, logp_BT - old_BT, 0.0))  # masked before exp: no inf/NaN from padding
+  adv_B1 = batch["advantages"].astype(jnp.float32)[:, None]
+  clipped_BT = jnp.clip(ratio_BT, 1.0 - c.epsilon_low, 1.0 + c.epsilon_high)
+  per_token_BT = -jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
+  kl_BT = None
+  if "ref_logps" in batch:
+    kl_BT = k3_kl(jnp.where(on_BT, batch["ref_logps"], logp_BT), logp_BT)
+    if c.beta != 0:
+      per_token_BT = per_token_BT + c.beta * kl_BT
+
+  rows_B = common.row_mask(batch)
+  denom = common.denominator(batch, count(batch, c))
+  loss = aggregate(per_token_BT, mask_BT, rows_B, c.aggregation, c.max_completion_length, denom)
+  metric_mode = "token_mean" if c.aggregation == "token_mean" else "seq_mean_token_mean"
+  mean = lambda x_BT: aggregate(jax.lax.stop_gradient(x_BT).astype(jnp.float32), mask_BT, rows_B, metric_mode,
+                                c.max_completion_length, denom)
+  low_BT = (ratio_BT < 1.0 - c.epsilon_low) & (adv_B1 < 0)
+  high_BT = (ratio_BT > 1.0 + c.epsilon_high) & (adv_B1 > 0)
+  metrics = {
+      "loss": jax.lax.stop_gradient(loss),
+      "entropy": mean(common.entropy(jax.lax.stop_gradient(logits_BTV))),
+      "clip_ratio/low_mean": mean(low_BT),
+      "clip_ratio/high_mean": mean(high_BT),
+      "clip_ratio/region_mean": mean(low_BT | high_BT),
+  }
+  if kl_BT is not None:
+    metrics["kl"] = mean(kl_BT)
+  return loss, metrics
