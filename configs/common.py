@@ -1,0 +1,81 @@
+"""Sections shared by every stage's config. A stage file calls `base(arg, loss=...)` and edits what differs.
+
+`arg` is `PRESET[,runlocal]`: a model preset (`tiny`, `tiny_qwen3`, `gemma2_2b`, `qwen2_5_7b`, ...) and optionally
+`runlocal`, which shrinks steps/batch/length so any preset's pipeline can be smoke-tested on one machine.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from towerplus_jax import losses
+
+
+def parse_arg(arg: str) -> tuple[str, bool]:
+  preset, *flags = (arg or "tiny").split(",")
+  unknown = set(flags) - {"runlocal"}
+  if unknown:
+    raise ValueError(f"unknown config flags {sorted(unknown)}; the config argument is PRESET[,runlocal]")
+  return preset, "runlocal" in flags
+
+
+def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
+  preset, runlocal = parse_arg(arg)
+  tiny = preset.startswith("tiny")
+  c = ml_collections.ConfigDict()
+  c.init_from = ""  # '' = random init; 'hf:DIR' = Hugging Face folder; 'ckpt:WORKDIR' = another stage's run
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = preset  # models/config.py preset name (ignored when init_from gives the architecture)
+  c.model.vocab_size = 0  # 0 = the preset's (random init: the tokenizer's, rounded up to 128)
+  c.model.dtype = "float32" if tiny else "bfloat16"  # activations / compute
+  c.model.param_dtype = "float32"  # master weights
+  c.model.remat = "none" if tiny else "dots_no_batch"  # none | full | dots | dots_no_batch
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # pure data parallelism (replicated params)
+  c.mesh.fsdp = -1  # params and batch split here; -1 = all remaining devices
+  c.mesh.tensor = 1  # heads / mlp / vocab split here
+
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = kind  # lm | sft | preference | rl (batch format; follows the loss)
+  c.data.train = ""  # comma-separated JSONL/ArrayRecord paths or globs, sample:NAME, tfds:NAME, seqio:TASK
+  c.data.eval = ""  # held-out set in the same formats ('' = no eval)
+  c.data.seq_len = 128 if tiny else 2048  # tokens per row
+  c.data.template = "chatml" if preset.startswith(("qwen", "tiny_qwen")) else "gemma"  # chat template
+  c.data.tokenizer = "sample" if tiny else "auto"  # sample | sp:PATH | hf:PATH | auto (= init_from's)
+  c.data.pack = True  # pack several examples per row (segment ids keep them apart)
+  c.data.seed = 0  # shuffling seed
+  c.data.max_prompt_len = 0  # rl/preference: longest prompt in tokens (0 = seq_len // 2)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 60 if tiny else 10_000  # optimizer steps
+  c.train.global_batch_size = 8 if tiny else 256  # rows per step, all hosts together
+  c.train.micro_batches = 1  # gradient accumulation: the step's batch is split into this many passes
+  c.train.seed = 0  # params init and per-step RNG
+  c.train.log_every = 10  # steps between progress lines / metrics rows
+  c.train.eval_every = 0 if tiny else 500  # steps between evals (0 = only at the end)
+  c.train.eval_steps = 4 if tiny else 50  # eval batches per eval
+  c.train.checkpoint_every = 50 if tiny else 500  # steps between checkpoints (and always at the end)
+  c.train.keep_checkpoints = 2  # checkpoints kept (the oldest are deleted)
+  c.train.async_checkpoint = True  # save in the background while training goes on
+  c.train.max_nonfinite = 5  # consecutive skipped (NaN/Inf) updates before the run stops
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-3 if tiny else 1e-5  # peak learning rate
+  c.optimizer.schedule = "cosine"  # cosine | linear | constant (after warmup)
+  c.optimizer.warmup_steps = -1  # -1 = use warmup_ratio
+  c.optimizer.warmup_ratio = 0.1  # fraction of steps warming up linearly from 0
+  c.optimizer.end_lr_ratio = 0.1  # final lr as a fraction of the peak
+  c.optimizer.weight_decay = 0.01  # AdamW decay (not applied to norms and biases)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+
+  c.loss = losses.default_config(loss)  # name + every key the loss reads (see towerplus_jax/losses)
+
+  if runlocal:
+    c.model.remat = "none"
+    c.data.seq_len = 256
+    c.train.update(steps=10, global_batch_size=2, eval_steps=2, log_every=1, checkpoint_every=5)
+  return c

@@ -1,0 +1,100 @@
+"""The jitted train step: gradient accumulation equals one big batch; 8-device fsdp+tensor equals 1 device;
+non-finite gradients skip the update; the weight-decay mask spares norms and biases."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from towerplus_jax import losses, optim, sharding, train
+from towerplus_jax.models.config import ModelConfig
+from towerplus_jax.models.transformer import Transformer
+
+
+def opt_cfg(**kw):
+  c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="cosine", warmup_steps=2, warmup_ratio=0.0, end_lr_ratio=0.1,
+                                     weight_decay=0.1, b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0))
+  c.update(kw)
+  return c
+
+
+def lm_batch(cfg, b=8, t=16, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  mask = (rng.random((b, t)) > 0.3).astype(np.float32)
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+          "segment_ids": np.ones((b, t), np.int32), "positions": np.broadcast_to(np.arange(t), (b, t)).astype(np.int32)}
+
+
+def run_steps(cfg, micro, mesh=None, steps=2, batch_fn=lm_batch):
+  metrics = None
+  mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+  graphdef, params = nnx.split(model)
+  tx, lr = optim.make(opt_cfg(), 10)
+  loss = losses.get("lm")
+  fns = train.make_step_fns(graphdef, loss, losses.default_config("lm"), tx, lr, micro, False)
+  with jax.set_mesh(mesh):
+    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(0))}
+    step = jax.jit(fns.train)
+    for i in range(steps):
+      state, metrics = step(state, None, sharding.shard_batch(batch_fn(cfg, seed=i), mesh))
+  return jax.device_get(nnx.to_pure_dict(state["params"])), jax.device_get(metrics)
+
+
+def assert_trees_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+def test_grad_accumulation_equals_big_batch():
+  cfg = ModelConfig.tiny("qwen2")
+  p1, m1 = run_steps(cfg, micro=1)
+  p4, m4 = run_steps(cfg, micro=4)
+  assert_trees_close(p1, p4, atol=5e-5)  # Adam amplifies fp32 rounding of near-zero grads
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  np.testing.assert_allclose(m1["ntokens"], m4["ntokens"])
+
+
+def test_sharded_training_matches_single_device():
+  cfg = ModelConfig.tiny("gemma2")
+  single, ms = run_steps(cfg, micro=1)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  multi, mm = run_steps(cfg, micro=2, mesh=mesh)
+  assert_trees_close(single, multi, atol=2e-5)
+  np.testing.assert_allclose(ms["loss"], mm["loss"], rtol=1e-5)
+
+
+def test_nonfinite_gradients_skip_the_update():
+  cfg = ModelConfig.tiny("qwen3")
+
+  def nan_batch(cfg, seed):
+    b = lm_batch(cfg, seed=seed)
+    b["loss_mask"] = b["loss_mask"] * np.nan
+    return b
+  params, metrics = run_steps(cfg, micro=1, steps=3, batch_fn=nan_batch)
+  fresh, _ = run_steps(cfg, micro=1, steps=2)  # finite steps (lr is 0 at step 0) move the params ...
+  initial = jax.device_get(nnx.to_pure_dict(nnx.state(sharding.create_sharded(
+      lambda: Transformer(cfg, rngs=nnx.Rngs(0)), sharding.make_mesh({}, jax.devices()[:1])))))
+  assert_trees_close(params, initial, atol=0)  # ... three NaN steps do not
+  assert max(np.abs(x - y).max() for x, y in zip(jax.tree.leaves(fresh), jax.tree.leaves(initial))) > 1e-4
+  assert int(metrics["nonfinite/consecutive"]) == 3 and int(metrics["nonfinite/total"]) == 3
+  try:
+    train._check_finite(metrics, 3, 3)
+  except FloatingPointError as e:
+    assert "3 consecutive" in str(e) and "max_nonfinite=3" in str(e)
+  else:
+    raise AssertionError("no error after 3 non-finite steps")
+
+
+def test_weight_decay_mask_spares_norms_and_biases():
+  cfg = ModelConfig.tiny("qwen2")
+  params = nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)))
+  mask = nnx.to_pure_dict(optim.decay_mask(params))
+  assert mask["layers"][0]["attn"]["q_DNH"] is True
+  assert mask["layers"][0]["attn"]["q_bias_NH"] is False  # a 2-D [N, H] bias: still no decay
+  assert mask["layers"][0]["pre_attn_norm"]["scale"] is False

@@ -1,0 +1,102 @@
+"""Orbax checkpoints of a training run: params, optimizer state + step + RNG, and the grain iterator.
+
+Layout: `<dir>/<step>/{params,train,data}`. `params` alone is a complete model checkpoint (what the HF importer and
+`init_from` read); `train` holds {"opt_state", "step", "rng"}; `data` the grain iterator state. Saves are async and
+atomic (Orbax writes to a temporary folder and renames), so a checkpoint is never half-written.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class Checkpointer:
+  """Keep-N async CheckpointManager over the three items of a run."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           save_interval_steps=max(save_every, 1), create=True)
+    self.manager = ocp.CheckpointManager(epath.Path(directory), options=options,
+                                         item_names=("params", "train", "data"))
+    self.save_every = save_every
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, params: Any, train: Any, data_iter: Any = None, *, force: bool = False) -> bool:
+    if not force and not (self.save_every and step % self.save_every == 0):
+      return False
+    items = {"params": ocp.args.StandardSave(params), "train": ocp.args.StandardSave(train)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_params: Any, abstract_train: Any = None, data_iter: Any = None) -> dict:
+    """Restore onto the shardings of the abstract trees (jax.ShapeDtypeStruct with .sharding): any mesh works."""
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
+    if abstract_train is not None:
+      items["train"] = ocp.args.StandardRestore(abstract_train)
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
+  """Params of the latest (or given) step of a run's checkpoint folder, onto the abstract tree's shardings."""
+  manager = ocp.CheckpointManager(epath.Path(directory), item_names=("params", "train", "data"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint under {directory}")
+  out = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
+  manager.close()
+  return out["params"]
+
+
+def save_params(directory: str, params: Any, step: int = 0) -> None:
+  """A params-only checkpoint in the run layout (used by the HF importer)."""
+  manager = ocp.CheckpointManager(epath.Path(directory), item_names=("params", "train", "data"),
+                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+  manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` carrying the given shardings (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save a checkpoint before exiting."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    self.event.set()
+
+  @property
+  def requested(self) -> bool:
+    return self.event.is_set()
+
+  def restore_handlers(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)

@@ -1,0 +1,47 @@
+"""Entry point: `python -m towerplus_jax.main --config=configs/sft.py:tiny --workdir=DIR [--config.KEY=VALUE ...]`.
+
+The config is locked: a misspelt `--config.key` fails at start-up. A config with `stages` (configs/tower_plus.py)
+runs its stages in order, each in WORKDIR/<stage>, each initialised from the previous stage's checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://): checkpoints, metrics, tokenizer.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run(config, workdir: str) -> dict:
+  from towerplus_jax import train
+  if "stages" not in config:
+    return train.train(config, workdir)
+  results, previous = {}, None
+  for name in config.stage_order:
+    stage = config.stages[name]
+    if stage.init_from == "previous":
+      with stage.unlocked():
+        stage.init_from = f"ckpt:{os.path.join(workdir, previous)}" if previous else ""
+    logging.info("=== stage %s ===", name)
+    results[name] = train.train(stage, os.path.join(workdir, name))
+    previous = name
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  sys.path.insert(0, os.getcwd())  # config files import `configs.common`
+  logging.set_verbosity(logging.INFO)
+  results = run(_CONFIG.value, _WORKDIR.value)
+  logging.info("done: %s", json.dumps(results, default=float)[:2000])
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,81 @@
+"""Training metrics: a progress line (step, loss, lr, tokens/s, MFU, ETA), TensorBoard events and metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+from absl import logging
+
+# Peak dense bf16 FLOP/s per chip (vendor figures); MFU is not reported for other devices.
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+              "B200": 2250e12}
+
+
+def peak_flops_per_device() -> float | None:
+  kind = jax.devices()[0].device_kind
+  for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+    if name.lower() in kind.lower():
+      return PEAK_FLOPS[name]
+  return None
+
+
+class MetricsWriter:
+  """Writes only on process 0. `write(step, metrics)` appends one JSON line and TensorBoard scalars."""
+
+  def __init__(self, workdir: str, total_steps: int, flops_per_token: float):
+    self.enabled = jax.process_index() == 0
+    self.total_steps, self.flops_per_token = total_steps, flops_per_token
+    self.peak = peak_flops_per_device()
+    self.t0, self.last_t, self.last_step, self.tokens = time.time(), time.time(), None, 0
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(workdir, exist_ok=True)
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def count_tokens(self, n: int) -> None:
+    self.tokens += n
+
+  def progress(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+    """Add throughput figures to `metrics` (since the last call) and print the progress line."""
+    now = time.time()
+    if self.last_step is not None and now > self.last_t:
+      dt = now - self.last_t
+      tps = self.tokens / dt
+      metrics["perf/tokens_per_sec"] = tps
+      metrics["perf/step_time"] = dt / max(step - self.last_step, 1)
+      if self.peak:
+        metrics["perf/mfu"] = tps * self.flops_per_token / (self.peak * jax.device_count())
+      eta = (self.total_steps - step) * metrics["perf/step_time"]
+    else:
+      eta = float("nan")
+    self.last_t, self.last_step, self.tokens = now, step, 0
+    shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                     if k in ("loss", "lr", "grad_norm", "perf/tokens_per_sec", "perf/mfu", "reward/mean"))
+    logging.info("step %d/%d %s eta=%s", step, self.total_steps, shown, _hms(eta))
+    return metrics
+
+  def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+    if not self.enabled:
+      return
+    row = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
+    self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
+    self.jsonl.flush()
+    for k, v in row.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _hms(seconds: float) -> str:
+  if seconds != seconds:  # nan
+    return "?"
+  s = int(seconds)
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

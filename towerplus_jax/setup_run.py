@@ -1,0 +1,200 @@
+"""Everything a stage needs before its first step: mesh, tokenizer, model (random, from HF or from another stage),
+frozen reference params, and the batch sources. Kept apart from the loop in `train.py`."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+
+from towerplus_jax import checkpoint, distributed, losses, sharding
+from towerplus_jax.data import pipeline, tokenizers
+from towerplus_jax.models.config import ModelConfig, preset
+from towerplus_jax.models.transformer import Transformer
+
+SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "data", "sample")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+DATA_KIND = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference", "grpo": "rl"}
+
+
+class DatasetBatches:
+  """Batches from a grain dataset; `data_iter` is what the checkpoint saves."""
+
+  def __init__(self, dataset):
+    self.data_iter = iter(dataset)
+
+  def __next__(self) -> dict:
+    return next(self.data_iter)
+
+  def host_metrics(self) -> dict[str, float]:
+    return {}
+
+
+@dataclasses.dataclass
+class RunSetup:
+  mesh: Mesh
+  tokenizer: Any
+  model_cfg: ModelConfig
+  model: nnx.Module
+  ref_params: Any  # nnx.State of a frozen reference model, or None
+  batches: Callable[[Callable[[], nnx.Module]], Any]  # policy getter -> batch source (next(), data_iter)
+  eval_batches: Callable[[], Iterable[dict]] | None
+
+
+def resolve_sources(spec: str) -> list[str]:
+  """Comma-separated paths, globs, `sample:NAME` (a file shipped in towerplus_jax/data/sample), tfds:/seqio: specs."""
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    if part.startswith("sample:"):
+      out.append(os.path.join(SAMPLE_DIR, part[len("sample:"):] + ".jsonl"))
+    elif part.startswith(("tfds:", "seqio:")) or not any(c in part for c in "*?["):
+      out.append(part)
+    else:
+      out.extend(sorted(glob.glob(part)) or [part])
+  return out
+
+
+def _init_dir(init_from: str) -> tuple[str, str]:
+  kind, _, path = init_from.partition(":")
+  if kind not in ("hf", "ckpt") or not path:
+    raise ValueError(f"config.init_from={init_from!r}: use '', 'hf:/path/to/hf_folder' or 'ckpt:/path/to/workdir'")
+  return kind, path
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """config.data.tokenizer: 'sample' | 'sp:PATH' | 'hf:PATH' | 'auto' (from init_from's folder); a copy of its files
+  goes to WORKDIR/tokenizer so that export and evaluation find it."""
+  spec = config.data.tokenizer
+  if spec == "auto":
+    if not config.init_from:
+      raise ValueError("config.data.tokenizer='auto' needs config.init_from")
+    kind, path = _init_dir(config.init_from)
+    spec = _tokenizer_spec_in(path if kind == "hf" else os.path.join(path, "tokenizer"))
+  if spec == "sample":
+    tok_path = tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax"))
+    spec = f"sp:{tok_path}"
+  kind, _, path = spec.partition(":")
+  names = {"sp": "sentencepiece", "hf": "hf"}
+  if kind not in names:
+    raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r}: use sample, sp:PATH, hf:PATH or auto")
+  tok = tokenizers.load_tokenizer(names[kind], path)
+  if jax.process_index() == 0:
+    dst = os.path.join(workdir, "tokenizer")
+    os.makedirs(dst, exist_ok=True)
+    src_dir = os.path.dirname(path)
+    shutil.copy(path, os.path.join(dst, "tokenizer.model" if kind == "sp" else "tokenizer.json"))
+    for name in TOKENIZER_FILES[2:]:
+      if os.path.exists(os.path.join(src_dir, name)):
+        shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
+  return tok
+
+
+def _tokenizer_spec_in(folder: str) -> str:
+  if os.path.exists(os.path.join(folder, "tokenizer.model")):
+    return "sp:" + os.path.join(folder, "tokenizer.model")
+  if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    return "hf:" + os.path.join(folder, "tokenizer.json")
+  raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {folder}")
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat")}
+
+
+def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -> tuple[ModelConfig, nnx.Module]:
+  """Random init from a preset, or weights from an HF folder / another stage's workdir, placed on the mesh."""
+  if not config.init_from:
+    cfg = preset(config.model.preset).replace(**model_overrides(config),
+                                              vocab_size=config.model.vocab_size or _round_up(vocab_size, 128))
+    return cfg, new_model(cfg, mesh, config.train.seed)
+  kind, path = _init_dir(config.init_from)
+  if kind == "hf":
+    from towerplus_jax.convert import hf
+    return hf.load_hf(path, mesh=mesh, overrides=model_overrides(config))
+  cfg = read_model_config(path).replace(**model_overrides(config))
+  model = restore_model(cfg, mesh, os.path.join(path, "checkpoints"))
+  return cfg, model
+
+
+def restore_model(cfg: ModelConfig, mesh: Mesh, ckpt_dir: str, step: int | None = None) -> nnx.Module:
+  """A model of `cfg` with the params of a run's checkpoint, restored straight onto the mesh."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(abstract, mesh)
+  target = checkpoint.abstract_like(nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
+  nnx.replace_by_pure_dict(abstract, checkpoint.restore_params(ckpt_dir, target, step))
+  return nnx.merge(graphdef, abstract)
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _frozen_copy(model: nnx.Module):
+  params = nnx.state(model)
+  return jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
+
+
+def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
+  distributed.initialize()
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tokenizer = load_tokenizer(config, workdir)
+  model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
+  write_model_config(model_cfg, workdir)
+  loss = losses.get(config.loss.name)
+  ref_params = _frozen_copy(model) if loss.needs_reference(config.loss) else None
+  kind = DATA_KIND.get(config.loss.name, config.data.kind)
+  host_batch = config.train.global_batch_size // jax.process_count()
+  dcfg = config.data
+
+  def dataset(spec: str, train_split: bool, batch_size: int):
+    return pipeline.make_dataset(
+        kind, resolve_sources(spec), tokenizer, seq_len=dcfg.seq_len, batch_size=batch_size,
+        template=dcfg.template, seed=dcfg.seed, shuffle=train_split, repeat=train_split, pack=dcfg.pack,
+        max_prompt_len=dcfg.max_prompt_len or None)
+
+  def batches(policy: Callable[[], nnx.Module]):
+    if kind == "rl":
+      from towerplus_jax.rl import rollout
+      return rollout.RolloutBatches(config, tokenizer, dataset(dcfg.train, True, config.rl.prompts_per_step),
+                                    policy, ref_params, mesh, workdir)
+    return DatasetBatches(dataset(dcfg.train, True, host_batch))
+
+  eval_batches = None
+  if dcfg.eval and kind != "rl":
+    def eval_batches():
+      it = iter(dataset(dcfg.eval, False, host_batch))
+      for _ in range(config.train.eval_steps):
+        try:
+          yield next(it)
+        except StopIteration:
+          return
+  logging.info("model %s: %s params on mesh %s", model_cfg.family,
+               f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
+  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches)
+
+
+def write_model_config(cfg: ModelConfig, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+
+def read_model_config(workdir: str) -> ModelConfig:
+  with open(os.path.join(workdir, "model_config.json")) as f:
+    d = json.load(f)
+  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def new_model(cfg: ModelConfig, mesh: Mesh, seed: int) -> Transformer:
+  return sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
+
