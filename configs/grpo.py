@@ -1,0 +1,46 @@
+"""GRPO with verifiable rewards (RLVR): G sampled completions per prompt, group-normalised advantages,
+clipped ratio, optional k3 KL to the frozen initial policy.
+
+  python -m towerplus_jax.main --config=configs/grpo.py:tiny --workdir=/tmp/grpo --config.init_from=ckpt:/tmp/wpo
+  python -m towerplus_jax.main --config=configs/grpo.py:gemma2_2b --workdir=gs://BUCKET/grpo \
+      --config.init_from=ckpt:gs://BUCKET/wpo --config.data.train=/data/ifmt_prompts.jsonl
+"""
+import ml_collections
+
+from configs.common import base
+
+
+def rl_section(tiny: bool) -> ml_collections.ConfigDict:
+  rl = ml_collections.ConfigDict()
+  rl.num_generations = 4 if tiny else 8  # G completions per prompt
+  rl.prompts_per_step = 4 if tiny else 32  # prompts per rollout (rows per step = prompts_per_step · G)
+  rl.iterations = 1  # μ: optimizer steps per rollout batch (old log-probs stored when > 1)
+  rl.max_completion_len = 24 if tiny else 512  # new tokens per completion
+  rl.temperature = 1.0  # sampling temperature (the loss uses the same one)
+  rl.top_k = 0  # 0 = off
+  rl.top_p = 1.0  # 1 = off
+  rl.scale_rewards = True  # divide advantages by the group std (False = Dr.GRPO)
+  rl.mask_truncated = False  # drop completions that hit max_completion_len from the loss
+  rl.rewards = ("chrf", "rules", "format")  # names in towerplus_jax.rl.rewards or dotted paths pkg.mod:fn
+  rl.reward_weights = (1.0, 1.0, 0.2)  # one weight per reward function
+  return rl
+
+
+def get_config(arg: str = "tiny"):
+  c = base(arg, loss="grpo", kind="rl")
+  tiny = c.model.preset.startswith("tiny")
+  c.rl = rl_section(tiny)
+  c.data.train = "sample:ifmt,sample:parallel"  # {"prompt"|"source", "reference"?, "rules"?, "answer"?}
+  c.data.eval = ""
+  c.data.pack = False
+  c.data.max_prompt_len = 96 if tiny else 1024
+  c.train.global_batch_size = c.rl.prompts_per_step * c.rl.num_generations
+  c.loss.max_completion_length = c.rl.max_completion_len
+  c.loss.temperature = c.rl.temperature
+  c.loss.beta = 0.0 if tiny else 0.04  # k3 KL weight (0 = no reference model in memory)
+  c.loss.epsilon_high = 0.28  # DAPO clip-higher
+  c.optimizer.warmup_ratio = 0.0
+  c.optimizer.schedule = "constant"
+  c.optimizer.lr = 5e-5 if tiny else 1e-6
+  c.train.steps = 30 if tiny else 1_000
+  return c

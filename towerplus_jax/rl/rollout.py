@@ -1,0 +1,125 @@
+"""GRPO rollouts as a batch source for the one training loop.
+
+Each rollout: a batch of prompts, G sampled completions per prompt with the current policy (KV-cache sampler),
+rewards (weighted sum of verifiable reward functions), group-normalised advantages, and training rows
+prompt+completion with a completion-only loss mask. The same rollout batch is yielded `rl.iterations` (μ) times;
+for μ > 1 it carries the sampling policy's log-probs (`old_logps`) so the clipped ratio is meaningful.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from towerplus_jax.data import chat
+from towerplus_jax.rl import rewards, sampler
+
+
+def group_advantages(rewards_N: np.ndarray, group: int, scale_std: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """A = (R - mean_group) / (std_group + 1e-4) (or no std scaling, Dr.GRPO); also each group's std."""
+  r_GN = rewards_N.reshape(-1, group)
+  std = r_GN.std(axis=1, keepdims=True)
+  adv = r_GN - r_GN.mean(axis=1, keepdims=True)
+  if scale_std:
+    adv = adv / (std + 1e-4)
+  return adv.reshape(-1).astype(np.float32), std[:, 0]
+
+
+def training_rows(prompt_tokens_BP: np.ndarray, prompt_lengths_B: np.ndarray, completion_BC: np.ndarray,
+                  completion_lengths_B: np.ndarray, logprobs_BC: np.ndarray | None, mask_rows_B: np.ndarray,
+                  pad_id: int) -> dict[str, np.ndarray]:
+  """prompt ⧺ completion rows (length P + C) with targets shifted by one and the loss on completion tokens only."""
+  b, p = prompt_tokens_BP.shape
+  c = completion_BC.shape[1]
+  seq_BS = np.full((b, p + c + 1), pad_id, np.int32)
+  mask_BS = np.zeros((b, p + c), np.float32)
+  old_BS = np.zeros((b, p + c), np.float32)
+  for i in range(b):
+    lp, lc = int(prompt_lengths_B[i]), int(completion_lengths_B[i])
+    seq_BS[i, :lp] = prompt_tokens_BP[i, :lp]
+    seq_BS[i, lp:lp + lc] = completion_BC[i, :lc]
+    mask_BS[i, lp - 1:lp - 1 + lc] = mask_rows_B[i]  # target index lp-1 predicts the first completion token
+    if logprobs_BC is not None:
+      old_BS[i, lp - 1:lp - 1 + lc] = logprobs_BC[i, :lc]
+  lengths = prompt_lengths_B + completion_lengths_B
+  idx = np.arange(p + c)
+  rows = {"inputs": seq_BS[:, :-1], "targets": seq_BS[:, 1:], "loss_mask": mask_BS,
+          "positions": np.broadcast_to(idx, (b, p + c)).astype(np.int32),
+          "segment_ids": (idx[None, :] < lengths[:, None]).astype(np.int32)}
+  if logprobs_BC is not None:
+    rows["old_logps"] = old_BS
+  return rows
+
+
+class RolloutBatches:
+  """Iterator of GRPO training batches; `data_iter` (the prompt iterator) is what checkpoints save."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer, dataset, policy: Callable[[], nnx.Module],
+               ref_params, mesh, workdir: str):
+    self.cfg, self.tokenizer, self.policy, self.mesh = config.rl, tokenizer, policy, mesh
+    self.template = config.data.template
+    self.data_iter = iter(dataset)
+    self.reward_fn = rewards.combine([rewards.load(n) for n in self.cfg.rewards], list(self.cfg.reward_weights))
+    self.stop_ids = tuple(chat.stop_ids(tokenizer, self.template))
+    self.rng = jax.random.key(config.train.seed + 1)
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.buffer: list[dict] = []
+    self.metrics: dict[str, float] = {}
+    self.rollouts = 0
+
+  def host_metrics(self) -> dict[str, float]:
+    return dict(self.metrics)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if not self.buffer:
+      batch = self._rollout()
+      self.buffer = [batch] * self.cfg.iterations
+    return self.buffer.pop()
+
+  def _rollout(self) -> dict[str, np.ndarray]:
+    cfg, g = self.cfg, self.cfg.num_generations
+    prompts = next(self.data_iter)
+    records = prompts["records"]
+    prompt_tokens = np.repeat(prompts["prompt_tokens"], g, axis=0)
+    prompt_lengths = np.repeat(prompts["prompt_lengths"], g, axis=0)
+    self.rng, key = jax.random.split(jax.random.fold_in(self.rng, self.rollouts))
+    with jax.set_mesh(self.mesh):
+      out = sampler.sample(self.policy(), prompt_tokens, prompt_lengths, max_new_tokens=cfg.max_completion_len,
+                           rng=key, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                           stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    truncated = np.asarray(out.truncated)
+    texts = [self.tokenizer.decode([t for t in tokens[i, :lengths[i]] if t not in self.stop_ids])
+             for i in range(len(tokens))]
+    rows = [r for r in records for _ in range(g)]
+    columns = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {"prompt"})}
+    prompt_texts = [r.get("prompt", "") for r in rows]
+    total, per_fn = self.reward_fn(prompt_texts, texts, **columns)
+    adv, group_std = group_advantages(np.asarray(total, np.float32), g, cfg.scale_rewards)
+    keep = np.where(truncated & cfg.mask_truncated, 0.0, 1.0).astype(np.float32)
+    logps = np.asarray(out.logprobs) if cfg.iterations > 1 else None
+    batch = training_rows(prompt_tokens, prompt_lengths, tokens, lengths, logps, keep, self.tokenizer.pad_id)
+    batch["advantages"] = adv
+    self.metrics = {"reward/mean": float(np.mean(total)), "reward/std": float(np.std(total)),
+                    "frac_reward_zero_std": float(np.mean(group_std < 1e-6)),
+                    "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
+                    "completions/max_length": float(lengths.max()),
+                    "completions/clipped_ratio": float(truncated.mean())}
+    self.metrics.update({f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+                         for k, v in per_fn.items()})
+    self._log_samples(prompt_texts, texts, total)
+    self.rollouts += 1
+    return batch
+
+  def _log_samples(self, prompts: list[str], completions: list[str], total: np.ndarray, n: int = 4) -> None:
+    if jax.process_index() != 0:
+      return
+    with open(self.samples_path, "a") as f:
+      for i in range(min(n, len(prompts))):
+        f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
+                            "reward": float(total[i])}, ensure_ascii=False) + "\n")
