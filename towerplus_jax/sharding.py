@@ -74,10 +74,11 @@ def _is_var(x) -> bool:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = RULES) -> nnx.State:
-  """A NamedSharding for every Variable of `state` (abstract or concrete), from its `axes` metadata."""
+  """`state` (abstract or concrete) with each Variable's value replaced by its NamedSharding (from `axes`);
+  the tree keeps the structure of `state`, as jit shardings and optax.tree_map_params need."""
   def one(var):
     axes = var.get_metadata().get("axes") or (None,) * var.ndim
-    return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+    return var.replace(NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules)))
   return jax.tree.map(one, state, is_leaf=_is_var)
 
 
