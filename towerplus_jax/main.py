@@ -34,11 +34,23 @@ def run(config, workdir: str) -> dict:
   return results
 
 
+def _quiet_libraries() -> None:
+  """Orbax and grain log every checkpoint step at INFO through absl; keep their warnings, drop the chatter."""
+  import logging as pylogging
+  noisy = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}etils{os.sep}")
+
+  class Filter(pylogging.Filter):
+    def filter(self, record):
+      return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+  logging.get_absl_handler().addFilter(Filter())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   sys.path.insert(0, os.getcwd())  # config files import `configs.common`
   logging.set_verbosity(logging.INFO)
+  _quiet_libraries()
   results = run(_CONFIG.value, _WORKDIR.value)
   logging.info("done: %s", json.dumps(results, default=float)[:2000])
 

@@ -168,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     final = step + 1
     if ckpt.latest_step() != final:
       ckpt.save(final, nnx.to_pure_dict(state["params"]), _train_item(state), batches.data_iter, force=True)
-    if run.eval_batches is not None and tcfg.eval_every:
+    if run.eval_batches is not None:
       last = {**last, **{f"eval/{k}": v for k, v in _evaluate(eval_step, state["params"], run).items()}}
   finally:
     ckpt.close()
