@@ -123,8 +123,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   replicated = NamedSharding(run.mesh, P())
   with jax.set_mesh(run.mesh):
     opt_state = jax.jit(tx.init, out_shardings=_opt_shardings(tx, params, params_sh, replicated))(params)
-  state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(jax.random.key(tcfg.seed))}
+  state = {"params": params, "opt_state": opt_state,
+           "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+           "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), replicated)}
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   fns = make_step_fns(graphdef, loss, config.loss, tx, lr, tcfg.micro_batches, run.ref_params is not None)
   train_step = jax.jit(fns.train, in_shardings=(state_sh, None, None), out_shardings=(state_sh, None),

@@ -1,0 +1,236 @@
+"""Batched KV-cache sampling: one jitted prefill + a `while_loop` of one-token decode steps, static shapes.
+
+Prompts come right-padded ([B, P] + lengths); the cache has P + max_new_tokens slots (slot = position), so row b
+continues at position `prompt_lengths[b]` while the pad slots after it stay masked until they are overwritten.
+The compiled program is cached by jax.jit per (model graph, shapes, static options): repeated GRPO rollouts with
+the same shapes, options and mesh never recompile (temperature, top_k, top_p and the stop ids, padded to a multiple
+of `STOP_SLOTS` with -1, are traced values, not static; only "is top-k/top-p on" is).
+
+Log-probs: `logprobs` is log softmax(logits / temperature) of the sampled token, the temperature-scaled
+distribution *without* top-k / top-p truncation — what TRL and verl store as log π_old for GRPO, and what the
+training loss recomputes from logits / temperature. For greedy decoding the same formula is used.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from towerplus_jax import sharding
+from towerplus_jax.data import chat
+from towerplus_jax.models.transformer import Cache, Transformer
+
+STOP_SLOTS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOutput:
+  """Host-local numpy results; positions after a row's stop token hold `pad_id` (and log-prob 0)."""
+  tokens: np.ndarray  # [B, N] int32
+  lengths: np.ndarray  # [B] int32, generated tokens including the stop token
+  logprobs: np.ndarray | None  # [B, N] float32, log softmax(logits / temperature)[token]
+  truncated: np.ndarray  # [B] bool, no stop token within max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """Everything that changes the compiled program (hashable: a static jit argument)."""
+  max_new_tokens: int
+  truncate: bool  # top-k or top-p in use
+  pad_id: int
+  greedy: bool
+  return_logprobs: bool
+  rows_sharding: NamedSharding | None  # batch-split rows: prompts and results
+  cache_sharding: NamedSharding | None  # [B, S, K, H]: rows as above, kv heads over "tensor"
+
+
+def filter_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0, top_p: jax.Array | float = 1.0) -> jax.Array:
+  """Set to -inf the logits outside the top-k (0 = all), then outside the smallest set of the remaining tokens whose
+  renormalised probability reaches top_p (the order of Hugging Face's warpers). One sort serves both."""
+  v = logits_BV.shape[-1]
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  in_top_k_V = jnp.arange(v) < jnp.where(top_k > 0, top_k, v)
+  probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
+  before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability mass of the better tokens
+  keep_BV = ((before_BV < top_p) & in_top_k_V).at[:, 0].set(True)
+  cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < cutoff_B1, jnp.asarray(-jnp.inf, logits_BV.dtype), logits_BV)
+
+
+def _prefill(model: Transformer, tokens_BP: jax.Array, lengths_B: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+  """Fill the cache with the whole prompt; logits [B, V] at each row's last prompt token only (never [B, P, V])."""
+  positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
+  x_BPD = model.embedder.encode(tokens_BP)
+  new_cache = []
+  for block, layer_cache in zip(model.layers, cache):
+    x_BPD, layer_cache = block(x_BPD, positions_BP, None, layer_cache)
+    new_cache.append(layer_cache)
+  last_B1D = jnp.take_along_axis(x_BPD, (lengths_B - 1)[:, None, None], axis=1)
+  return model._logits(last_B1D)[:, 0], new_cache
+
+
+def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+          opts: _Options) -> tuple[jax.Array, jax.Array | None]:
+  """Next token per row and its log-prob under the temperature-scaled (untruncated) distribution."""
+  scaled_BV = logits_BV / temperature
+  if opts.greedy:
+    token_B = jnp.argmax(logits_BV, axis=-1)
+  else:
+    sampled_BV = filter_logits(scaled_BV, top_k, top_p) if opts.truncate else scaled_BV
+    token_B = jax.random.categorical(key, sampled_BV, axis=-1)
+  token_B = token_B.astype(jnp.int32)
+  if not opts.return_logprobs:
+    return token_B, None
+  logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+  return token_B, jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens_BP: jax.Array, lengths_B: jax.Array, rng: jax.Array,
+              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, stop_S: jax.Array, *, opts: _Options):
+  model = nnx.merge(graphdef, state)
+  b, p = tokens_BP.shape
+  n = opts.max_new_tokens
+  cache = model.init_cache(b, p + n)
+  if opts.cache_sharding is not None:
+    cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: opts.cache_sharding, cache))
+  logits_BV, cache = _prefill(model, tokens_BP, lengths_B, cache)
+
+  def not_finished(carry):
+    i, done_B = carry[0], carry[5]
+    return (i < n) & ~jnp.all(done_B)
+
+  def step(carry):
+    i, logits_BV, cache, out_BN, logp_BN, done_B, count_B = carry
+    token_B, logp_B = _pick(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p, opts)
+    token_B = jnp.where(done_B, opts.pad_id, token_B)
+    out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
+    if logp_B is not None:
+      logp_BN = jax.lax.dynamic_update_slice_in_dim(logp_BN, jnp.where(done_B, 0.0, logp_B)[:, None], i, axis=1)
+    count_B = count_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | jnp.isin(token_B, stop_S)
+    logits_B1V, cache = model.decode(token_B[:, None], (lengths_B + i)[:, None], cache)
+    return i + 1, logits_B1V[:, 0], cache, out_BN, logp_BN, done_B, count_B
+
+  init = (jnp.int32(0), logits_BV, cache, jnp.full((b, n), opts.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+          jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
+  _, _, _, out_BN, logp_BN, done_B, count_B = jax.lax.while_loop(not_finished, step, init)
+  out = (out_BN, count_B, logp_BN, ~done_B)
+  if opts.rows_sharding is None:
+    return out
+  return jax.lax.with_sharding_constraint(out, (opts.rows_sharding,) * len(out))
+
+
+def _active_mesh(mesh: Mesh | None) -> Mesh | None:
+  if mesh is not None:
+    return mesh
+  return None if jax.sharding.get_abstract_mesh().empty else jax.sharding.get_mesh()
+
+
+def _check_args(tokens_BP: np.ndarray, lengths_B: np.ndarray, max_new_tokens: int, temperature: float,
+                top_k: int, top_p: float, vocab_size: int) -> None:
+  if tokens_BP.ndim != 2 or lengths_B.shape != tokens_BP.shape[:1]:
+    raise ValueError(f"sample: prompt_tokens must be [B, P] and prompt_lengths [B], got {tokens_BP.shape} and "
+                     f"{lengths_B.shape}")
+  bad = np.flatnonzero((lengths_B < 1) | (lengths_B > tokens_BP.shape[1]))
+  if bad.size:
+    raise ValueError(f"sample: prompt_lengths must be in [1, {tokens_BP.shape[1]}]; rows {bad[:8].tolist()} have "
+                     f"{lengths_B[bad[:8]].tolist()}")
+  if max_new_tokens < 1:
+    raise ValueError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+  if temperature <= 0:
+    raise ValueError(f"sample: temperature must be > 0 (greedy=True gives argmax; the log-probs still use the "
+                     f"temperature), got {temperature}")
+  if not 0 <= top_k <= vocab_size:
+    raise ValueError(f"sample: top_k must be in [0, {vocab_size}], got {top_k}")
+  if not 0 < top_p <= 1:
+    raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
+
+
+def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_tokens: int, rng: jax.Array,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+           pad_id: int = 0, greedy: bool = False, return_logprobs: bool = True,
+           mesh: Mesh | None = None) -> SampleOutput:
+  """Continue each right-padded prompt row by up to `max_new_tokens` tokens (temperature, top-k, top-p or greedy).
+
+  Prompts are host-local rows (numpy); with a mesh (the `mesh` argument or the one set by `jax.set_mesh`) they
+  form one global batch split over the batch axes, the KV cache is split likewise (kv heads over "tensor"), the
+  parameters keep their own sharding, and each host gets its own rows back.
+  """
+  tokens_BP = np.asarray(prompt_tokens_BP, np.int32)
+  lengths_B = np.asarray(prompt_lengths_B, np.int32)
+  _check_args(tokens_BP, lengths_B, max_new_tokens, temperature, top_k, top_p, model.cfg.vocab_size)
+  mesh = _active_mesh(mesh)
+  rows_sharding = cache_sharding = None
+  batch = {"tokens": tokens_BP, "lengths": lengths_B}
+  if mesh is not None:
+    rows_spec = sharding.batch_spec(1, mesh, tokens_BP.shape[0] * jax.process_count())
+    kv_spec = sharding.logical_to_spec(("kv_heads",), (model.cfg.num_kv_heads,), mesh)
+    rows_sharding = NamedSharding(mesh, rows_spec)
+    cache_sharding = NamedSharding(mesh, P(rows_spec[0], None, kv_spec[0], None))
+    batch = sharding.shard_batch(batch, mesh)
+  opts = _Options(max_new_tokens, not greedy and (top_k > 0 or top_p < 1.0), pad_id, greedy, return_logprobs,
+                  rows_sharding, cache_sharding)
+  stop_S = np.full((-(-max(len(stop_ids), 1) // STOP_SLOTS) * STOP_SLOTS,), -1, np.int32)
+  stop_S[:len(stop_ids)] = stop_ids
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, batch["tokens"], batch["lengths"], rng, jnp.float32(temperature),
+                  jnp.int32(top_k), jnp.float32(top_p), stop_S, opts=opts)
+  tokens, lengths, logprobs, truncated = (_to_host(x, mesh) for x in out)
+  return SampleOutput(tokens, lengths, logprobs if return_logprobs else None, truncated)
+
+
+def _to_host(x: jax.Array, mesh: Mesh | None) -> np.ndarray:
+  """This host's rows of a batch-sharded global array."""
+  if mesh is None or jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, x.sharding.spec))
+
+
+def _bucket(n: int, smallest: int = 16) -> int:
+  """Next power of two >= n (at least `smallest`): few distinct prompt shapes, so few compilations."""
+  return max(smallest, 1 << (n - 1).bit_length())
+
+
+def generate_text(model: Transformer, tokenizer, template: str | None, prompts: Sequence[str | list[dict]], *,
+                  max_new_tokens: int = 256, batch_size: int = 16, greedy: bool = True, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, mesh: Mesh | None = None) -> list[str]:
+  """Completions of `prompts` (user strings or chat message lists) through the chat `template`, greedy by default.
+
+  With `template=None` prompts must be plain strings, encoded as they are and stopped at `tokenizer.eos_id`.
+  Batches are padded to `batch_size` rows and a power-of-two prompt length, so an evaluation compiles only a few
+  times. The text stops before the first stop token.
+  """
+  if template is None:
+    if not all(isinstance(p, str) for p in prompts):
+      raise ValueError("generate_text: template=None needs plain-string prompts (chat messages need a template)")
+    encoded = [tokenizer.encode(p) for p in prompts]
+    stops = (tokenizer.eos_id,)
+  else:
+    messages = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    encoded = [chat.encode_chat(tokenizer, template, m, add_generation_prompt=True)[0] for m in messages]
+    stops = tuple(chat.stop_ids(tokenizer, template))
+  empty = [i for i, ids in enumerate(encoded) if not ids]
+  if empty:
+    raise ValueError(f"generate_text: prompts {empty[:8]} encode to no tokens")
+  rng, texts = jax.random.key(seed), []
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start:start + batch_size]
+    tokens_BP = np.full((batch_size, _bucket(max(map(len, chunk)))), tokenizer.pad_id, np.int32)
+    lengths_B = np.ones((batch_size,), np.int32)  # filler rows: one pad token
+    for i, ids in enumerate(chunk):
+      tokens_BP[i, :len(ids)], lengths_B[i] = ids, len(ids)
+    out = sample(model, tokens_BP, lengths_B, max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, start),
+                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=tokenizer.pad_id,
+                 greedy=greedy, return_logprobs=False, mesh=mesh)
+    for i in range(len(chunk)):
+      ids = out.tokens[i, :out.lengths[i]].tolist()
+      texts.append(tokenizer.decode(ids if out.truncated[i] else ids[:-1]))
+  return texts
