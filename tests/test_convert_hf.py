@@ -14,6 +14,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from towerplus_jax.models import config as model_config
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf
 from towerplus_jax.models.config import PRESETS, preset
@@ -252,7 +253,7 @@ def test_cli_import_then_export(tiny_hf_model, tmp_path):
   shutil.copytree(folder, tmp_path / "hf")
   (tmp_path / "hf" / "tokenizer.json").write_text("{}")
   hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}"])
-  assert hf.read_model_config(str(tmp_path / "work")) == hf.config_from_hf(
+  assert model_config.load_json(str(tmp_path / "work")) == hf.config_from_hf(
       json.load(open(os.path.join(folder, "config.json"))))
   assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").exists()
   hf.main(["export", f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'back'}", "--dtype=float32"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import cpt, grpo, sft, tower_plus, wpo
+from towerplus_jax.models import config as model_config
 from towerplus_jax import checkpoint, setup_run, sharding, train
 from towerplus_jax.models.transformer import Transformer
 
@@ -22,7 +23,7 @@ def small(c, steps=6):
 
 
 def final_params(workdir):
-  cfg = setup_run.read_model_config(workdir)
+  cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({}, jax.devices()[:1])
   model = setup_run.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"))
   from flax import nnx

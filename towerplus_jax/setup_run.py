@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -17,12 +16,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from towerplus_jax import checkpoint, distributed, losses, sharding
+from towerplus_jax.convert import hf
 from towerplus_jax.data import pipeline, tokenizers
+from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer
 
 SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "data", "sample")
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DATA_KIND = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference", "grpo": "rl"}
 
 
@@ -92,8 +92,8 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     os.makedirs(dst, exist_ok=True)
     src_dir = os.path.dirname(path)
     shutil.copy(path, os.path.join(dst, "tokenizer.model" if kind == "sp" else "tokenizer.json"))
-    for name in TOKENIZER_FILES[2:]:
-      if os.path.exists(os.path.join(src_dir, name)):
+    for name in hf.TOKENIZER_FILES:
+      if name not in ("tokenizer.model", "tokenizer.json") and os.path.exists(os.path.join(src_dir, name)):
         shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
   return tok
 
@@ -118,9 +118,8 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -
     return cfg, new_model(cfg, mesh, config.train.seed)
   kind, path = _init_dir(config.init_from)
   if kind == "hf":
-    from towerplus_jax.convert import hf
     return hf.load_hf(path, mesh=mesh, overrides=model_overrides(config))
-  cfg = read_model_config(path).replace(**model_overrides(config))
+  cfg = model_config.load_json(path).replace(**model_overrides(config))
   model = restore_model(cfg, mesh, os.path.join(path, "checkpoints"))
   return cfg, model
 
@@ -148,7 +147,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = load_tokenizer(config, workdir)
   model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
-  write_model_config(model_cfg, workdir)
+  if jax.process_index() == 0:
+    model_config.save_json(model_cfg, workdir)
   loss = losses.get(config.loss.name)
   ref_params = _frozen_copy(model) if loss.needs_reference(config.loss) else None
   kind = DATA_KIND.get(config.loss.name, config.data.kind)
@@ -180,19 +180,6 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   logging.info("model %s: %s params on mesh %s", model_cfg.family,
                f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
   return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches)
-
-
-def write_model_config(cfg: ModelConfig, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-
-def read_model_config(workdir: str) -> ModelConfig:
-  with open(os.path.join(workdir, "model_config.json")) as f:
-    d = json.load(f)
-  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def new_model(cfg: ModelConfig, mesh: Mesh, seed: int) -> Transformer:

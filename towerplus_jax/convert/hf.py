@@ -29,6 +29,7 @@ from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 
 from towerplus_jax import checkpoint, sharding
+from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -292,17 +293,6 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def read_model_config(directory: str) -> ModelConfig:
-  """ModelConfig from `<directory>/model_config.json` (written by `write_model_config`)."""
-  d = _read_json(os.path.join(directory, "model_config.json"))
-  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def write_model_config(cfg: ModelConfig, directory: str) -> None:
-  with open(os.path.join(directory, "model_config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1)
-
-
 # ------------------------------------------------------------------------------------------------ import
 def _flatten(tree: Mapping) -> dict[str, tuple[tuple, Any]]:
   """{"layers.0.attn.q_DNH": (key path, leaf)} of a nested pure dict."""
@@ -516,7 +506,7 @@ def import_to_workdir(hf_dir: str, out_dir: str, param_dtype: str = "float32") -
   cfg, model = load_hf(hf_dir, mesh=mesh, overrides={"param_dtype": param_dtype})
   checkpoint.save_params(os.path.join(out_dir, "checkpoints"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   if jax.process_index() == 0:
-    write_model_config(cfg, out_dir)
+    model_config.save_json(cfg, out_dir)
     copy_tokenizer_files(hf_dir, os.path.join(out_dir, "tokenizer"))
   return cfg
 
@@ -524,7 +514,7 @@ def import_to_workdir(hf_dir: str, out_dir: str, param_dtype: str = "float32") -
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = "bfloat16",
                    max_shard_size: str | int = "5GB") -> None:
   """A run workdir's (latest or given) checkpoint -> HF folder, tokenizer taken from `<workdir>/tokenizer`."""
-  cfg = read_model_config(workdir)
+  cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({"fsdp": -1})
   abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   target = checkpoint.abstract_like(nnx.to_pure_dict(abstract),

@@ -6,6 +6,8 @@ the decoder in `transformer.py` reads only these flags, never the family name.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Literal
 
 Family = Literal["gemma2", "gemma3", "qwen2", "qwen3"]
@@ -221,3 +223,19 @@ def preset(name: str) -> ModelConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or tiny_<family>")
   return getattr(ModelConfig, name)()
+
+
+def save_json(cfg: ModelConfig, directory: str) -> None:
+  """Write `<directory>/model_config.json` (how a run folder records its architecture)."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "model_config.json"), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=1)
+
+
+def load_json(directory: str) -> ModelConfig:
+  path = os.path.join(directory, "model_config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {directory} a towerplus_jax run folder?")
+  with open(path) as f:
+    d = json.load(f)
+  return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -72,13 +72,19 @@ class Transformer(nnx.Module):
       x_BTD = block_fn(block, x_BTD, positions, segment_ids)
     return self._logits(x_BTD)
 
-  def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
-    """Incremental step (prefill when T > 1): writes K/V at `positions_BT` (slot = position), attends to slots <= it."""
+  def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: Cache,
+             logits_at: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    """Incremental step (prefill when T > 1): writes K/V at `positions_BT` (slot = position), attends to slots <= it.
+
+    `logits_at` [B]: logits [B, 1, V] at that index of each row only, so a prefill never materialises [B, T, V].
+    """
     x_BTD = self.embedder.encode(tokens_BT)
     new_cache = []
     for block, layer_cache in zip(self.layers, cache):
       x_BTD, layer_cache = block(x_BTD, positions_BT, None, layer_cache)
       new_cache.append(layer_cache)
+    if logits_at is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
     return self._logits(x_BTD), new_cache
 
   def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> Cache:

@@ -67,13 +67,8 @@ def filter_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0, top_p: jax.A
 def _prefill(model: Transformer, tokens_BP: jax.Array, lengths_B: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
   """Fill the cache with the whole prompt; logits [B, V] at each row's last prompt token only (never [B, P, V])."""
   positions_BP = jnp.broadcast_to(jnp.arange(tokens_BP.shape[1]), tokens_BP.shape)
-  x_BPD = model.embedder.encode(tokens_BP)
-  new_cache = []
-  for block, layer_cache in zip(model.layers, cache):
-    x_BPD, layer_cache = block(x_BPD, positions_BP, None, layer_cache)
-    new_cache.append(layer_cache)
-  last_B1D = jnp.take_along_axis(x_BPD, (lengths_B - 1)[:, None, None], axis=1)
-  return model._logits(last_B1D)[:, 0], new_cache
+  logits_B1V, cache = model.decode(tokens_BP, positions_BP, cache, logits_at=lengths_B - 1)
+  return logits_B1V[:, 0], cache
 
 
 def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,

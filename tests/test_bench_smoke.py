@@ -1,0 +1,30 @@
+"""Both benchmark scripts run end to end on the smallest model and print their ours/HF ratio (no timing assertion)."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--embed_dim=32", "--layers=2", "--heads=2", "--kv_heads=1", "--head_dim=16", "--mlp_dim=64", "--vocab=256",
+        "--steps=2", "--warmup=1"]
+RATIO = re.compile(r"^ratio ours/hf( \w+)?: \d+\.\d+x tokens/s$", re.M)
+
+
+def run_bench(module: str, *flags: str) -> str:
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # as run by hand: one CPU device
+  out = subprocess.run([sys.executable, "-m", module, *TINY, *flags], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return out.stdout
+
+
+def test_train_throughput_prints_ratio_and_mfu():
+  stdout = run_bench("bench.train_throughput", "--family=qwen2", "--batch=2", "--seq=16")
+  assert len(RATIO.findall(stdout)) == 1, stdout
+  assert stdout.count("MFU") == 2, stdout
+
+
+def test_sampler_throughput_prints_greedy_and_sampled_ratios():
+  stdout = run_bench("bench.sampler_throughput", "--family=gemma2", "--batch=2", "--prompt=8", "--new=4")
+  assert [m.strip() for m in RATIO.findall(stdout)] == ["greedy", "sampled"], stdout
+  assert re.search(r"greedy agreement: \d/2 rows identical to HF", stdout), stdout

@@ -1,0 +1,178 @@
+"""Ahead-of-time compile check: does a stage's train step fit the memory of a target device mesh?
+
+  python -m towerplus_jax.aot --config=configs/sft.py:gemma2_2b --mesh=fsdp=8 --devices=8 --hbm_gib=16
+
+Nothing is allocated: the model is built with `nnx.eval_shape`, the optimizer state with `jax.eval_shape`, and the
+real train step (`train.make_step_fns`, with the shardings training uses) is lowered and compiled for the mesh.
+`--devices=N` compiles for N fake CPU devices, so a TPU pod slice can be checked from a laptop; XLA's per-device
+memory analysis of the compiled step (arguments, outputs, temporaries) is printed and compared with `--hbm_gib`.
+The architecture is `config.model.preset` (vocab `config.model.vocab_size`, else the preset's) with the config's
+dtype / param_dtype / remat. CPU compilation approximates an accelerator's memory use (fusion and layout differ).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from towerplus_jax import losses, optim, sharding, train
+from towerplus_jax.models.config import ModelConfig, preset
+from towerplus_jax.models.transformer import Transformer
+
+GIB = 1024 ** 3
+ROW_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "positions": jnp.int32,
+              "segment_ids": jnp.int32}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:gemma2_2b.",
+                                          lock_config=True)
+_MESH = flags.DEFINE_string("mesh", "", "Mesh axes overriding config.mesh, e.g. 'fsdp=8' or 'data=2,fsdp=4,tensor=2'.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices (0 = the real devices).")
+_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB to check against (v5e 16, v5p 95); 0 = no check.")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Per-device bytes of one compiled executable (XLA's memory analysis)."""
+
+  argument: int
+  output: int
+  alias: int  # outputs written into donated arguments (counted once)
+  temp: int
+  code: int
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp
+
+  def fits(self, hbm_gib: float) -> bool:
+    return self.total <= hbm_gib * GIB
+
+  def lines(self) -> list[str]:
+    rows = [("arguments", self.argument), ("outputs", self.output), ("aliased (donated)", self.alias),
+            ("temporaries", self.temp), ("total", self.total)]
+    return [f"  {name:<18} {b / GIB:9.3f} GiB {b / 2 ** 20:12.1f} MiB" for name, b in rows]
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The stage's architecture: its preset with the config's vocab size, dtypes and remat policy."""
+  cfg = preset(config.model.preset)
+  return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, dtype=config.model.dtype,
+                     param_dtype=config.model.param_dtype, remat=config.model.remat)
+
+
+def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
+  """'fsdp=8,tensor=2' on top of config.mesh; axes not named keep the config's size."""
+  sizes = dict(base)
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    axis, eq, value = part.partition("=")
+    if not eq or axis not in sharding.MESH_AXES or not value.lstrip("-").isdigit():
+      raise ValueError(f"--mesh: bad entry {part!r}; use AXIS=SIZE with AXIS in {sharding.MESH_AXES}")
+    sizes[axis] = int(value)
+  return sizes
+
+
+def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Shape and dtype of every array of one global batch of the stage's data kind (as its pipeline emits it)."""
+  b, kind = config.train.global_batch_size, config.data.kind
+  if kind in ("lm", "sft"):
+    return {k: ((b, config.data.seq_len), dt) for k, dt in ROW_FIELDS.items()}
+  if kind == "preference":
+    return {f"{side}_{k}": ((b, config.data.seq_len), dt) for side in ("chosen", "rejected")
+            for k, dt in ROW_FIELDS.items()}
+  if kind == "rl":
+    t = (config.data.max_prompt_len or config.data.seq_len // 2) + config.rl.max_completion_len
+    fields = {k: ((b, t), dt) for k, dt in ROW_FIELDS.items()}
+    fields["advantages"] = ((b,), jnp.float32)
+    if config.rl.iterations > 1:
+      fields["old_logps"] = ((b, t), jnp.float32)
+    return fields
+  raise ValueError(f"config.data.kind={kind!r}: the AOT check knows lm, sft, preference and rl")
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch as sharded shapes (split over the batch axes, as `sharding.shard_batch` does)."""
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, sharding.batch_spec(len(shape), mesh,
+                                                                                              shape[0])))
+          for k, (shape, dt) in batch_fields(config).items()}
+
+
+def variable_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
+  """`sharding.state_shardings` laid out like `params` itself (a NamedSharding inside each Variable), the structure
+  of optax's per-parameter trees, which `train._opt_shardings` matches against."""
+  return jax.tree.map(lambda sh, var: var.replace(sh), sharding.state_shardings(params, mesh), params)
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Compiled:
+  """Lower and compile the stage's train step for `mesh` from abstract params, optimizer state and batch."""
+  cfg = model_config(config)
+  loss = losses.get(config.loss.name)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  tx, lr = optim.make(config.optimizer, config.train.steps)
+  replicated = NamedSharding(mesh, P())
+  params_sh = variable_shardings(params, mesh)
+  state_sh = {"params": params_sh, "opt_state": train._opt_shardings(tx, params, params_sh, replicated),
+              "step": replicated, "rng": replicated}
+  state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+           "step": jax.ShapeDtypeStruct((), jnp.int32),
+           "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+  use_reference = loss.needs_reference(config.loss)
+  ref_params, ref_sh = (params, params_sh) if use_reference else (None, None)
+  batch = abstract_batch(config, mesh)
+  fns = train.make_step_fns(graphdef, loss, config.loss, tx, lr, config.train.micro_batches, use_reference)
+  step = jax.jit(fns.train, in_shardings=(state_sh, ref_sh, jax.tree.map(lambda x: x.sharding, batch)),
+                 out_shardings=(state_sh, None), donate_argnums=0)
+  with jax.set_mesh(mesh):
+    return step.lower(state, ref_params, batch).compile()
+
+
+def memory_report(compiled: jax.stages.Compiled) -> MemoryReport:
+  m = compiled.memory_analysis()
+  if m is None:
+    raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis of compiled executables")
+  return MemoryReport(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                      m.temp_size_in_bytes, m.generated_code_size_in_bytes)
+
+
+def use_fake_devices(n: int) -> None:
+  """Make the CPU backend expose `n` devices (jax raises if a backend is already initialised)."""
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", n)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _DEVICES.value:
+    use_fake_devices(_DEVICES.value)
+  config = _CONFIG.value
+  sizes = parse_mesh(_MESH.value, dict(config.mesh))
+  mesh = sharding.make_mesh(sizes)
+  cfg = model_config(config)
+  params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"{config.model.preset} ({cfg.family}, {n_params / 1e6:,.1f} M params, loss {config.loss.name}) on mesh "
+        f"{dict(mesh.shape)} of {jax.device_count()} {jax.devices()[0].platform} devices; global batch "
+        f"{config.train.global_batch_size} x {config.data.seq_len}, micro_batches {config.train.micro_batches}, "
+        f"remat {cfg.remat}, dtype {cfg.dtype}")
+  compiled = compile_train_step(config, mesh)
+  report = memory_report(compiled)
+  print("per-device memory of the compiled train step:")
+  print("\n".join(report.lines()))
+  if _HBM.value:
+    verdict = "fits" if report.fits(_HBM.value) else "does NOT fit"
+    print(f"{verdict} in {_HBM.value:g} GiB per device ({100 * report.total / (_HBM.value * GIB):.0f}% used)")
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.getcwd())  # config files import `configs.common`
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

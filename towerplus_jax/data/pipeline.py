@@ -1,0 +1,242 @@
+"""grain pipelines from records to host-local numpy batches, one per batch format.
+
+  lm          packed; int32 [B, T] `inputs` (each document [bos, ...]), `targets` (shifted by one, [..., eos]),
+              `segment_ids` (1..n, 0 = padding), `positions`; float32 `loss_mask` (0 on padding). Accepts {"text"},
+              chat records (through the chat template) and parallel records ("source\\nreference").
+  sft         the same keys, loss_mask on assistant tokens only (template mask shifted to the targets); packed or
+              one example per row. Accepts {"messages"}, {"prompt","completion"} and parallel records (a Tower+
+              translation chat).
+  preference  {"prompt" (string or messages), "chosen", "rejected"}: `{chosen,rejected}_{inputs,targets,loss_mask,
+              positions,segment_ids}` [B, T], right-padded, loss on the response only; float32 [B]
+              `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
+              `max_prompt_len` tokens; responses are cut to fit the row.
+  rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt, added to the
+              record): `records` (list of dicts), int32 `prompt_tokens` [B, P] right-padded with pad_id (chat template
+              + generation prompt), `prompt_lengths` [B]. Prompts longer than P are dropped with a counted warning.
+
+Records are sharded across hosts (record i goes to host i % shard_count), shuffled per epoch from `seed`, and
+repeated for training; `iter(dataset)` is a grain DatasetIterator whose get_state/set_state resume exactly. Without
+repeat the last batch is padded with empty rows (segment_ids 0) so shapes stay fixed (rl: a smaller last batch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import logging
+
+from towerplus_jax.data import chat, packing
+from towerplus_jax.data.sources import RecordSource, open_source
+from towerplus_jax.data.tokenizers import Tokenizer
+
+KINDS = ("lm", "sft", "preference", "rl")
+DIRECTIONS = (None, "reverse", "random")
+SIDES = ("chosen", "rejected")
+REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
+MIN_PACKING_BINS = 32
+
+
+def is_parallel(record: dict) -> bool:
+  return "source" in record and "reference" in record
+
+
+def parallel_to_messages(record: dict) -> dict:
+  """{"source","reference","src_lang","tgt_lang"} (language names) -> {"messages"}: the Tower+ translation prompt as
+  the user turn, the reference as the assistant turn."""
+  prompt = chat.translation_prompt(record["src_lang"], record["tgt_lang"], record["source"])
+  return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["reference"]}]}
+
+
+def reverse_parallel(record: dict) -> dict:
+  """The same pair in the other direction (source/reference, src_lang/tgt_lang, src/tgt swapped)."""
+  out = dict(record)
+  for a, b in (("source", "reference"), ("src_lang", "tgt_lang"), ("src", "tgt")):
+    if a in record and b in record:
+      out[a], out[b] = record[b], record[a]
+  return out
+
+
+def chat_messages(record: dict) -> list[dict]:
+  """The conversation of a chat, prompt/completion or parallel record."""
+  if "messages" in record or ("prompt" in record and "completion" in record):
+    return chat.to_messages(record)
+  if is_parallel(record):
+    return parallel_to_messages(record)["messages"]
+  raise ValueError("no conversation: need 'messages', 'prompt'+'completion' or 'source'+'reference'; the record "
+                   f"has keys {sorted(record)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """Record -> tokenized example of one batch format (before packing/padding/batching)."""
+  kind: str
+  tokenizer: Tokenizer
+  template: str
+  seq_len: int
+  max_prompt_len: int
+  direction: str | None
+  seed: int
+
+  def __call__(self, index: int, record: dict) -> dict:
+    if is_parallel(record) and (self.direction == "reverse" or (
+        self.direction == "random" and np.random.default_rng([self.seed, index]).random() < 0.5)):
+      record = reverse_parallel(record)
+    return getattr(self, f"_{self.kind}")(record)
+
+  def _lm(self, record: dict) -> dict:
+    tok = self.tokenizer
+    if "text" in record:
+      ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(record["text"])
+    elif is_parallel(record) and "messages" not in record:
+      ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(f"{record['source']}\n{record['reference']}")
+    else:
+      ids, _ = chat.encode_chat(tok, self.template, chat_messages(record))
+    ids = ids + [tok.eos_id]
+    return packing.shifted_example(ids, [1] * len(ids))
+
+  def _sft(self, record: dict) -> dict:
+    ids, mask = chat.encode_chat(self.tokenizer, self.template, chat_messages(record))
+    if not any(mask):
+      raise ValueError("the conversation has no assistant turn to train on")
+    return packing.shifted_example(ids, mask)
+
+  def _preference(self, record: dict) -> dict:
+    prompt = chat.as_messages(record["prompt"], "user")
+    prompt_ids, _ = chat.encode_chat(self.tokenizer, self.template, prompt, add_generation_prompt=True)
+    example = {}
+    for side in SIDES:
+      ids, mask = chat.encode_chat(self.tokenizer, self.template, prompt + chat.as_messages(record[side], "assistant"))
+      if ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"'{side}' must be assistant turns that continue the prompt")
+      response, response_mask = ids[len(prompt_ids):], mask[len(prompt_ids):]
+      kept = prompt_ids[-self.max_prompt_len:]
+      ids = (kept + response)[:self.seq_len + 1]
+      mask = ([0] * len(kept) + response_mask)[:self.seq_len + 1]
+      row = packing.pad_row(packing.shifted_example(ids, mask), self.seq_len)
+      example.update({f"{side}_{k}": v for k, v in row.items()})
+    for key in REFERENCE_KEYS:
+      value = record.get(key)
+      example[key] = np.float32("nan" if value is None else value)
+    return example
+
+  def _rl(self, record: dict) -> dict:
+    if "prompt" not in record and is_parallel(record):
+      record = {**record, "prompt": parallel_to_messages(record)["messages"][0]["content"]}
+    messages = chat.as_messages(record["prompt"], "user")
+    ids, _ = chat.encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True)
+    return {"record": record, "prompt_tokens": np.asarray(ids, np.int32)}
+
+
+class PromptFits:
+  """Filter: keeps rl examples whose prompt has at most `max_len` tokens, logging how many it dropped; raises once
+  `num_records` were dropped without any kept (a repeated dataset would otherwise never yield)."""
+
+  def __init__(self, max_len: int, num_records: int):
+    self.max_len, self.num_records = max_len, num_records
+    self.dropped = self.kept = 0
+
+  def __call__(self, example: dict) -> bool:
+    if len(example["prompt_tokens"]) <= self.max_len:
+      self.kept += 1
+      return True
+    self.dropped += 1
+    if not self.kept and self.dropped >= self.num_records:
+      raise ValueError(f"rl data: every prompt is longer than max_prompt_len={self.max_len} tokens")
+    if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...
+      logging.warning("rl data: dropped %d prompt(s) longer than max_prompt_len=%d tokens so far", self.dropped,
+                      self.max_len)
+    return False
+
+
+def _located(source: RecordSource, encode: Encoder):
+  """`encode` with its errors prefixed by where the record comes from (file:line)."""
+
+  def fn(index: int, record: dict) -> dict:
+    try:
+      return encode(index, record)
+    except KeyError as e:
+      raise ValueError(f"{source.locate(index)}: missing key {e.args[0]!r} (the record has keys "
+                       f"{sorted(record)})") from e
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{source.locate(index)}: {e}") from e
+
+  return fn
+
+
+def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dict:
+  tokens_BP = np.full((len(examples), max_prompt_len), pad_id, np.int32)
+  for i, e in enumerate(examples):
+    tokens_BP[i, :len(e["prompt_tokens"])] = e["prompt_tokens"]
+  return {"records": [e["record"] for e in examples], "prompt_tokens": tokens_BP,
+          "prompt_lengths": np.asarray([len(e["prompt_tokens"]) for e in examples], np.int32)}
+
+
+def _reference_logps(batch: dict) -> dict:
+  """Keep ref_*_logp when every real row has it; drop it when none has; else raise."""
+  rows_B = batch["chosen_segment_ids"].any(axis=1)
+  for key in REFERENCE_KEYS:
+    missing_B = np.isnan(batch[key]) & rows_B
+    if missing_B.all() or not rows_B.any():
+      del batch[key]
+    elif missing_B.any():
+      raise ValueError(f"some preference records have {key} and some do not; give it for all or none")
+    else:
+      batch[key] = np.where(rows_B, batch[key], 0.0).astype(np.float32)
+  return batch
+
+
+def _check_tokenizer(tokenizer: Tokenizer, template: str) -> None:
+  """Fail early (not per record) when the tokenizer lacks the template's special tokens."""
+  chat.stop_ids(tokenizer, template)
+  chat.encode_chat(tokenizer, template, [{"role": "user", "content": "x"}], add_generation_prompt=True)
+
+
+def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokenizer: Tokenizer, *, seq_len: int,
+                 batch_size: int, template: str, seed: int, shuffle: bool = True, repeat: bool = True,
+                 pack: bool = True, max_prompt_len: int | None = None, translation_direction: str | None = None,
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 num_threads: int = 4) -> grain.IterDataset:
+  """A grain dataset of host-local batches (`batch_size` rows for this host) of format `kind` (module docstring).
+
+  translation_direction: None = parallel records as stored, 'reverse' = all swapped, 'random' = each record's
+  direction drawn once from (seed, record index). shard_index/shard_count default to jax's process index/count.
+  max_prompt_len (preference, rl): default seq_len // 2.
+  """
+  if kind not in KINDS:
+    raise ValueError(f"unknown batch format {kind!r}; use one of {KINDS}")
+  if translation_direction not in DIRECTIONS:
+    raise ValueError(f"translation_direction={translation_direction!r}: use one of {DIRECTIONS}")
+  max_prompt_len = max_prompt_len or seq_len // 2
+  if kind == "preference" and max_prompt_len >= seq_len:
+    raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for responses in rows of {seq_len} tokens")
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  source = sources if hasattr(sources, "locate") else open_source(sources)
+  if len(source) < shard_count:
+    raise ValueError(f"{len(source)} records cannot be shared by {shard_count} hosts")
+  if kind != "lm":
+    _check_tokenizer(tokenizer, template)
+
+  encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len, translation_direction, seed)
+  ds = grain.MapDataset.source(source).map_with_index(_located(source, encode))
+  ds = ds[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed)
+  if repeat:
+    ds = ds.repeat()
+  if kind == "rl":
+    ds = ds.filter(PromptFits(max_prompt_len, len(ds) if not repeat else len(source) // shard_count))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))
+
+  if kind == "rl":
+    return it.batch(batch_size, batch_fn=functools.partial(_rl_batch, max_prompt_len=max_prompt_len,
+                                                           pad_id=tokenizer.pad_id))
+  if kind in ("lm", "sft"):
+    it = (packing.pack(it, seq_len, max(batch_size, MIN_PACKING_BINS), seed, shuffle_bins=shuffle) if pack
+          else packing.pad(it, seq_len))
+  batched = it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
+  return batched.map(_reference_logps) if kind == "preference" else batched
