@@ -110,8 +110,7 @@ class RolloutBatches:
                     "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                     "completions/max_length": float(lengths.max()),
                     "completions/clipped_ratio": float(truncated.mean())}
-    self.metrics.update({f"reward/{k}": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
-                         for k, v in per_fn.items()})
+    self.metrics.update({f"reward/{k}": float(np.nanmean(v)) for k, v in per_fn.items() if np.isfinite(v).any()})
     self._log_samples(prompt_texts, texts, total)
     self.rollouts += 1
     return batch
