@@ -29,9 +29,25 @@ def run(config, workdir: str) -> dict:
       with stage.unlocked():
         stage.init_from = f"ckpt:{os.path.join(workdir, previous)}" if previous else ""
     logging.info("=== stage %s ===", name)
-    results[name] = train.train(stage, os.path.join(workdir, name))
+    stage_dir = os.path.join(workdir, name)
+    results[name] = train.train(stage, stage_dir)
+    if config.eval_data:
+      results[name].update(_held_out_scores(config, stage_dir))
+      logging.info("stage %s held-out: chrF %.2f BLEU %.2f", name, results[name]["heldout/chrf"],
+                   results[name]["heldout/bleu"])
     previous = name
   return results
+
+
+def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
+  from towerplus_jax import evaluate, setup_run
+  from towerplus_jax.data import sources
+  model, tokenizer, template = evaluate.load(stage_dir)
+  source = sources.open_source(setup_run.resolve_sources(config.eval_data))
+  records = [source[i] for i in range(len(source))]
+  report = evaluate.evaluate(model, tokenizer, template, records, os.path.join(stage_dir, "eval"),
+                             max_new_tokens=config.eval_max_new_tokens)
+  return {f"heldout/{k}": report["overall"][k] for k in ("chrf", "bleu")}
 
 
 def _quiet_libraries() -> None:

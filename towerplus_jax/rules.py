@@ -268,3 +268,25 @@ def rule_adherence(rules: Sequence[Rule], output: str, source: str = "") -> floa
   if not rules:
     return 1.0
   return sum(check_rule(r, output, source) for r in rules) / len(rules)
+
+
+_DESCRIPTIONS: dict[str, Callable[[Rule], str]] = {
+    "include": lambda r: "Include these terms: " + ", ".join(f'"{t}"' for t in r["terms"]) + ".",
+    "exclude": lambda r: "Do not use these terms: " + ", ".join(f'"{t}"' for t in r["terms"]) + ".",
+    "glossary": lambda r: f'Translate "{r["source_term"]}" as "{r["target_term"]}".',
+    "max_words": lambda r: f"Use at most {r['value']} words.",
+    "min_words": lambda r: f"Use at least {r['value']} words.",
+    "date_format": lambda r: f"Write dates as {r['format']}.",
+    "number_format": lambda r: f'Use "{r["decimal"]}" as the decimal separator.',
+    "language": lambda r: f"Answer in {r['lang']}.",
+    "json": lambda r: "Answer with valid JSON only.",
+    "no_extra_text": lambda r: "Output only the translation, nothing else.",
+}
+
+
+def describe(rules: Sequence[Rule]) -> str:
+  """The rules as instructions for the prompt, one line each (IF-MT style)."""
+  unknown = [r.get("type") for r in rules if r.get("type") not in _DESCRIPTIONS]
+  if unknown:
+    raise ValueError(f"unknown rule type(s) {unknown}; known: {sorted(_DESCRIPTIONS)}")
+  return "\n".join(_DESCRIPTIONS[r["type"]](r) for r in rules)

@@ -78,7 +78,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     if not config.init_from:
       raise ValueError("config.data.tokenizer='auto' needs config.init_from")
     kind, path = _init_dir(config.init_from)
-    spec = _tokenizer_spec_in(path if kind == "hf" else os.path.join(path, "tokenizer"))
+    spec = tokenizer_spec(path if kind == "hf" else os.path.join(path, "tokenizer"))
   if spec == "sample":
     tok_path = tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax"))
     spec = f"sp:{tok_path}"
@@ -98,7 +98,13 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   return tok
 
 
-def _tokenizer_spec_in(folder: str) -> str:
+def tokenizer_in(folder: str):
+  """The tokenizer saved in a run's `tokenizer/` folder or shipped in an HF folder."""
+  kind, _, path = tokenizer_spec(folder).partition(":")
+  return tokenizers.load_tokenizer({"sp": "sentencepiece", "hf": "hf"}[kind], path)
+
+
+def tokenizer_spec(folder: str) -> str:
   if os.path.exists(os.path.join(folder, "tokenizer.model")):
     return "sp:" + os.path.join(folder, "tokenizer.model")
   if os.path.exists(os.path.join(folder, "tokenizer.json")):

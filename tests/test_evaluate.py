@@ -1,0 +1,55 @@
+"""Evaluation: corpus BLEU/chrF/chrF++ equal sacrebleu's CLI on the written hypotheses; IF-MT prompts and scoring."""
+import json
+import subprocess
+import sys
+
+import jax
+import pytest
+from flax import nnx
+
+from towerplus_jax import evaluate, setup_run, sharding
+from towerplus_jax.data import derive, tokenizers
+from towerplus_jax.models.config import ModelConfig
+from towerplus_jax.models.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  tok = tokenizers.load_tokenizer("sentencepiece", tokenizers.sample_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+  cfg = ModelConfig.tiny("gemma2", vocab_size=1024)
+  model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), sharding.make_mesh({}, jax.devices()[:1]))
+  return model, tok
+
+
+def cli(refs, hyps, tmp_path, *extra):
+  (tmp_path / "ref.txt").write_text("\n".join(refs) + "\n", encoding="utf-8")
+  (tmp_path / "hyp.txt").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+  out = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
+                        "-b", "-w", "4", "-f", "text", *extra], capture_output=True, text=True, check=True)
+  return [float(x) for x in out.stdout.split()]
+
+
+def test_scores_match_sacrebleu_cli(tiny, tmp_path):
+  model, tok = tiny
+  records = [r for r in derive.read_jsonl(setup_run.resolve_sources("sample:test")[0]) if r["tgt"] != "zh"][:12]
+  report = evaluate.evaluate(model, tok, "gemma", records, str(tmp_path / "out"), max_new_tokens=8, batch_size=8)
+  rows = derive.read_jsonl(str(tmp_path / "out" / "hypotheses.jsonl"))
+  hyps, refs = [r["hypothesis"] for r in rows], [r["reference"] for r in rows]
+  assert len(hyps) == 12 and any(hyps)
+  bleu, chrf = cli(refs, hyps, tmp_path, "-m", "bleu", "chrf")
+  (chrfpp,) = cli(refs, hyps, tmp_path, "-m", "chrf", "--chrf-word-order", "2")
+  overall = report["overall"]
+  assert overall["bleu"] == pytest.approx(bleu, abs=1e-4)
+  assert overall["chrf"] == pytest.approx(chrf, abs=1e-4)
+  assert overall["chrf++"] == pytest.approx(chrfpp, abs=1e-4)
+  assert "tok:13a" in overall["bleu_signature"]
+  assert set(report["by_pair"]) == {f"en-{r['tgt']}" for r in records}
+  assert json.load(open(tmp_path / "out" / "report.json"))["overall"]["chrf"] == overall["chrf"]
+
+
+def test_ifmt_prompt_carries_rules_and_is_scored(tiny):
+  record = derive.read_jsonl(setup_run.resolve_sources("sample:ifmt")[0])[1]
+  prompt = evaluate.translation_request(record)
+  assert 'Translate "Save" as "Guardar".' in prompt and prompt.endswith("Portuguese (Portugal): ")
+  report = evaluate.score([record, record], [record["reference"], "Clique em Salvar."])
+  assert report["rule_adherence"] == pytest.approx(0.5)  # the reference satisfies both rules, the other neither
