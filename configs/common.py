@@ -48,7 +48,7 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.data.max_prompt_len = 0  # rl/preference: longest prompt in tokens (0 = seq_len // 2)
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 60 if tiny else 10_000  # optimizer steps
+  c.train.steps = 200 if tiny else 10_000  # optimizer steps
   c.train.global_batch_size = 8 if tiny else 256  # rows per step, all hosts together
   c.train.micro_batches = 1  # gradient accumulation: the step's batch is split into this many passes
   c.train.seed = 0  # params init and per-step RNG

@@ -94,32 +94,36 @@ def evaluate(model, tokenizer, template: str, records: Sequence[dict], out_dir: 
   return report
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder to evaluate (latest checkpoint unless --step).")
-_HF = flags.DEFINE_string("hf", None, "Hugging Face folder to evaluate instead of a run folder.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-_DATA = flags.DEFINE_string("data", None, "Test set JSONL (sample:test for the shipped one).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval or ./eval).")
-_TEMPLATE = flags.DEFINE_string("template", None, "Chat template (default: gemma for Gemma, chatml for Qwen).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "Decoding budget per segment.")
-_BATCH = flags.DEFINE_integer("batch_size", 16, "Segments decoded together.")
-_SAMPLE = flags.DEFINE_bool("sample", False, "Sample (with --temperature) instead of greedy decoding.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature with --sample.")
-_COMET = flags.DEFINE_string("comet_model", None, "Local COMET checkpoint (needs unbabel-comet).")
+def _define_flags() -> dict:
+  """CLI flags, defined only when run as a program (main.py imports this module and has its own flags)."""
+  return {
+      "workdir": flags.DEFINE_string("workdir", None, "Run folder to evaluate (latest checkpoint unless --step)."),
+      "hf": flags.DEFINE_string("hf", None, "Hugging Face folder to evaluate instead of a run folder."),
+      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."),
+      "data": flags.DEFINE_string("data", None, "Test set JSONL (sample:test for the shipped one)."),
+      "out": flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval or ./eval)."),
+      "template": flags.DEFINE_string("template", None, "Chat template (default: gemma for Gemma, chatml for Qwen)."),
+      "max_new": flags.DEFINE_integer("max_new_tokens", 256, "Decoding budget per segment."),
+      "batch": flags.DEFINE_integer("batch_size", 16, "Segments decoded together."),
+      "sample": flags.DEFINE_bool("sample", False, "Sample (with --temperature) instead of greedy decoding."),
+      "temperature": flags.DEFINE_float("temperature", 1.0, "Sampling temperature with --sample."),
+      "comet": flags.DEFINE_string("comet_model", None, "Local COMET checkpoint (needs unbabel-comet)."),
+  }
 
 
 def main(argv):
   del argv
-  if bool(_WORKDIR.value) == bool(_HF.value):
+  if bool(_F["workdir"].value) == bool(_F["hf"].value):
     raise app.UsageError("give exactly one of --workdir or --hf")
-  if not _DATA.value:
+  if not _F["data"].value:
     raise app.UsageError("--data is required")
-  model, tokenizer, template = load(_WORKDIR.value, _HF.value, _STEP.value)
-  source = sources.open_source(setup_run.resolve_sources(_DATA.value))
+  model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
+  source = sources.open_source(setup_run.resolve_sources(_F["data"].value))
   records = [source[i] for i in range(len(source))]
-  out = _OUT.value or os.path.join(_WORKDIR.value or ".", "eval")
-  report = evaluate(model, tokenizer, _TEMPLATE.value or template, records, out, _COMET.value,
-                    max_new_tokens=_MAX_NEW.value, batch_size=_BATCH.value, greedy=not _SAMPLE.value,
-                    temperature=_TEMPERATURE.value)
+  out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")
+  report = evaluate(model, tokenizer, _F["template"].value or template, records, out, _F["comet"].value,
+                    max_new_tokens=_F["max_new"].value, batch_size=_F["batch"].value, greedy=not _F["sample"].value,
+                    temperature=_F["temperature"].value)
   overall = report["overall"]
   for name in ("bleu", "chrf", "chrf++"):
     print(f"{name:7s} {overall[name]:6.2f}  {overall[name + '_signature']}")
@@ -131,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _F = _define_flags()
   app.run(main)
