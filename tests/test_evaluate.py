@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from towerplus_jax import evaluate, setup_run, sharding
-from towerplus_jax.data import derive, tokenizers
+from towerplus_jax.data import chat, derive, tokenizers
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -49,7 +49,7 @@ def test_scores_match_sacrebleu_cli(tiny, tmp_path):
 
 def test_ifmt_prompt_carries_rules_and_is_scored(tiny):
   record = derive.read_jsonl(setup_run.resolve_sources("sample:ifmt")[0])[1]
-  prompt = evaluate.translation_request(record)
+  prompt = chat.translation_request(record)
   assert 'Translate "Save" as "Guardar".' in prompt and prompt.endswith("Portuguese (Portugal): ")
   report = evaluate.score([record, record], [record["reference"], "Clique em Salvar."])
   assert report["rule_adherence"] == pytest.approx(0.5)  # the reference satisfies both rules, the other neither

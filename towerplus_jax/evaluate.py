@@ -26,14 +26,6 @@ from towerplus_jax.models import config as model_config
 from towerplus_jax.rl import sampler
 
 
-def translation_request(record: dict) -> str:
-  """The Tower+ translation prompt, with the record's IF-MT rules (if any) as instructions before it."""
-  prompt = chat.translation_prompt(record["src_lang"], record["tgt_lang"], record["source"])
-  if record.get("rules"):
-    prompt = f"{rules.describe(record['rules'])}\n{prompt}"
-  return prompt
-
-
 def default_template(cfg: model_config.ModelConfig) -> str:
   return "gemma" if cfg.is_gemma else "chatml"
 
@@ -53,7 +45,7 @@ def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None
 
 def translate(model: nnx.Module, tokenizer, template: str, records: Sequence[dict], *, max_new_tokens: int = 256,
               batch_size: int = 16, greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> list[str]:
-  prompts = [translation_request(r) for r in records]
+  prompts = [chat.translation_request(r) for r in records]
   hyps = sampler.generate_text(model, tokenizer, template, prompts, max_new_tokens=max_new_tokens,
                                batch_size=batch_size, greedy=greedy, temperature=temperature, seed=seed)
   return [h.strip() for h in hyps]

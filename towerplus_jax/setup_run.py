@@ -170,7 +170,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   def batches(policy: Callable[[], nnx.Module]):
     if kind == "rl":
       from towerplus_jax.rl import rollout
-      return rollout.RolloutBatches(config, tokenizer, dataset(dcfg.train, True, config.rl.prompts_per_step),
+      return rollout.RolloutBatches(config, tokenizer, dataset(dcfg.train, True, config.rl.prompts_per_step // jax.process_count()),
                                     policy, ref_params, mesh, workdir)
     return DatasetBatches(dataset(dcfg.train, True, host_batch))
 

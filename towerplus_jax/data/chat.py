@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
+from towerplus_jax import rules
 from towerplus_jax.data.tokenizers import Tokenizer
 
 TEMPLATES = ("gemma", "chatml")
@@ -35,6 +36,14 @@ def translation_prompt(src_lang_name: str, tgt_lang_name: str, source: str) -> s
   """The Tower+ translation user turn."""
   return (f"Translate the following {src_lang_name} source text to {tgt_lang_name}:\n"
           f"{src_lang_name}: {source}\n{tgt_lang_name}: ")
+
+
+def translation_request(record: Mapping) -> str:
+  """The Tower+ prompt of a parallel record, preceded by its IF-MT rules (if any) as instructions."""
+  prompt = translation_prompt(record["src_lang"], record["tgt_lang"], record["source"])
+  if record.get("rules"):
+    prompt = f"{rules.describe(record['rules'])}\n{prompt}"
+  return prompt
 
 
 def to_messages(record: Mapping | Sequence[Mapping]) -> list[dict]:
@@ -122,7 +131,7 @@ def encode_chat(tokenizer: Tokenizer, template: str, messages: Sequence[Mapping]
   mask: list[int] = []
   for part in chat_parts(template, to_messages(messages), add_generation_prompt):
     if part.special:
-      piece_ids = [_bos(tokenizer) if part.text == BOS else tokenizer.token_id(part.text)]
+      piece_ids = [_special_id(tokenizer, template, part.text)]
     else:
       piece_ids = tokenizer.encode(part.text) if part.text else []
     ids += piece_ids
@@ -130,10 +139,15 @@ def encode_chat(tokenizer: Tokenizer, template: str, messages: Sequence[Mapping]
   return ids, mask
 
 
-def _bos(tokenizer: Tokenizer) -> int:
-  if tokenizer.bos_id is None:
-    raise ValueError("the gemma chat template needs a tokenizer with a bos token")
-  return tokenizer.bos_id
+def _special_id(tokenizer: Tokenizer, template: str, piece: str) -> int:
+  if piece == BOS:
+    if tokenizer.bos_id is None:
+      raise ValueError(f"the {template} chat template needs a tokenizer with a bos token")
+    return tokenizer.bos_id
+  try:
+    return tokenizer.token_id(piece)
+  except KeyError:
+    raise ValueError(f"the {template} chat template needs the token {piece!r}, which the tokenizer lacks") from None
 
 
 def stop_ids(tokenizer: Tokenizer, template: str) -> list[int]:

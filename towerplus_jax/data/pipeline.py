@@ -10,9 +10,10 @@
               positions,segment_ids}` [B, T], right-padded, loss on the response only; float32 [B]
               `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
               `max_prompt_len` tokens; responses are cut to fit the row.
-  rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt, added to the
-              record): `records` (list of dicts), int32 `prompt_tokens` [B, P] right-padded with pad_id (chat template
-              + generation prompt), `prompt_lengths` [B]. Prompts longer than P are dropped with a counted warning.
+  rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
+              record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
+              `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
+              [B]. Prompts longer than P are dropped with a counted warning.
 
 Records are sharded across hosts (record i goes to host i % shard_count), shuffled per epoch from `seed`, and
 repeated for training; `iter(dataset)` is a grain DatasetIterator whose get_state/set_state resume exactly. Without
@@ -47,7 +48,7 @@ def is_parallel(record: dict) -> bool:
 def parallel_to_messages(record: dict) -> dict:
   """{"source","reference","src_lang","tgt_lang"} (language names) -> {"messages"}: the Tower+ translation prompt as
   the user turn, the reference as the assistant turn."""
-  prompt = chat.translation_prompt(record["src_lang"], record["tgt_lang"], record["source"])
+  prompt = chat.translation_request(record)
   return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["reference"]}]}
 
 
@@ -60,9 +61,13 @@ def reverse_parallel(record: dict) -> dict:
   return out
 
 
+def is_chat(record: dict) -> bool:
+  return "messages" in record or ("prompt" in record and "completion" in record)
+
+
 def chat_messages(record: dict) -> list[dict]:
   """The conversation of a chat, prompt/completion or parallel record."""
-  if "messages" in record or ("prompt" in record and "completion" in record):
+  if is_chat(record):
     return chat.to_messages(record)
   if is_parallel(record):
     return parallel_to_messages(record)["messages"]
@@ -89,10 +94,11 @@ class Encoder:
 
   def _lm(self, record: dict) -> dict:
     tok = self.tokenizer
+    bos = [] if tok.bos_id is None else [tok.bos_id]
     if "text" in record:
-      ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(record["text"])
-    elif is_parallel(record) and "messages" not in record:
-      ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(f"{record['source']}\n{record['reference']}")
+      ids = bos + tok.encode(record["text"])
+    elif is_parallel(record) and not is_chat(record):
+      ids = bos + tok.encode(f"{record['source']}\n{record['reference']}")
     else:
       ids, _ = chat.encode_chat(tok, self.template, chat_messages(record))
     ids = ids + [tok.eos_id]
@@ -125,18 +131,19 @@ class Encoder:
 
   def _rl(self, record: dict) -> dict:
     if "prompt" not in record and is_parallel(record):
-      record = {**record, "prompt": parallel_to_messages(record)["messages"][0]["content"]}
+      record = {**record, "prompt": chat.translation_request(record)}
     messages = chat.as_messages(record["prompt"], "user")
     ids, _ = chat.encode_chat(self.tokenizer, self.template, messages, add_generation_prompt=True)
     return {"record": record, "prompt_tokens": np.asarray(ids, np.int32)}
 
 
 class PromptFits:
-  """Filter: keeps rl examples whose prompt has at most `max_len` tokens, logging how many it dropped; raises once
-  `num_records` were dropped without any kept (a repeated dataset would otherwise never yield)."""
+  """Filter: keeps rl examples whose prompt has at most `max_len` tokens, logging how many it dropped. Raises once
+  `give_up_after` were dropped and none kept: that many consecutive elements span a whole epoch, so no prompt fits
+  (and a repeated dataset would never yield)."""
 
-  def __init__(self, max_len: int, num_records: int):
-    self.max_len, self.num_records = max_len, num_records
+  def __init__(self, max_len: int, give_up_after: int):
+    self.max_len, self.give_up_after = max_len, give_up_after
     self.dropped = self.kept = 0
 
   def __call__(self, example: dict) -> bool:
@@ -144,7 +151,7 @@ class PromptFits:
       self.kept += 1
       return True
     self.dropped += 1
-    if not self.kept and self.dropped >= self.num_records:
+    if not self.kept and self.dropped >= self.give_up_after:
       raise ValueError(f"rl data: every prompt is longer than max_prompt_len={self.max_len} tokens")
     if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...
       logging.warning("rl data: dropped %d prompt(s) longer than max_prompt_len=%d tokens so far", self.dropped,
@@ -224,13 +231,14 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
   encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len, translation_direction, seed)
   ds = grain.MapDataset.source(source).map_with_index(_located(source, encode))
   ds = ds[shard_index::shard_count]
+  host_records, prefetch = len(ds), 4 * batch_size
   if shuffle:
     ds = ds.shuffle(seed)
   if repeat:
     ds = ds.repeat()
-  if kind == "rl":
-    ds = ds.filter(PromptFits(max_prompt_len, len(ds) if not repeat else len(source) // shard_count))
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * batch_size))
+  if kind == "rl":  # 2 epochs' worth dropped in a row (+ prefetch reordering) with none kept: no prompt fits
+    ds = ds.filter(PromptFits(max_prompt_len, 2 * host_records + prefetch))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
   if kind == "rl":
     return it.batch(batch_size, batch_fn=functools.partial(_rl_batch, max_prompt_len=max_prompt_len,

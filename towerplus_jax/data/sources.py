@@ -73,9 +73,12 @@ class JsonlSource:
     return f"{self.path}:{self._lines[index]}"
 
 
-def _line_spans(data) -> tuple[np.ndarray, np.ndarray]:
-  """[start, end) byte offsets of every line (without the newline)."""
-  newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == ord("\n")) if len(data) else np.zeros(0, np.int64)
+def _line_spans(data, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+  """[start, end) byte offsets of every line (without the newline), scanning `chunk` bytes at a time."""
+  n = len(data)
+  newlines = np.concatenate([np.zeros(0, np.int64)] + [
+      np.flatnonzero(np.frombuffer(data, np.uint8, count=min(chunk, n - i), offset=i) == ord("\n")) + i
+      for i in range(0, n, chunk)])
   starts = np.concatenate([[0], newlines + 1])
   ends = np.concatenate([newlines, [len(data)]])
   if starts[-1] == len(data):  # nothing after the last newline
@@ -116,6 +119,8 @@ def to_python(value: Any) -> Any:
     return [to_python(v) for v in value] if value.ndim else to_python(value.item())
   if isinstance(value, np.generic):
     return value.item()
+  if isinstance(value, (list, tuple)):
+    return [to_python(v) for v in value]
   if isinstance(value, dict):
     out = {k: to_python(v) for k, v in value.items()}
     lengths = {len(v) if isinstance(v, list) else -1 for v in out.values()}
