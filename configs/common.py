@@ -46,6 +46,7 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.data.pack = True  # pack several examples per row (segment ids keep them apart)
   c.data.seed = 0  # shuffling seed
   c.data.max_prompt_len = 0  # rl/preference: longest prompt in tokens (0 = seq_len // 2)
+  c.data.precomputed_reference = False  # preference data has ref_*_logp (towerplus_jax.reference): no ref model
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 200 if tiny else 10_000  # optimizer steps

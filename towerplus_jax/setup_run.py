@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from towerplus_jax.data import pipeline, tokenizers
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.rl import rollout
 
 SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "data", "sample")
 DATA_KIND = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference", "grpo": "rl"}
@@ -148,6 +150,23 @@ def _frozen_copy(model: nnx.Module):
   return jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
 
 
+def data_kind(config: ml_collections.ConfigDict) -> str:
+  return DATA_KIND.get(config.loss.name, config.data.kind)
+
+
+def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, bool, int], Any]:
+  """(sources spec, is_train, host batch size) -> grain dataset of the stage's batch format; eval/inference
+  datasets keep record order and run once."""
+  dcfg = config.data
+
+  def dataset(spec: str, train_split: bool, batch_size: int):
+    return pipeline.make_dataset(
+        data_kind(config), resolve_sources(spec), tokenizer, seq_len=dcfg.seq_len, batch_size=batch_size,
+        template=dcfg.template, seed=dcfg.seed, shuffle=train_split, repeat=train_split, pack=dcfg.pack,
+        max_prompt_len=dcfg.max_prompt_len or None)
+  return dataset
+
+
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   distributed.initialize()
   mesh = sharding.make_mesh(dict(config.mesh))
@@ -156,33 +175,23 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   if jax.process_index() == 0:
     model_config.save_json(model_cfg, workdir)
   loss = losses.get(config.loss.name)
-  ref_params = _frozen_copy(model) if loss.needs_reference(config.loss) else None
-  kind = DATA_KIND.get(config.loss.name, config.data.kind)
-  host_batch = config.train.global_batch_size // jax.process_count()
+  use_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
+  ref_params = _frozen_copy(model) if use_reference else None
+  kind = data_kind(config)
+  dataset = dataset_fn(config, tokenizer)
   dcfg = config.data
-
-  def dataset(spec: str, train_split: bool, batch_size: int):
-    return pipeline.make_dataset(
-        kind, resolve_sources(spec), tokenizer, seq_len=dcfg.seq_len, batch_size=batch_size,
-        template=dcfg.template, seed=dcfg.seed, shuffle=train_split, repeat=train_split, pack=dcfg.pack,
-        max_prompt_len=dcfg.max_prompt_len or None)
+  host_batch = config.train.global_batch_size // jax.process_count()
 
   def batches(policy: Callable[[], nnx.Module]):
     if kind == "rl":
-      from towerplus_jax.rl import rollout
-      return rollout.RolloutBatches(config, tokenizer, dataset(dcfg.train, True, config.rl.prompts_per_step // jax.process_count()),
-                                    policy, ref_params, mesh, workdir)
+      prompts = dataset(dcfg.train, True, config.rl.prompts_per_step // jax.process_count())
+      return rollout.RolloutBatches(config, tokenizer, prompts, policy, mesh, workdir)
     return DatasetBatches(dataset(dcfg.train, True, host_batch))
 
   eval_batches = None
   if dcfg.eval and kind != "rl":
     def eval_batches():
-      it = iter(dataset(dcfg.eval, False, host_batch))
-      for _ in range(config.train.eval_steps):
-        try:
-          yield next(it)
-        except StopIteration:
-          return
+      return itertools.islice(iter(dataset(dcfg.eval, False, host_batch)), config.train.eval_steps)
   logging.info("model %s: %s params on mesh %s", model_cfg.family,
                f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
   return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches)

@@ -60,7 +60,7 @@ class RolloutBatches:
   """Iterator of GRPO training batches; `data_iter` (the prompt iterator) is what checkpoints save."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer, dataset, policy: Callable[[], nnx.Module],
-               ref_params, mesh, workdir: str):
+               mesh, workdir: str):
     self.cfg, self.tokenizer, self.policy, self.mesh = config.rl, tokenizer, policy, mesh
     self.template = config.data.template
     self.data_iter = iter(dataset)

@@ -1,0 +1,71 @@
+"""Reference log-probs computed once over a preference set, so WPO/DPO can train with no reference model in memory.
+
+  python -m towerplus_jax.reference --config=configs/wpo.py:tiny --workdir=/tmp/ref --out=/tmp/prefs_ref.jsonl \
+      --config.init_from=ckpt:/tmp/sft
+  python -m towerplus_jax.main --config=configs/wpo.py:tiny --workdir=/tmp/wpo --config.init_from=ckpt:/tmp/sft \
+      --config.data.train=/tmp/prefs_ref.jsonl --config.data.precomputed_reference=True
+
+The reference is the model of `config.init_from` (the policy WPO starts from). Each record of `config.data.train`
+is written back with `ref_chosen_logp` / `ref_rejected_logp` (summed response log-probs, as the loss uses them).
+Single process; the output file appears only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from towerplus_jax import losses, setup_run, sharding
+from towerplus_jax.data import sources
+
+
+def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -> int:
+  """Write the records of config.data.train with reference log-probs to `out_path`; returns the record count."""
+  if jax.process_count() > 1:
+    raise RuntimeError("towerplus_jax.reference runs on one process")
+  loss = losses.get(config.loss.name)
+  if loss.reference_fn is None:
+    raise ValueError(f"loss {config.loss.name!r} has no reference log-probs to precompute")
+  mesh = sharding.make_mesh(dict(config.mesh))
+  tokenizer = setup_run.load_tokenizer(config, workdir)
+  _, model = setup_run.load_model(config, mesh, tokenizer.vocab_size)
+  graphdef, params = nnx.split(model)
+  reference = jax.jit(lambda p, b: loss.reference_fn(nnx.merge(graphdef, p), b, config.loss))
+  records = sources.open_source(setup_run.resolve_sources(config.data.train))
+  batches = setup_run.dataset_fn(config, tokenizer)(config.data.train, False, config.train.global_batch_size)
+  tmp, n = out_path + ".tmp", 0
+  with open(tmp, "w", encoding="utf-8") as f, jax.set_mesh(mesh):
+    for batch in batches:
+      out = jax.device_get(reference(params, sharding.shard_batch(batch, mesh)))
+      for row in range(int(batch["chosen_segment_ids"].any(axis=1).sum())):  # padded rows come last
+        record = {**records[n], **{k: float(v[row]) for k, v in out.items()}}
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        n += 1
+  if n != len(records):
+    raise RuntimeError(f"wrote {n} of {len(records)} records (are some preference records empty?)")
+  os.replace(tmp, out_path)
+  return n
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Preference stage config (configs/wpo.py:...).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (tokenizer copy).")
+_OUT = flags.DEFINE_string("out", None, "Output JSONL.")
+
+
+def main(argv):
+  del argv
+  sys.path.insert(0, os.getcwd())
+  n = precompute(_CONFIG.value, _WORKDIR.value, _OUT.value)
+  print(f"wrote {n} records with reference log-probs to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir", "out"])
+  app.run(main)
