@@ -101,3 +101,22 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
                  "--config.data.eval=", "--config.train.steps=2")
   assert out.returncode != 0
   assert f"{bad}:3" in out.stderr or f"{bad}, line 3" in out.stderr, out.stderr[-2000:]
+
+
+def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
+  """A stage starts from a HF folder; its checkpoint exports back to a HF folder transformers loads."""
+  from towerplus_jax.convert import hf
+  folder = tiny_hf_model("qwen3", vocab_size=1024)
+  c = small(sft.get_config("tiny_qwen3"), steps=2)
+  c.init_from = f"hf:{folder}"
+  c.optimizer.lr = 0.0  # params must stay the HF ones
+  c.optimizer.weight_decay = 0.0
+  workdir = str(tmp_path / "run")
+  train.train(c, workdir)
+  out = str(tmp_path / "hf_out")
+  subprocess.run([sys.executable, "-m", "towerplus_jax.convert.hf", "export", f"--workdir={workdir}", f"--out={out}",
+                  "--dtype=float32"], cwd=REPO, check=True, capture_output=True, env={**os.environ,
+                                                                                      "JAX_PLATFORMS": "cpu"})
+  tokens = np.random.default_rng(1).integers(3, 1024, size=(2, 10))
+  np.testing.assert_allclose(hf_logits(out, tokens), hf_logits(folder, tokens), atol=1e-5)
+  assert os.path.exists(os.path.join(out, "tokenizer.model"))
