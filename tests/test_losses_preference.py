@@ -1,31 +1,13 @@
 """DPO / WPO loss and metrics vs numpy closed forms; WPO weight without gradient; reference_fn; micro-batches."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
+from fake_lm import FakeLM, np_log_softmax
 from towerplus_jax import losses
 
 P, TC, TR, V = 3, 5, 4, 7  # pairs, chosen length, rejected length (shorter: padded inside the loss), vocab
-
-
-class FakeLM(nnx.Module):
-  """logits of input id x = table[x]: giving every position its own id sets the logits position by position."""
-
-  def __init__(self, table_NV):
-    self.table = nnx.Param(jnp.asarray(table_NV, jnp.float32))
-
-  def __call__(self, tokens_BT, positions=None, segment_ids=None):
-    assert positions.shape == tokens_BT.shape and segment_ids.shape == tokens_BT.shape
-    return self.table[...][tokens_BT]
-
-
-def np_log_softmax(x):
-  x = np.asarray(x, np.float64)
-  m = x.max(-1, keepdims=True)
-  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 def make_batch(seed=0):

@@ -11,7 +11,6 @@ import pytest
 from configs import cpt, grpo, sft, tower_plus, wpo
 from towerplus_jax.models import config as model_config
 from towerplus_jax import checkpoint, setup_run, sharding, train
-from towerplus_jax.models.transformer import Transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,7 +104,6 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
   """A stage starts from a HF folder; its checkpoint exports back to a HF folder transformers loads."""
-  from towerplus_jax.convert import hf
   folder = tiny_hf_model("qwen3", vocab_size=1024)
   c = small(sft.get_config("tiny_qwen3"), steps=2)
   c.init_from = f"hf:{folder}"

@@ -4,9 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from towerplus_jax import losses, optim, sharding, train
 from towerplus_jax.models.config import ModelConfig

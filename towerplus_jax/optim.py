@@ -6,7 +6,8 @@ import jax
 import ml_collections
 import optax
 
-MAX_NONFINITE = 1 << 30  # optax.apply_if_finite's own give-up count; the trainer stops far earlier (train.max_nonfinite)
+# optax.apply_if_finite gives up (applies NaNs) after this many; the trainer stops far earlier (train.max_nonfinite).
+MAX_NONFINITE = 1 << 30
 
 
 def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
