@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch is split over
@@ -110,7 +110,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
   return {k: one(v) for k, v in batch.items()}
 
 
-def vocab_parallel_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mesh: Mesh) -> jax.Array:
+def vocab_parallel_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mesh: Mesh | AbstractMesh) -> jax.Array:
   """log softmax(logits)[target] with the vocab split over "tensor": no device ever holds full-vocab logits.
 
   Each shard computes its local max / sum-exp and picks its own part of the target logit; one pmax and two psums

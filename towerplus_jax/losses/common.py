@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from towerplus_jax import sharding
+
 Batch = Mapping[str, jax.Array]
 
 
@@ -42,7 +44,14 @@ def forward(model, batch: Batch, prefix: str = "") -> jax.Array:
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """log p(target) per position [B, T], log-softmax in float32."""
+  """log p(target) per position [B, T], log-softmax in float32.
+
+  Under a mesh whose "tensor" axis splits the vocab, the vocab-parallel shard_map version runs instead: no device
+  gathers the full [B, T, V] logits.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.shape.get("tensor", 1) > 1 and logits_BTV.shape[-1] % mesh.shape["tensor"] == 0:
+    return sharding.vocab_parallel_logprobs(logits_BTV, targets_BT.astype(jnp.int32), mesh)
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp_BTV, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
