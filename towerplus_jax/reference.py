@@ -53,19 +53,22 @@ def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -
   return n
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Preference stage config (configs/wpo.py:...).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (tokenizer copy).")
-_OUT = flags.DEFINE_string("out", None, "Output JSONL.")
+def _define_flags() -> dict:
+  """CLI flags, defined only when run as a program (other modules with their own flags import this one)."""
+  return {"config": config_flags.DEFINE_config_file("config", None, "Preference stage config (configs/wpo.py:...).",
+                                                    lock_config=True),
+          "workdir": flags.DEFINE_string("workdir", None, "Scratch folder (tokenizer copy)."),
+          "out": flags.DEFINE_string("out", None, "Output JSONL.")}
 
 
 def main(argv):
   del argv
   sys.path.insert(0, os.getcwd())
-  n = precompute(_CONFIG.value, _WORKDIR.value, _OUT.value)
-  print(f"wrote {n} records with reference log-probs to {_OUT.value}")
+  n = precompute(_F["config"].value, _F["workdir"].value, _F["out"].value)
+  print(f"wrote {n} records with reference log-probs to {_F['out'].value}")
 
 
 if __name__ == "__main__":
+  _F = _define_flags()
   flags.mark_flags_as_required(["config", "workdir", "out"])
   app.run(main)
