@@ -7,7 +7,7 @@ clipped ratio, optional k3 KL to the frozen initial policy.
 """
 import ml_collections
 
-from configs.common import base
+from towerplus_jax.stage_config import base
 
 
 def rl_section(tiny: bool) -> ml_collections.ConfigDict:

@@ -5,11 +5,22 @@ checkpoint, held-out chrF/BLEU reported after each stage.
   python -m towerplus_jax.main --config=configs/tower_plus.py:gemma2_2b --workdir=gs://BUCKET/tower_plus \
       --config.stages.cpt.init_from=hf:/path/to/gemma-2-2b --config.stages.cpt.data.train='/data/cpt/*.jsonl' ...
 """
+import importlib.util
+import os
+
 import ml_collections
 
-from configs import cpt, grpo, sft, wpo
 
-STAGES = {"cpt": cpt, "sft": sft, "wpo": wpo, "grpo": grpo}
+def _stage_module(name: str):
+  """configs/<name>.py next to this file (importable whatever the working directory)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"towerplus_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+STAGES = {name: _stage_module(name) for name in ("cpt", "sft", "wpo", "grpo")}
 
 
 def get_config(arg: str = "tiny"):

@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/wpo.py:gemma2_2b --workdir=gs://BUCKET/wpo \
       --config.init_from=ckpt:gs://BUCKET/sft --config.data.train=/data/prefs.jsonl --config.loss.name=dpo
 """
-from configs.common import base
+from towerplus_jax.stage_config import base
 
 
 def get_config(arg: str = "tiny"):

@@ -118,3 +118,17 @@ def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
   tokens = np.random.default_rng(1).integers(3, 1024, size=(2, 10))
   np.testing.assert_allclose(hf_logits(out, tokens), hf_logits(folder, tokens), atol=1e-5)
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
+
+
+def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
+  from towerplus_jax import main
+  c = tower_plus.get_config("tiny")
+  for name in c.stage_order:
+    c.stages[name].train.update(steps=3, log_every=1, checkpoint_every=0, eval_steps=1)
+  c.eval_max_new_tokens = 4
+  results = main.run(c, str(tmp_path))
+  assert list(results) == ["cpt", "sft", "wpo", "grpo"]
+  for name in c.stage_order:
+    assert 0.0 <= results[name]["heldout/chrf"] <= 100.0
+    assert os.path.exists(tmp_path / name / "eval" / "report.json")
+  assert "reward/mean" in results["grpo"] and "rewards/margins" in results["wpo"]

@@ -105,12 +105,6 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, j
           for k, (shape, dt) in batch_fields(config).items()}
 
 
-def variable_shardings(params: nnx.State, mesh: Mesh) -> nnx.State:
-  """`sharding.state_shardings` laid out like `params` itself (a NamedSharding inside each Variable), the structure
-  of optax's per-parameter trees, which `train._opt_shardings` matches against."""
-  return jax.tree.map(lambda sh, var: var.replace(sh), sharding.state_shardings(params, mesh), params)
-
-
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.stages.Compiled:
   """Lower and compile the stage's train step for `mesh` from abstract params, optimizer state and batch."""
   cfg = model_config(config)
@@ -118,7 +112,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.sta
   graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   tx, lr = optim.make(config.optimizer, config.train.steps)
   replicated = NamedSharding(mesh, P())
-  params_sh = variable_shardings(params, mesh)
+  params_sh = sharding.state_shardings(params, mesh)
   state_sh = {"params": params_sh, "opt_state": train._opt_shardings(tx, params, params_sh, replicated),
               "step": replicated, "rng": replicated}
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),

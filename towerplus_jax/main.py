@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (local path or gs://): checkpoints, metrics, tokenizer.")
-flags.mark_flags_as_required(["config", "workdir"])
+def _define_flags() -> dict:
+  """CLI flags, defined only when run as a program, so that importing `run` defines none."""
+  defined = {"config": config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.",
+                                                       lock_config=True),
+             "workdir": flags.DEFINE_string("workdir", None, "Run folder (local path or gs://).")}
+  flags.mark_flags_as_required(["config", "workdir"])
+  return defined
 
 
 def run(config, workdir: str) -> dict:
@@ -64,12 +66,12 @@ def _quiet_libraries() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  sys.path.insert(0, os.getcwd())  # config files import `configs.common`
   logging.set_verbosity(logging.INFO)
   _quiet_libraries()
-  results = run(_CONFIG.value, _WORKDIR.value)
+  results = run(_F["config"].value, _F["workdir"].value)
   logging.info("done: %s", json.dumps(results, default=float)[:2000])
 
 
 if __name__ == "__main__":
+  _F = _define_flags()
   app.run(main)

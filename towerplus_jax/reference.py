@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -63,7 +62,6 @@ def _define_flags() -> dict:
 
 def main(argv):
   del argv
-  sys.path.insert(0, os.getcwd())
   n = precompute(_F["config"].value, _F["workdir"].value, _F["out"].value)
   print(f"wrote {n} records with reference log-probs to {_F['out'].value}")
 

@@ -1,4 +1,4 @@
-"""Sections shared by every stage's config. A stage file calls `base(arg, loss=...)` and edits what differs.
+"""Config sections shared by every stage file in configs/: `base(arg, loss=..., kind=...)`; a stage edits what differs.
 
 `arg` is `PRESET[,runlocal]`: a model preset (`tiny`, `tiny_qwen3`, `gemma2_2b`, `qwen2_5_7b`, ...) and optionally
 `runlocal`, which shrinks steps/batch/length so any preset's pipeline can be smoke-tested on one machine.
