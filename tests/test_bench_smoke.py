@@ -19,7 +19,7 @@ def run_bench(module: str, *flags: str) -> str:
 
 
 def test_train_throughput_prints_ratio_and_mfu():
-  stdout = run_bench("bench.train_throughput", "--family=qwen2", "--batch=2", "--seq=16")
+  stdout = run_bench("bench.train_throughput", "--family=qwen2", "--batch=2", "--seq=16", "--peak_size=256")
   assert len(RATIO.findall(stdout)) == 1, stdout
   assert stdout.count("MFU") == 2, stdout
 

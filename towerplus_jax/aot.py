@@ -12,8 +12,6 @@ dtype / param_dtype / remat. CPU compilation approximates an accelerator's memor
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 from typing import Any
 
 import jax
@@ -24,20 +22,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from towerplus_jax import losses, optim, sharding, train
+from towerplus_jax import losses, optim, setup_run, sharding, train
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer
 
 GIB = 1024 ** 3
 ROW_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "positions": jnp.int32,
               "segment_ids": jnp.int32}
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:gemma2_2b.",
-                                          lock_config=True)
-_MESH = flags.DEFINE_string("mesh", "", "Mesh axes overriding config.mesh, e.g. 'fsdp=8' or 'data=2,fsdp=4,tensor=2'.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices (0 = the real devices).")
-_HBM = flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB to check against (v5e 16, v5p 95); 0 = no check.")
-
 
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
@@ -47,7 +38,6 @@ class MemoryReport:
   output: int
   alias: int  # outputs written into donated arguments (counted once)
   temp: int
-  code: int
 
   @property
   def total(self) -> int:
@@ -65,8 +55,7 @@ class MemoryReport:
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The stage's architecture: its preset with the config's vocab size, dtypes and remat policy."""
   cfg = preset(config.model.preset)
-  return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, dtype=config.model.dtype,
-                     param_dtype=config.model.param_dtype, remat=config.model.remat)
+  return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, **setup_run.model_overrides(config))
 
 
 def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
@@ -82,12 +71,15 @@ def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
 
 def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Shape and dtype of every array of one global batch of the stage's data kind (as its pipeline emits it)."""
-  b, kind = config.train.global_batch_size, config.data.kind
+  b, kind = config.train.global_batch_size, setup_run.data_kind(config)
   if kind in ("lm", "sft"):
     return {k: ((b, config.data.seq_len), dt) for k, dt in ROW_FIELDS.items()}
   if kind == "preference":
-    return {f"{side}_{k}": ((b, config.data.seq_len), dt) for side in ("chosen", "rejected")
-            for k, dt in ROW_FIELDS.items()}
+    fields = {f"{side}_{k}": ((b, config.data.seq_len), dt) for side in ("chosen", "rejected")
+              for k, dt in ROW_FIELDS.items()}
+    if config.data.precomputed_reference:
+      fields.update({k: ((b,), jnp.float32) for k in losses.get(config.loss.name).reference_keys})
+    return fields
   if kind == "rl":
     t = (config.data.max_prompt_len or config.data.seq_len // 2) + config.rl.max_completion_len
     fields = {k: ((b, t), dt) for k, dt in ROW_FIELDS.items()}
@@ -118,7 +110,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.sta
   state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
            "step": jax.ShapeDtypeStruct((), jnp.int32),
            "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-  use_reference = loss.needs_reference(config.loss)
+  use_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
   ref_params, ref_sh = (params, params_sh) if use_reference else (None, None)
   batch = abstract_batch(config, mesh)
   fns = train.make_step_fns(graphdef, loss, config.loss, tx, lr, config.train.micro_batches, use_reference)
@@ -133,7 +125,7 @@ def memory_report(compiled: jax.stages.Compiled) -> MemoryReport:
   if m is None:
     raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis of compiled executables")
   return MemoryReport(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
-                      m.temp_size_in_bytes, m.generated_code_size_in_bytes)
+                      m.temp_size_in_bytes)
 
 
 def use_fake_devices(n: int) -> None:
@@ -142,13 +134,27 @@ def use_fake_devices(n: int) -> None:
   jax.config.update("jax_num_cpu_devices", n)
 
 
+def _define_flags() -> dict:
+  """CLI flags, defined only when run as a program, so that importing this module defines none."""
+  defined = {
+      "config": config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:gemma2_2b.",
+                                                lock_config=True),
+      "mesh": flags.DEFINE_string("mesh", "", "Mesh axes overriding config.mesh, e.g. 'fsdp=8' or "
+                                  "'data=2,fsdp=4,tensor=2'."),
+      "devices": flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices (0 = the real devices)."),
+      "hbm_gib": flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB to check against (v5e 16, v5p 95); "
+                                    "0 = no check.")}
+  flags.mark_flags_as_required(["config"])
+  return defined
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _DEVICES.value:
-    use_fake_devices(_DEVICES.value)
-  config = _CONFIG.value
-  sizes = parse_mesh(_MESH.value, dict(config.mesh))
+  if _F["devices"].value:
+    use_fake_devices(_F["devices"].value)
+  config = _F["config"].value
+  sizes = parse_mesh(_F["mesh"].value, dict(config.mesh))
   mesh = sharding.make_mesh(sizes)
   cfg = model_config(config)
   params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
@@ -161,12 +167,12 @@ def main(argv: list[str]) -> None:
   report = memory_report(compiled)
   print("per-device memory of the compiled train step:")
   print("\n".join(report.lines()))
-  if _HBM.value:
-    verdict = "fits" if report.fits(_HBM.value) else "does NOT fit"
-    print(f"{verdict} in {_HBM.value:g} GiB per device ({100 * report.total / (_HBM.value * GIB):.0f}% used)")
+  hbm = _F["hbm_gib"].value
+  if hbm:
+    verdict = "fits" if report.fits(hbm) else "does NOT fit"
+    print(f"{verdict} in {hbm:g} GiB per device ({100 * report.total / (hbm * GIB):.0f}% used)")
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.getcwd())  # config files import `configs.common`
-  flags.mark_flags_as_required(["config"])
+  _F = _define_flags()
   app.run(main)
