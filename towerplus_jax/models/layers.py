@@ -51,7 +51,13 @@ class Embedder(nnx.Module):
     return x_BTD
 
   def decode(self, x_BTD: jax.Array) -> jax.Array:
-    return jnp.einsum("BTD,VD->BTV", x_BTD, self.table_VD[...].astype(self.dtype))
+    return matmul_2d(x_BTD, self.table_VD[...].astype(self.dtype).T)
+
+
+def matmul_2d(x_BTD: jax.Array, w_DF: jax.Array) -> jax.Array:
+  """[B, T, D] @ [D, F] as one 2-D matmul: XLA (on CPU especially) then needs no transposes in the backward pass."""
+  b, t, d = x_BTD.shape
+  return (x_BTD.reshape(b * t, d) @ w_DF).reshape(b, t, w_DF.shape[-1])
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, scale: float = 1.0) -> jax.Array:
@@ -104,7 +110,8 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def _project(self, x_BTD: jax.Array, w: nnx.Param, bias_name: str) -> jax.Array:
-    y = jnp.einsum("BTD,DNH->BTNH", x_BTD, w[...].astype(x_BTD.dtype))
+    d, n, h = w.shape
+    y = matmul_2d(x_BTD, w[...].astype(x_BTD.dtype).reshape(d, n * h)).reshape(*x_BTD.shape[:2], n, h)
     if self.cfg.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(y.dtype)
     return y
@@ -145,7 +152,8 @@ class Attention(nnx.Module):
     probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BTKH.dtype)
     out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BTKH)
     out_BTNH = out_BTKGH.reshape(b, t, n, h)
-    return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(out_BTNH.dtype)), cache
+    o_FD = self.o_NHD[...].astype(out_BTNH.dtype).reshape(n * h, -1)
+    return matmul_2d(out_BTNH.reshape(b, t, n * h), o_FD), cache
 
 
 class MLP(nnx.Module):
@@ -160,6 +168,6 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = x_BTD.dtype
-    gate_BTF = x_BTD @ self.gate_DF[...].astype(dt)
+    gate_BTF = matmul_2d(x_BTD, self.gate_DF[...].astype(dt))
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) if self.gelu else jax.nn.silu(gate_BTF)
-    return (act_BTF * (x_BTD @ self.up_DF[...].astype(dt))) @ self.down_FD[...].astype(dt)
+    return matmul_2d(act_BTF * matmul_2d(x_BTD, self.up_DF[...].astype(dt)), self.down_FD[...].astype(dt))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from towerplus_jax.models.config import ModelConfig
-from towerplus_jax.models.layers import MLP, Attention, Embedder, RMSNorm
+from towerplus_jax.models.layers import MLP, Attention, Embedder, RMSNorm, matmul_2d
 
 Cache = list[dict[str, jax.Array]]  # per layer {"k": [B, S, K, H], "v": [B, S, K, H]}
 
@@ -97,7 +97,7 @@ class Transformer(nnx.Module):
     if self.cfg.tie_embeddings:
       logits_BTV = self.embedder.decode(x_BTD)
     else:
-      logits_BTV = x_BTD @ self.lm_head_DV[...].astype(x_BTD.dtype)
+      logits_BTV = matmul_2d(x_BTD, self.lm_head_DV[...].astype(x_BTD.dtype))
     logits_BTV = logits_BTV.astype(jnp.float32)
     if self.cfg.final_logit_softcap is not None:
       cap = self.cfg.final_logit_softcap
