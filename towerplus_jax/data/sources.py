@@ -60,17 +60,21 @@ class JsonlSource:
     return len(self._starts)
 
   def __getitem__(self, index: int) -> dict:
-    raw = self._data()[self._starts[index]:self._ends[index]]
-    try:
-      record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{self.locate(index)}: invalid JSON ({e})") from None
-    if not isinstance(record, dict):
-      raise ValueError(f"{self.locate(index)}: expected a JSON object, got {type(record).__name__}")
-    return record
+    return json_object(self._data()[self._starts[index]:self._ends[index]], self.locate(index))
 
   def locate(self, index: int) -> str:
     return f"{self.path}:{self._lines[index]}"
+
+
+def json_object(raw: bytes | str, where: str) -> dict:
+  """One JSON object record; errors name `where` (file:line or file[record i])."""
+  try:
+    record = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{where}: invalid JSON ({e})") from None
+  if not isinstance(record, dict):
+    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+  return record
 
 
 def _line_spans(data, chunk: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
@@ -98,13 +102,7 @@ class ArrayRecordSource:
     return len(self._source)
 
   def __getitem__(self, index: int) -> dict:
-    try:
-      record = json.loads(self._source[index])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{self.locate(index)}: invalid JSON ({e})") from None
-    if not isinstance(record, dict):
-      raise ValueError(f"{self.locate(index)}: expected a JSON object, got {type(record).__name__}")
-    return record
+    return json_object(self._source[index], self.locate(index))
 
   def locate(self, index: int) -> str:
     return f"{self.path}[record {index}]"
