@@ -36,7 +36,7 @@ class RMSNorm(nnx.Module):
 
 
 class Embedder(nnx.Module):
-  """Token embedding table [V, D]; `decode` is the tied output projection."""
+  """Token embedding table [V, D] (also the output projection when embeddings are tied)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.table_VD = _param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.embed_dim),
@@ -49,9 +49,6 @@ class Embedder(nnx.Module):
     if self.scale is not None:  # HF casts the normaliser to the activation dtype first
       x_BTD = x_BTD * jnp.asarray(self.scale, self.dtype)
     return x_BTD
-
-  def decode(self, x_BTD: jax.Array) -> jax.Array:
-    return matmul_2d(x_BTD, self.table_VD[...].astype(self.dtype).T)
 
 
 def matmul_2d(x_BTD: jax.Array, w_DF: jax.Array) -> jax.Array:

@@ -62,15 +62,37 @@ class Transformer(nnx.Module):
   def __call__(self, tokens_BT: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """Full forward pass. `segment_ids` (0 = padding) keep packed documents apart; positions restart per segment."""
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+    return self.logits(self.hidden(tokens_BT, positions, segment_ids))
+
+  def hidden(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+             segment_ids_BT: jax.Array | None = None) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (compute dtype): what the output head turns into logits.
+
+    Losses that must never hold [B, T, V] logits take these plus `output_head()` (see losses/logprobs.py)."""
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
     block_fn = _block_forward
     if self.cfg.remat != "none":
       block_fn = nnx.remat(_block_forward, policy=_REMAT[self.cfg.remat])
     x_BTD = self.embedder.encode(tokens_BT)
     for block in self.layers:
-      x_BTD = block_fn(block, x_BTD, positions, segment_ids)
-    return self._logits(x_BTD)
+      x_BTD = block_fn(block, x_BTD, positions_BT, segment_ids_BT)
+    return self.final_norm(x_BTD)
+
+  def output_head(self) -> jax.Array:
+    """The output projection [D, V] in the compute dtype (the transposed embedding table when tied)."""
+    dt = jnp.dtype(self.cfg.dtype)
+    if self.cfg.tie_embeddings:
+      return self.embedder.table_VD[...].astype(dt).T
+    return self.lm_head_DV[...].astype(dt)
+
+  def logits(self, h_BTD: jax.Array) -> jax.Array:
+    """float32 logits [B, T, V] of final-normed hidden states, with Gemma's final soft-cap."""
+    logits_BTV = matmul_2d(h_BTD, self.output_head()).astype(jnp.float32)
+    if self.cfg.final_logit_softcap is not None:
+      cap = self.cfg.final_logit_softcap
+      logits_BTV = jnp.tanh(logits_BTV / cap) * cap
+    return logits_BTV
 
   def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: Cache,
              logits_at: jax.Array | None = None) -> tuple[jax.Array, Cache]:
@@ -85,21 +107,10 @@ class Transformer(nnx.Module):
       new_cache.append(layer_cache)
     if logits_at is not None:
       x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
-    return self._logits(x_BTD), new_cache
+    return self.logits(self.final_norm(x_BTD)), new_cache
 
   def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> Cache:
     shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
     dt = jnp.dtype(dtype or self.cfg.dtype)
     return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(self.cfg.num_layers)]
 
-  def _logits(self, x_BTD: jax.Array) -> jax.Array:
-    x_BTD = self.final_norm(x_BTD)
-    if self.cfg.tie_embeddings:
-      logits_BTV = self.embedder.decode(x_BTD)
-    else:
-      logits_BTV = matmul_2d(x_BTD, self.lm_head_DV[...].astype(x_BTD.dtype))
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    if self.cfg.final_logit_softcap is not None:
-      cap = self.cfg.final_logit_softcap
-      logits_BTV = jnp.tanh(logits_BTV / cap) * cap
-    return logits_BTV
