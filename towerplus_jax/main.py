@@ -21,7 +21,9 @@ def _define_flags() -> dict:
 
 
 def run(config, workdir: str) -> dict:
-  from towerplus_jax import train
+  """Check every stage's values, then train the stage, or each stage of a chain in order."""
+  from towerplus_jax import config_check, train
+  config_check.check(config)
   if "stages" not in config:
     return train.train(config, workdir)
   results, previous = {}, None

@@ -1,0 +1,56 @@
+"""Config values are checked before anything runs: one line naming the key and what it must be."""
+import os
+
+import pytest
+
+from configs import grpo, sft, tower_plus
+from towerplus_jax import config_check, main
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("train.steps", 0, "config.train.steps=0: must be >= 1"),
+    ("train.steps", -1, "config.train.steps=-1: must be >= 1"),
+    ("optimizer.lr", -1e-3, "config.optimizer.lr=-0.001: must be > 0"),
+    ("train.max_nonfinite", 0, "config.train.max_nonfinite=0: must be >= 1"),
+    ("train.micro_batches", 0, "config.train.micro_batches=0: must be >= 1"),
+    ("train.log_every", 0, "config.train.log_every=0: must be >= 1"),
+    ("data.seq_len", 0, "config.data.seq_len=0: must be >= 2"),
+    ("train.global_batch_size", 0, "config.train.global_batch_size=0: must be >= 1"),
+    ("train.keep_checkpoints", 0, "config.train.keep_checkpoints=0: must be >= 1"),
+    ("train.micro_batches", 3, "config.train.global_batch_size=8 is not divisible by config.train.micro_batches=3"),
+])
+def test_bad_stage_value_is_one_line_naming_the_key(tmp_path, key, value, expected):
+  config = sft.get_config("tiny")
+  section, name = key.split(".")
+  config[section][name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError) as e:
+    main.run(config, str(workdir))
+  assert str(e.value).startswith(expected)
+  assert "\n" not in str(e.value)
+  assert not workdir.exists()  # nothing written
+
+
+def test_rl_values_and_reward_weights():
+  config = grpo.get_config("tiny")
+  config.rl.top_p = 0.0
+  config.rl.reward_weights = (1.0,)
+  found = config_check.errors(config)
+  assert found == ["config.rl.top_p=0.0: must be in (0, 1] (1 = off)",
+                   "config.rl.reward_weights has 1 entries for 3 config.rl.rewards ('chrf', 'rules', 'format'): "
+                   "give one weight per reward function"]
+
+
+def test_chain_checks_every_stage_before_the_first_runs(tmp_path):
+  config = tower_plus.get_config("tiny")
+  config.stages.grpo.rl.num_generations = 1
+  with pytest.raises(ValueError, match=r"^config\.stages\.grpo\.rl\.num_generations=1: must be >= 2"):
+    main.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == []
+
+
+def test_shipped_configs_pass():
+  for module in (sft, grpo):
+    for arg in ("tiny", "gemma2_2b", "qwen2_5_72b,runlocal"):
+      config_check.check(module.get_config(arg))
+  config_check.check(tower_plus.get_config("tiny"))
