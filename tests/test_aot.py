@@ -1,5 +1,6 @@
 """AOT compile check: the real train step compiles for a mesh of 8 fake devices from abstract state, and XLA's
 per-device argument bytes match params + AdamW moments split 8 ways (hand arithmetic)."""
+import json
 import os
 import subprocess
 import sys
@@ -30,14 +31,32 @@ def test_fsdp8_argument_bytes_are_params_and_moments_over_8():
   assert report.alias >= 0.9 * 3 * param_bytes / 8  # the donated state is updated in place
 
 
-def test_cli_compiles_wpo_with_reference_on_fake_devices():
+def test_cli_compiles_wpo_with_reference_on_fake_devices_and_fails_over_budget():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # --devices alone must give the 8 devices
   out = subprocess.run([sys.executable, "-m", "towerplus_jax.aot", "--config=configs/wpo.py:tiny",
-                        "--mesh=data=2,fsdp=4", "--devices=8", "--hbm_gib=0.001"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stderr[-3000:]
+                        "--mesh=data=2,fsdp=4", "--devices=8", "--hbm_gib=0.001", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]  # does not fit -> non-zero exit
   assert "of 8 cpu devices" in out.stdout and "'data': 2, 'fsdp': 4" in out.stdout
   assert "does NOT fit in 0.001 GiB" in out.stdout
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  assert row["fits"] is False and row["total_gib"] > 0.001 and row["compile_s"] > 0
+
+
+def test_sweep_reports_a_failed_row_and_returns_false(capsys, monkeypatch):
+  monkeypatch.chdir(ROOT)
+  bad = aot.Target("no such config", "configs/nope.py:tiny", 8, "fsdp=8", 15)
+  assert aot.sweep((bad,), timeout_s=120) is False
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].startswith("| target |") and table[2].startswith("| no such config |")
+  assert "failed:" in table[2] and table[2].endswith("| no |")
+
+
+def test_targets_are_the_production_rows():
+  names = [t.config for t in aot.TARGETS]
+  assert names == ["configs/sft.py:gemma2_2b", "configs/wpo.py:gemma2_2b", "configs/grpo.py:gemma2_2b",
+                   "configs/sft.py:gemma2_9b", "configs/sft.py:qwen2_5_72b"]
+  assert [t.budget_gib for t in aot.TARGETS] == [15, 15, 15, 15, 90]
 
 
 def test_bad_mesh_flag_names_the_entry():

@@ -1,6 +1,8 @@
 """Ahead-of-time compile check: does a stage's train step fit the memory of a target device mesh?
 
-  python -m towerplus_jax.aot --config=configs/sft.py:gemma2_2b --mesh=fsdp=8 --devices=8 --hbm_gib=16
+  python -m towerplus_jax.aot --config=configs/sft.py:gemma2_2b --mesh=fsdp=8 --devices=8 --hbm_gib=16 \
+      --config.train.global_batch_size=16
+  python -m towerplus_jax.aot --sweep   # every row of TARGETS, one process each, as a markdown table
 
 Nothing is allocated: the model is built with `nnx.eval_shape`, the optimizer state with `jax.eval_shape`, and the
 real train step (`train.make_step_fns`, with the shardings training uses) is lowered and compiled for the mesh.
@@ -8,10 +10,15 @@ real train step (`train.make_step_fns`, with the shardings training uses) is low
 memory analysis of the compiled step (arguments, outputs, temporaries) is printed and compared with `--hbm_gib`.
 The architecture is `config.model.preset` (vocab `config.model.vocab_size`, else the preset's) with the config's
 dtype / param_dtype / remat. CPU compilation approximates an accelerator's memory use (fusion and layout differ).
+With `--hbm_gib`, the exit status is 1 when the step does not fit.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+import time
 from typing import Any
 
 import jax
@@ -29,6 +36,39 @@ from towerplus_jax.models.transformer import Transformer
 GIB = 1024 ** 3
 ROW_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "positions": jnp.int32,
               "segment_ids": jnp.int32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One row of the memory table: a stage config on a slice, checked against a per-device budget."""
+
+  name: str
+  config: str  # configs/<stage>.py:<preset>
+  devices: int
+  mesh: str
+  budget_gib: float
+  overrides: tuple[str, ...] = ()  # --config.KEY=VALUE flags
+
+  def argv(self) -> list[str]:
+    return [f"--config={self.config}", f"--mesh={self.mesh}", f"--devices={self.devices}",
+            f"--hbm_gib={self.budget_gib}", *self.overrides]
+
+
+# The production targets (seq 2048): v5e chips have 16 GiB (budget 15), v5p 95 GiB (budget 90).
+TARGETS = (
+    Target("sft gemma2_2b, 2 rows/device, v5e-8", "configs/sft.py:gemma2_2b", 8, "fsdp=8", 15,
+           ("--config.train.global_batch_size=16",)),
+    Target("wpo gemma2_2b + reference, 1 pair/device, v5e-8", "configs/wpo.py:gemma2_2b", 8, "fsdp=8", 15,
+           ("--config.train.global_batch_size=8",)),
+    Target("grpo gemma2_2b + reference, 1 row/device, v5e-8", "configs/grpo.py:gemma2_2b", 8, "fsdp=8", 15,
+           ("--config.train.global_batch_size=8", "--config.data.max_prompt_len=1536",
+            "--config.rl.max_completion_len=512")),
+    Target("sft gemma2_9b, 1 row/device, v5e-16", "configs/sft.py:gemma2_9b", 16, "fsdp=16", 15,
+           ("--config.train.global_batch_size=16",)),
+    Target("sft qwen2_5_72b, 1 row/device, v5p-64 (32 chips)", "configs/sft.py:qwen2_5_72b", 32, "fsdp=32", 90,
+           ("--config.train.global_batch_size=32",)),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
@@ -143,19 +183,16 @@ def _define_flags() -> dict:
                                   "'data=2,fsdp=4,tensor=2'."),
       "devices": flags.DEFINE_integer("devices", 0, "Compile for this many fake CPU devices (0 = the real devices)."),
       "hbm_gib": flags.DEFINE_float("hbm_gib", 0.0, "Memory per device in GiB to check against (v5e 16, v5p 95); "
-                                    "0 = no check.")}
-  flags.mark_flags_as_required(["config"])
+                                    "0 = no check; the exit status is 1 when it does not fit."),
+      "sweep": flags.DEFINE_bool("sweep", False, "Compile every production target (aot.TARGETS), each in its own "
+                                 "process, and print a markdown table; exit 1 if any does not fit."),
+      "json": flags.DEFINE_bool("json", False, "Also print the result as one JSON line (what --sweep reads).")}
   return defined
 
 
-def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if _F["devices"].value:
-    use_fake_devices(_F["devices"].value)
-  config = _F["config"].value
-  sizes = parse_mesh(_F["mesh"].value, dict(config.mesh))
-  mesh = sharding.make_mesh(sizes)
+def run_one(config: ml_collections.ConfigDict, mesh_spec: str, hbm_gib: float) -> dict:
+  """Compile the stage's train step for the mesh, print the report, return it as a dict."""
+  mesh = sharding.make_mesh(parse_mesh(mesh_spec, dict(config.mesh)))
   cfg = model_config(config)
   params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -163,14 +200,57 @@ def main(argv: list[str]) -> None:
         f"{dict(mesh.shape)} of {jax.device_count()} {jax.devices()[0].platform} devices; global batch "
         f"{config.train.global_batch_size} x {config.data.seq_len}, micro_batches {config.train.micro_batches}, "
         f"remat {cfg.remat}, dtype {cfg.dtype}")
-  compiled = compile_train_step(config, mesh)
-  report = memory_report(compiled)
-  print("per-device memory of the compiled train step:")
+  start = time.perf_counter()
+  report = memory_report(compile_train_step(config, mesh))
+  seconds = time.perf_counter() - start
+  print(f"per-device memory of the compiled train step (compiled in {seconds:.0f} s):")
   print("\n".join(report.lines()))
-  hbm = _F["hbm_gib"].value
-  if hbm:
-    verdict = "fits" if report.fits(hbm) else "does NOT fit"
-    print(f"{verdict} in {hbm:g} GiB per device ({100 * report.total / (hbm * GIB):.0f}% used)")
+  fits = not hbm_gib or report.fits(hbm_gib)
+  if hbm_gib:
+    print(f"{'fits' if fits else 'does NOT fit'} in {hbm_gib:g} GiB per device "
+          f"({100 * report.total / (hbm_gib * GIB):.0f}% used)")
+  return {"total_gib": report.total / GIB, "temp_gib": report.temp / GIB, "argument_gib": report.argument / GIB,
+          "compile_s": seconds, "fits": fits}
+
+
+def sweep(targets: tuple[Target, ...] = TARGETS, timeout_s: float = 3600) -> bool:
+  """Each target in its own process (the fake device count is fixed per process); prints a markdown table."""
+  print("| target | command flags | per-device GiB | budget | compile s | fits |")
+  print("|---|---|---|---|---|---|")
+  all_fit = True
+  for t in targets:
+    cmd = [sys.executable, "-m", "towerplus_jax.aot", *t.argv(), "--json"]
+    try:
+      out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+      lines = out.stdout.strip().splitlines()
+      row = json.loads(lines[-1]) if out.returncode in (0, 1) and lines else None
+    except subprocess.TimeoutExpired:
+      out, row = None, None
+    if row is None:
+      reason = "timed out" if out is None else (out.stderr.strip().splitlines() or ["no output"])[-1]
+      print(f"| {t.name} | `{' '.join(t.argv())}` | failed: {reason} | {t.budget_gib:g} | | no |", flush=True)
+      all_fit = False
+      continue
+    all_fit &= row["fits"]
+    print(f"| {t.name} | `{' '.join(t.argv())}` | {row['total_gib']:.1f} | {t.budget_gib:g} | "
+          f"{row['compile_s']:.0f} | {'yes' if row['fits'] else 'NO'} |", flush=True)
+  return all_fit
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if _F["sweep"].value:
+    sys.exit(0 if sweep() else 1)
+  if _F["config"].value is None:
+    raise app.UsageError("--config is required (or --sweep)")
+  if _F["devices"].value:
+    use_fake_devices(_F["devices"].value)
+  row = run_one(_F["config"].value, _F["mesh"].value, _F["hbm_gib"].value)
+  if _F["json"].value:
+    print(json.dumps(row))
+  if not row["fits"]:
+    sys.exit(1)
 
 
 if __name__ == "__main__":
