@@ -22,8 +22,15 @@ def _define_flags() -> dict:
 
 def run(config, workdir: str) -> dict:
   """Check every stage's values, then train the stage, or each stage of a chain in order."""
-  from towerplus_jax import config_check, train
+  from towerplus_jax import config_check, distributed, run_lock
   config_check.check(config)
+  distributed.initialize()
+  with run_lock.hold(workdir):
+    return _run_locked(config, workdir)
+
+
+def _run_locked(config, workdir: str) -> dict:
+  from towerplus_jax import train
   if "stages" not in config:
     return train.train(config, workdir)
   results, previous = {}, None

@@ -1,10 +1,10 @@
-"""Config values are checked before anything runs: one line naming the key and what it must be."""
+"""Bad input gets one clear line naming the key (or file) before anything is written; a busy workdir is refused."""
 import os
 
 import pytest
 
 from configs import grpo, sft, tower_plus
-from towerplus_jax import config_check, main
+from towerplus_jax import config_check, main, run_lock
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -54,3 +54,23 @@ def test_shipped_configs_pass():
     for arg in ("tiny", "gemma2_2b", "qwen2_5_72b,runlocal"):
       config_check.check(module.get_config(arg))
   config_check.check(tower_plus.get_config("tiny"))
+
+
+def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
+  """A process holding the lock (as a running trainer does) makes main.run refuse before writing anything."""
+  import subprocess
+  import sys
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from towerplus_jax import run_lock\n"
+       f"with run_lock.hold({str(tmp_path)!r}):\n  print('held', flush=True); time.sleep(60)"],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RuntimeError, match=rf"workdir {tmp_path} is in use by another run \(pid {holder.pid} on "):
+      main.run(sft.get_config("tiny"), str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+  finally:
+    holder.kill()
+    holder.wait()
+  with run_lock.hold(str(tmp_path)):  # released when its holder died (kill -9): no stale lock
+    pass
