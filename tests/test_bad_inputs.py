@@ -74,3 +74,45 @@ def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
     holder.wait()
   with run_lock.hold(str(tmp_path)):  # released when its holder died (kill -9): no stale lock
     pass
+
+
+# ---------------------------------------------------------------- data records: file:line + the field + what to do
+import json  # noqa: E402
+
+from test_chat import CharTokenizer  # noqa: E402
+
+from towerplus_jax.data import pipeline  # noqa: E402
+
+GOOD = {"lm": {"text": "fine"}, "sft": {"prompt": "hi", "completion": "ok"},
+        "preference": {"prompt": "hi", "chosen": "yes", "rejected": "no"},
+        "rl": {"prompt": "Translate: hi", "reference": "olá"}}
+
+
+@pytest.mark.parametrize("kind,bad,expected", [
+    ("lm", {"text": 5}, "field 'text' must be a string, got int 5"),
+    ("lm", {"text": None}, "field 'text' must be a string, got null"),
+    ("lm", {"text": ["a", ["b"]]}, "field 'text' must be a string, got list"),
+    ("lm", {"text": {"a": 1}}, "field 'text' must be a string, got dict"),
+    ("sft", {"messages": None}, "field 'messages' must be a non-empty list of {'role', 'content'} messages, got null"),
+    ("sft", {"messages": [{"role": "user"}]}, "field 'messages': message 0 must be {'role': str, 'content': str}"),
+    ("sft", {"prompt": 3, "completion": "x"}, "field 'prompt' must be a non-empty list of"),
+    ("preference", {"prompt": "p", "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are identical"),
+    ("preference", {"prompt": "p", "chosen": "", "rejected": "r"}, "field 'chosen' is missing or empty"),
+    ("rl", {"prompt": "p", "rules": "max 3 words"}, "rules must be a list of rule dicts, got str"),
+    ("rl", {"prompt": "p", "rules": [{"type": "max_words", "value": "many"}]},
+     "max_words rule: 'value' must be a whole number, got 'many'"),
+    ("rl", {"prompt": "p", "rules": [{"type": "max_word", "value": 3}]},
+     "unknown rule type 'max_word' (did you mean 'max_words'?)"),
+    ("rl", {"prompt": "p", "rules": [{"type": "include", "terms": "cat"}]},
+     "include rule: 'terms' must be a list of non-empty strings"),
+])
+def test_bad_record_names_file_line_and_field(tmp_path, kind, bad, expected):
+  path = tmp_path / "data.jsonl"
+  path.write_text(json.dumps(GOOD[kind]) + "\n\n" + json.dumps(bad) + "\n")  # a blank line is skipped
+  ds = pipeline.make_dataset(kind, str(path), CharTokenizer(), seq_len=32, batch_size=2, template="gemma", seed=0,
+                             shuffle=False, repeat=False, num_threads=1)
+  with pytest.raises(ValueError) as e:
+    next(iter(ds))
+  message = str(e.value)
+  assert message.startswith(f"{path}:3: {expected}"), message
+  assert "\n" not in message

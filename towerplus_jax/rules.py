@@ -28,6 +28,7 @@ Numbers like "1,234" are valid under both decimal marks.
 from __future__ import annotations
 
 import datetime
+import difflib
 import json
 import re
 import unicodedata
@@ -226,10 +227,7 @@ def _check_no_extra_text(rule: Rule, output: str, source: str) -> bool:
 
 
 def _check_terms(rule: Rule, output: str, source: str) -> bool:
-  terms = rule["terms"]
-  if isinstance(terms, str) or not all(isinstance(t, str) and t for t in terms):
-    raise ValueError(f"{rule['type']} rule: 'terms' must be a list of non-empty strings, got {terms!r}")
-  present = [_contains(output, t) for t in terms]
+  present = [_contains(output, t) for t in rule["terms"]]
   return all(present) if rule["type"] == "include" else not any(present)
 
 
@@ -248,23 +246,49 @@ _CHECKS: dict[str, tuple[tuple[str, ...], Callable[[Rule, str, str], bool]]] = {
 }
 
 
-def check_rule(rule: Rule, output: str, source: str = "") -> bool:
-  """Whether `output` (the translation of `source`) satisfies `rule`."""
+def _is_count(value) -> bool:
+  return (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.isdigit())
+
+
+def validate_rule(rule: Rule) -> None:
+  """Raise one ValueError line when `rule` is not a well-formed rule dict (type known, keys present and typed)."""
   if not isinstance(rule, dict) or "type" not in rule:
     raise ValueError(f"a rule must be a dict with a 'type' key, got {rule!r}")
   if rule["type"] not in _CHECKS:
-    raise ValueError(f"unknown rule type {rule['type']!r}; known: {sorted(_CHECKS)}")
-  required, check = _CHECKS[rule["type"]]
+    close = difflib.get_close_matches(str(rule["type"]), _CHECKS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown rule type {rule['type']!r}{hint}; known: {sorted(_CHECKS)}")
+  required = _CHECKS[rule["type"]][0]
   missing = [k for k in required if k not in rule]
   if missing:
     raise ValueError(f"{rule['type']} rule {rule!r} misses key(s) {missing}")
-  return check(rule, output, source or "")
+  if "value" in required and not _is_count(rule["value"]):
+    raise ValueError(f"{rule['type']} rule: 'value' must be a whole number, got {rule['value']!r}")
+  if "terms" in required and (not isinstance(rule["terms"], (list, tuple))
+                              or not all(isinstance(t, str) and t for t in rule["terms"])):
+    raise ValueError(f"{rule['type']} rule: 'terms' must be a list of non-empty strings, got {rule['terms']!r}")
+  for key in sorted(set(required) - {"value", "terms"}):
+    if not isinstance(rule[key], str) or not rule[key]:
+      raise ValueError(f"{rule['type']} rule: {key!r} must be a non-empty string, got {rule[key]!r}")
+
+
+def validate(rules: Sequence[Rule]) -> None:
+  """Raise one ValueError line unless `rules` is a list of well-formed rule dicts."""
+  if not isinstance(rules, (list, tuple)):
+    raise ValueError(f"rules must be a list of rule dicts, got {type(rules).__name__} {rules!r}")
+  for rule in rules:
+    validate_rule(rule)
+
+
+def check_rule(rule: Rule, output: str, source: str = "") -> bool:
+  """Whether `output` (the translation of `source`) satisfies `rule`."""
+  validate_rule(rule)
+  return _CHECKS[rule["type"]][1](rule, output, source or "")
 
 
 def rule_adherence(rules: Sequence[Rule], output: str, source: str = "") -> float:
   """Fraction of `rules` that `output` satisfies (1.0 for no rules)."""
-  if isinstance(rules, (dict, str)):
-    raise ValueError(f"rules must be a list of rule dicts, got {rules!r}")
+  validate(rules)
   if not rules:
     return 1.0
   return sum(check_rule(r, output, source) for r in rules) / len(rules)
@@ -286,7 +310,5 @@ _DESCRIPTIONS: dict[str, Callable[[Rule], str]] = {
 
 def describe(rules: Sequence[Rule]) -> str:
   """The rules as instructions for the prompt, one line each (IF-MT style)."""
-  unknown = [r.get("type") for r in rules if r.get("type") not in _DESCRIPTIONS]
-  if unknown:
-    raise ValueError(f"unknown rule type(s) {unknown}; known: {sorted(_DESCRIPTIONS)}")
+  validate(rules)
   return "\n".join(_DESCRIPTIONS[r["type"]](r) for r in rules)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from towerplus_jax.data import chat, packing
+from towerplus_jax.data import chat, packing, records
 from towerplus_jax.data.sources import RecordSource, open_source
 from towerplus_jax.data.tokenizers import Tokenizer
 
@@ -87,6 +87,7 @@ class Encoder:
   seed: int
 
   def __call__(self, index: int, record: dict) -> dict:
+    records.check(self.kind, record)
     if is_parallel(record) and (self.direction == "reverse" or (
         self.direction == "random" and np.random.default_rng([self.seed, index]).random() < 0.5)):
       record = reverse_parallel(record)

@@ -1,0 +1,49 @@
+"""What a record of each batch format must hold, checked where records are parsed (before tokenizing).
+
+`check(kind, record)` raises one ValueError line naming the field and what it must be; the pipeline prefixes it with
+the record's file:line. Formats (see data/pipeline.py): `lm` {"text"} or chat or parallel; `sft` chat
+({"messages"} or {"prompt","completion"}) or parallel {"source","reference"}; `preference` {"prompt","chosen",
+"rejected"}; `rl` {"prompt"} or parallel, + optional "reference", "rules", "answer" and any other columns.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from towerplus_jax import rules
+
+TEXT_FIELDS = ("text", "source", "reference", "src_lang", "tgt_lang")  # plain strings
+TURN_FIELDS = ("prompt", "completion", "chosen", "rejected")  # a string or a list of messages
+
+
+def _kind_of(value: Any) -> str:
+  return "null" if value is None else type(value).__name__
+
+
+def _check_messages(key: str, value: Any) -> None:
+  if not isinstance(value, list) or not value:
+    raise ValueError(f"field {key!r} must be a non-empty list of {{'role', 'content'}} messages, got "
+                     f"{_kind_of(value)} {value!r:.80}")
+  for i, m in enumerate(value):
+    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+      raise ValueError(f"field {key!r}: message {i} must be {{'role': str, 'content': str}}, got {m!r:.80}")
+
+
+def check(kind: str, record: Mapping[str, Any]) -> None:
+  """Raise ValueError (one line, naming the field) when `record` cannot be a record of batch format `kind`."""
+  for key in TEXT_FIELDS:
+    if key in record and not isinstance(record[key], str):
+      raise ValueError(f"field {key!r} must be a string, got {_kind_of(record[key])} {record[key]!r:.80}")
+  for key in TURN_FIELDS:
+    if key in record and not isinstance(record[key], str):
+      _check_messages(key, record[key])
+  if "messages" in record:
+    _check_messages("messages", record["messages"])
+  if "rules" in record and record["rules"] is not None:
+    rules.validate(record["rules"])
+  if kind == "preference":
+    for key in ("chosen", "rejected"):
+      if not record.get(key):
+        raise ValueError(f"field {key!r} is missing or empty: a preference pair needs both responses")
+    if record["chosen"] == record["rejected"]:
+      raise ValueError("'chosen' and 'rejected' are identical: the pair has no preference to learn")
