@@ -78,6 +78,7 @@ def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
 
 # ---------------------------------------------------------------- data records: file:line + the field + what to do
 import json  # noqa: E402
+import re  # noqa: E402
 
 from test_chat import CharTokenizer  # noqa: E402
 
@@ -116,3 +117,14 @@ def test_bad_record_names_file_line_and_field(tmp_path, kind, bad, expected):
   message = str(e.value)
   assert message.startswith(f"{path}:3: {expected}"), message
   assert "\n" not in message
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda d: (d / "empty.jsonl").write_text("\n\n"), "{d}/empty.jsonl: no records (the file is empty"),
+    (lambda d: (d / "empty.jsonl").mkdir(), "{d}/empty.jsonl is a directory, not a data file"),
+])
+def test_empty_file_or_directory_is_named(tmp_path, make, expected):
+  from towerplus_jax.data import sources
+  make(tmp_path)
+  with pytest.raises(ValueError, match="^" + re.escape(expected.format(d=tmp_path))):
+    sources.open_source(str(tmp_path / "empty.jsonl"))

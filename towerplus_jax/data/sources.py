@@ -229,11 +229,17 @@ def _expand(pattern: str) -> list[str]:
 
 def _open_file(path: str) -> RecordSource:
   name = os.path.basename(path)
+  if epath.Path(path).is_dir():
+    raise ValueError(f"{path} is a directory, not a data file; give its files (e.g. '{path}/*.jsonl')")
   if name.endswith((".jsonl", ".json")):
-    return JsonlSource(path)
-  if ".array_record" in name:
-    return ArrayRecordSource(path)
-  raise ValueError(f"{path}: unknown data format; use .jsonl, .array_record, tfds:NAME or seqio:TASK")
+    source: RecordSource = JsonlSource(path)
+  elif ".array_record" in name:
+    source = ArrayRecordSource(path)
+  else:
+    raise ValueError(f"{path}: unknown data format; use .jsonl, .array_record, tfds:NAME or seqio:TASK")
+  if not len(source):
+    raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
+  return source
 
 
 def _name_and_options(spec: str) -> tuple[str, dict[str, str]]:
