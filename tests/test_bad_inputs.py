@@ -128,3 +128,17 @@ def test_empty_file_or_directory_is_named(tmp_path, make, expected):
   make(tmp_path)
   with pytest.raises(ValueError, match="^" + re.escape(expected.format(d=tmp_path))):
     sources.open_source(str(tmp_path / "empty.jsonl"))
+
+
+@pytest.mark.parametrize("bad,expected", [
+    ({"source": "Hi", "src_lang": "English", "tgt_lang": "German"}, "field 'reference' is missing"),
+    ({"source": "Hi", "reference": None, "src_lang": "English", "tgt_lang": "German"}, "field 'reference' must be"),
+    ({"source": "Hi", "reference": "Hallo", "tgt_lang": "German"}, "field 'src_lang' (a language name) or 'src'"),
+])
+def test_bad_test_set_record_is_named_before_decoding(tmp_path, bad, expected):
+  from towerplus_jax.data import records, sources
+  good = {"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "de"}
+  path = tmp_path / "test.jsonl"
+  path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+  with pytest.raises(ValueError, match="^" + re.escape(f"{path}:2: {expected}")):
+    records.read_all(sources.open_source(str(path)), "test")

@@ -22,6 +22,7 @@ from flax import nnx
 from towerplus_jax import metrics, rules, setup_run, sharding
 from towerplus_jax.convert import hf
 from towerplus_jax.data import chat, derive, sources
+from towerplus_jax.data import records as records_lib
 from towerplus_jax.models import config as model_config
 from towerplus_jax.rl import sampler
 
@@ -109,9 +110,8 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir or --hf")
   if not _F["data"].value:
     raise app.UsageError("--data is required")
+  records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(_F["data"].value)), "test")
   model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
-  source = sources.open_source(setup_run.resolve_sources(_F["data"].value))
-  records = [source[i] for i in range(len(source))]
   out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")
   report = evaluate(model, tokenizer, _F["template"].value or template, records, out, _F["comet"].value,
                     max_new_tokens=_F["max_new"].value, batch_size=_F["batch"].value, greedy=not _F["sample"].value,

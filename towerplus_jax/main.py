@@ -52,10 +52,9 @@ def _run_locked(config, workdir: str) -> dict:
 
 def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
   from towerplus_jax import evaluate, setup_run
-  from towerplus_jax.data import sources
+  from towerplus_jax.data import records as records_lib, sources
+  records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(config.eval_data)), "test")
   model, tokenizer, template = evaluate.load(stage_dir)
-  source = sources.open_source(setup_run.resolve_sources(config.eval_data))
-  records = [source[i] for i in range(len(source))]
   report = evaluate.evaluate(model, tokenizer, template, records, os.path.join(stage_dir, "eval"),
                              max_new_tokens=config.eval_max_new_tokens)
   return {f"heldout/{k}": report["overall"][k] for k in ("chrf", "bleu")}

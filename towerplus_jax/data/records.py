@@ -3,12 +3,13 @@
 `check(kind, record)` raises one ValueError line naming the field and what it must be; the pipeline prefixes it with
 the record's file:line. Formats (see data/pipeline.py): `lm` {"text"} or chat or parallel; `sft` chat
 ({"messages"} or {"prompt","completion"}) or parallel {"source","reference"}; `preference` {"prompt","chosen",
-"rejected"}; `rl` {"prompt"} or parallel, + optional "reference", "rules", "answer" and any other columns.
+"rejected"}; `rl` {"prompt"} or parallel, + optional "reference", "rules", "answer" and any other columns;
+`test` (evaluate.py) {"source", "reference", "src_lang" or "src", "tgt_lang" or "tgt", "rules"?}.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from towerplus_jax import rules
 
@@ -41,9 +42,36 @@ def check(kind: str, record: Mapping[str, Any]) -> None:
     _check_messages("messages", record["messages"])
   if "rules" in record and record["rules"] is not None:
     rules.validate(record["rules"])
+  if kind == "test":
+    for key in ("source", "reference"):
+      if not isinstance(record.get(key), str):
+        raise ValueError(f"field {key!r} is missing: a test record needs 'source' and 'reference' strings (and "
+                         "'src_lang'/'tgt_lang' names or 'src'/'tgt' codes)")
+    for side in ("src", "tgt"):
+      if not any(isinstance(record.get(k), str) and record[k] for k in (side, f"{side}_lang")):
+        raise ValueError(f"field '{side}_lang' (a language name) or '{side}' (a code) is missing")
   if kind == "preference":
     for key in ("chosen", "rejected"):
       if not record.get(key):
         raise ValueError(f"field {key!r} is missing or empty: a preference pair needs both responses")
     if record["chosen"] == record["rejected"]:
       raise ValueError("'chosen' and 'rejected' are identical: the pair has no preference to learn")
+
+
+class Source(Protocol):
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int) -> dict: ...
+  def locate(self, index: int) -> str: ...
+
+
+def read_all(source: Source, kind: str) -> list[dict]:
+  """Every record of `source`, each checked as `kind`; an error names the record's file:line."""
+  out = []
+  for i in range(len(source)):
+    record = source[i]
+    try:
+      check(kind, record)
+    except ValueError as e:
+      raise ValueError(f"{source.locate(i)}: {e}") from None
+    out.append(record)
+  return out
