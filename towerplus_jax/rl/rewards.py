@@ -25,7 +25,8 @@ from towerplus_jax import metrics, rules
 RewardFn = Callable[..., list[float | None]]
 CombinedFn = Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]]
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_BOXED = "\\boxed{"
+_FRAC = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")
 _MARKED = re.compile(r"(?:####|\banswer\s*(?:is\b|:))[\s:]*([^\n]+)", re.I)
 _NUMBER = re.compile(r"[-+]?(?:\d(?:[\d,]*\d)?(?:\.\d+)?|\.\d+)(?:/\d+)?")
 _TERMINALS = ".!?。！？…؟।"
@@ -34,13 +35,16 @@ _MAX_WORDS_FACTOR, _MAX_WORDS_SLACK = 3, 10
 
 
 def _text(x) -> str:
-  """A string, or the content of the last message of a chat (list of {"role", "content"} dicts)."""
+  """A string, or the content of the last message of a chat (list of {"role", "content"} dicts); None or an empty
+  chat is the empty string (an empty completion still gets a score)."""
+  if x is None:
+    return ""
   if isinstance(x, str):
     return x
   if isinstance(x, dict):
-    return str(x.get("content", ""))
-  if isinstance(x, Sequence) and x:
-    return _text(x[-1])
+    return str(x.get("content") or "")
+  if isinstance(x, Sequence):
+    return _text(x[-1]) if x else ""
   raise TypeError(f"expected a string or a list of chat messages, got {type(x).__name__}: {x!r}")
 
 
@@ -92,14 +96,28 @@ def rules_reward(prompts: Sequence, completions: Sequence, **columns) -> list[fl
           for c, rs, s in zip(completions, rule_lists, _sources(prompts, columns))]
 
 
+def _last_boxed(text: str) -> str | None:
+  """Content of the last \\boxed{...}, nested braces included (\\boxed{\\frac{1}{2}} -> \\frac{1}{2})."""
+  start = text.rfind(_BOXED)
+  while start >= 0:
+    depth, i = 1, start + len(_BOXED)
+    for j in range(i, len(text)):
+      depth += {"{": 1, "}": -1}.get(text[j], 0)
+      if depth == 0:
+        return text[i:j]
+    start = text.rfind(_BOXED, 0, start)  # unclosed: try an earlier one
+  return None
+
+
 def final_answer(text: str) -> str | None:
-  """The last \\boxed{...}, else what follows the last "####" / "answer is" / "Answer:", else the last number.
-  From a marked answer the first number is taken when it has one."""
-  for pattern in (_BOXED, _MARKED):
-    found = pattern.findall(text)
-    if found:
-      number = _NUMBER.search(found[-1])
-      return number.group() if number else found[-1]
+  """The last \\boxed{...} (LaTeX fractions read as a/b), else what follows the last "####" / "answer is" /
+  "Answer:", else the last number. From a boxed or marked answer the first number is taken when it has one."""
+  marked = _MARKED.findall(text)
+  for found in (_last_boxed(text), marked[-1] if marked else None):
+    if found is not None:
+      found = _FRAC.sub(r"\1/\2", found)
+      number = _NUMBER.search(found)
+      return number.group() if number else found
   numbers = _NUMBER.findall(text)
   return numbers[-1] if numbers else None
 
