@@ -123,17 +123,20 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
 
 
 def _numpy_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-  """Hugging Face's TopKLogitsWarper then TopPLogitsWarper, row by row."""
+  """Hugging Face's TopKLogitsWarper then TopPLogitsWarper (skipped at top_p >= 1), row by row, with a full sort."""
   out = logits.copy()
   for row in out:
     if top_k:
       row[row < np.sort(row)[-top_k]] = -np.inf
-    order = np.argsort(-row)
+    if top_p >= 1:
+      continue
+    order = np.argsort(-row, kind="stable")
     probs = np.exp(row[order] - row[order[0]])
     probs /= probs.sum()
     drop = np.cumsum(probs) - probs >= top_p
     drop[0] = False
-    row[order[drop]] = -np.inf
+    cutoff = row[order[~drop]].min()
+    row[row < cutoff] = -np.inf  # ties with the last kept token stay
   return out
 
 
@@ -142,6 +145,19 @@ def test_filter_logits_matches_numpy(top_k, top_p):
   logits = np.log(np.array([[0.1, 0.4, 0.2, 0.3, 0.0], [0.25, 0.05, 0.45, 0.15, 0.1]], np.float32) + 1e-9)
   got = np.asarray(sampler.filter_logits(jnp.asarray(logits), top_k, top_p))
   np.testing.assert_array_equal(got, _numpy_filter(logits, top_k, top_p))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(50, 0.9), (150, 1.0), (0, 0.9), (0, 0.3), (7, 0.999), (0, 1.0)])
+def test_sort_free_filter_keeps_exactly_the_sorted_oracles_set(top_k, top_p):
+  """Random rows of a 4000-token vocabulary with ties (values rounded to 1/8): the kept set equals a full sort's.
+  top_k=150 with top_p=1 keeps 150 tokens (and their ties): float rounding must not cut the tail."""
+  rng = np.random.default_rng(top_k + int(100 * top_p))
+  logits = (np.round(rng.normal(0, 2, (6, 4000)) * 8) / 8).astype(np.float32)
+  got = np.isfinite(np.asarray(sampler.filter_logits(jnp.asarray(logits), top_k, top_p)))
+  want = np.isfinite(_numpy_filter(logits, top_k, top_p))
+  np.testing.assert_array_equal(got, want)
+  if top_k and top_p >= 1:
+    assert (got.sum(-1) >= top_k).all()
 
 
 def test_sharded_sampling_equals_unsharded():

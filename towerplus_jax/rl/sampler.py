@@ -3,8 +3,8 @@
 Prompts come right-padded ([B, P] + lengths); the cache has P + max_new_tokens slots (slot = position), so row b
 continues at position `prompt_lengths[b]` while the pad slots after it stay masked until they are overwritten.
 The compiled program is cached by jax.jit per (model graph, shapes, static options): repeated GRPO rollouts with
-the same shapes, options and mesh never recompile (temperature, top_k, top_p and the stop ids, padded to a multiple
-of `STOP_SLOTS` with -1, are traced values, not static; only "is top-k/top-p on" is).
+the same shapes, options and mesh never recompile (temperature, top_p and the stop ids, padded to a multiple of
+`STOP_SLOTS` with -1, are traced values, not static; "is top-k/top-p on" and top_k itself are).
 
 Log-probs: `logprobs` is log softmax(logits / temperature) of the sampled token, the temperature-scaled
 distribution *without* top-k / top-p truncation — what TRL and verl store as log π_old for GRPO, and what the
@@ -44,6 +44,7 @@ class _Options:
   """Everything that changes the compiled program (hashable: a static jit argument)."""
   max_new_tokens: int
   truncate: bool  # top-k or top-p in use
+  top_k: int  # static: lax.top_k needs it (0 = off)
   pad_id: int
   greedy: bool
   return_logprobs: bool
@@ -51,17 +52,61 @@ class _Options:
   cache_sharding: NamedSharding | None  # [B, S, K, H]: rows as above, kv heads over "tensor"
 
 
-def filter_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0, top_p: jax.Array | float = 1.0) -> jax.Array:
+def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: jax.Array | float = 1.0) -> jax.Array:
   """Set to -inf the logits outside the top-k (0 = all), then outside the smallest set of the remaining tokens whose
-  renormalised probability reaches top_p (the order of Hugging Face's warpers). One sort serves both."""
-  v = logits_BV.shape[-1]
-  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-  in_top_k_V = jnp.arange(v) < jnp.where(top_k > 0, top_k, v)
-  probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
-  before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability mass of the better tokens
-  keep_BV = ((before_BV < top_p) & in_top_k_V).at[:, 0].set(True)
-  cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  renormalised probability reaches top_p (the order of Hugging Face's warpers; top_p >= 1 = no cut). Tokens tied
+  with the last kept one are kept. No full-vocabulary sort: `lax.top_k` for the static k, else a bisection on the
+  threshold."""
+  if top_k > 0:
+    top_BK = jax.lax.top_k(logits_BV, top_k)[0]
+    # Renormalise over every token >= the k-th value (ties included, as Hugging Face's TopKLogitsWarper keeps them).
+    mass_B1 = jnp.sum(jnp.where(logits_BV >= top_BK[:, -1:], jnp.exp(logits_BV - top_BK[:, :1]), 0.0), axis=-1,
+                      keepdims=True)
+    cutoff_B1 = _top_p_cutoff_sorted(top_BK, mass_B1, top_p)
+  else:
+    cutoff_B1 = _top_p_cutoff_bisect(logits_BV, top_p)
   return jnp.where(logits_BV < cutoff_B1, jnp.asarray(-jnp.inf, logits_BV.dtype), logits_BV)
+
+
+def _top_p_cutoff_sorted(sorted_BK: jax.Array, mass_B1: jax.Array, top_p: jax.Array | float) -> jax.Array:
+  """Smallest kept logit [B, 1] among descending `sorted_BK` (probabilities exp(x - max) / mass_B1): a token stays
+  while the probability before it is < top_p."""
+  probs_BK = jnp.exp(sorted_BK - sorted_BK[:, :1]) / mass_B1
+  before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK
+  keep_BK = ((before_BK < top_p) | (top_p >= 1.0)).at[:, 0].set(True)
+  return jnp.min(jnp.where(keep_BK, sorted_BK, jnp.inf), axis=-1, keepdims=True)
+
+
+def _order_key(x: jax.Array) -> jax.Array:
+  """float32 -> int32 with the same order (for bisection over every float between two logits)."""
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits >= 0, bits, bits ^ jnp.int32(0x7FFFFFFF))
+
+
+def _from_order_key(k: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(jnp.where(k >= 0, k, k ^ jnp.int32(0x7FFFFFFF)), jnp.float32)
+
+
+def _top_p_cutoff_bisect(logits_BV: jax.Array, top_p: jax.Array | float) -> jax.Array:
+  """The top-p cutoff [B, 1] without sorting: the smallest logit value t whose strictly-better mass is < top_p.
+
+  That mass only changes at logit values, so bisecting over the 32-bit order keys of floats ends exactly on one
+  (32 passes over the vocabulary: cheaper than a sort of [B, V])."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  max_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+  weights_BV = jnp.exp(logits_BV - max_B1)
+  limit_B1 = top_p * jnp.sum(weights_BV, axis=-1, keepdims=True)
+
+  def body(_, bounds):
+    lo_B1, hi_B1 = bounds  # predicate false at lo (unless lo == hi), true at hi
+    mid_B1 = (lo_B1 >> 1) + (hi_B1 >> 1) + (lo_B1 & hi_B1 & 1)
+    mass_B1 = jnp.sum(jnp.where(logits_BV > _from_order_key(mid_B1), weights_BV, 0.0), axis=-1, keepdims=True)
+    ok_B1 = mass_B1 < limit_B1
+    return jnp.where(ok_B1, lo_B1, mid_B1 + 1), jnp.where(ok_B1, mid_B1, hi_B1)
+
+  lo_B1 = _order_key(jnp.min(logits_BV, axis=-1, keepdims=True))
+  _, hi_B1 = jax.lax.fori_loop(0, 32, body, (lo_B1, _order_key(max_B1)))
+  return jnp.where(top_p >= 1.0, -jnp.inf, _from_order_key(hi_B1))
 
 
 def _prefill(model: Transformer, tokens_BP: jax.Array, lengths_B: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
@@ -71,14 +116,13 @@ def _prefill(model: Transformer, tokens_BP: jax.Array, lengths_B: jax.Array, cac
   return logits_B1V[:, 0], cache
 
 
-def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-          opts: _Options) -> tuple[jax.Array, jax.Array | None]:
+def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, opts: _Options) -> tuple[jax.Array, jax.Array | None]:
   """Next token per row and its log-prob under the temperature-scaled (untruncated) distribution."""
   scaled_BV = logits_BV / temperature
   if opts.greedy:
     token_B = jnp.argmax(logits_BV, axis=-1)
   else:
-    sampled_BV = filter_logits(scaled_BV, top_k, top_p) if opts.truncate else scaled_BV
+    sampled_BV = filter_logits(scaled_BV, opts.top_k, top_p) if opts.truncate else scaled_BV
     token_B = jax.random.categorical(key, sampled_BV, axis=-1)
   token_B = token_B.astype(jnp.int32)
   if not opts.return_logprobs:
@@ -89,7 +133,7 @@ def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: j
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
 def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens_BP: jax.Array, lengths_B: jax.Array, rng: jax.Array,
-              temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, stop_S: jax.Array, *, opts: _Options):
+              temperature: jax.Array, top_p: jax.Array, stop_S: jax.Array, *, opts: _Options):
   model = nnx.merge(graphdef, state)
   b, p = tokens_BP.shape
   n = opts.max_new_tokens
@@ -104,7 +148,7 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens_BP: jax.Array, le
 
   def step(carry):
     i, logits_BV, cache, out_BN, logp_BN, done_B, count_B = carry
-    token_B, logp_B = _pick(logits_BV, jax.random.fold_in(rng, i), temperature, top_k, top_p, opts)
+    token_B, logp_B = _pick(logits_BV, jax.random.fold_in(rng, i), temperature, top_p, opts)
     token_B = jnp.where(done_B, opts.pad_id, token_B)
     out_BN = jax.lax.dynamic_update_slice_in_dim(out_BN, token_B[:, None], i, axis=1)
     if logp_B is not None:
@@ -171,13 +215,14 @@ def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_to
     rows_sharding = NamedSharding(mesh, rows_spec)
     cache_sharding = NamedSharding(mesh, P(rows_spec[0], None, kv_spec[0], None))
     batch = sharding.shard_batch(batch, mesh)
-  opts = _Options(max_new_tokens, not greedy and (top_k > 0 or top_p < 1.0), pad_id, greedy, return_logprobs,
+  truncate = not greedy and (top_k > 0 or top_p < 1.0)
+  opts = _Options(max_new_tokens, truncate, top_k if truncate else 0, pad_id, greedy, return_logprobs,
                   rows_sharding, cache_sharding)
   stop_S = np.full((-(-max(len(stop_ids), 1) // STOP_SLOTS) * STOP_SLOTS,), -1, np.int32)
   stop_S[:len(stop_ids)] = stop_ids
   graphdef, state = nnx.split(model)
   out = _generate(graphdef, state, batch["tokens"], batch["lengths"], rng, jnp.float32(temperature),
-                  jnp.int32(top_k), jnp.float32(top_p), stop_S, opts=opts)
+                  jnp.float32(top_p), stop_S, opts=opts)
   tokens, lengths, logprobs, truncated = (_to_host(x, mesh) for x in out)
   return SampleOutput(tokens, lengths, logprobs if return_logprobs else None, truncated)
 
