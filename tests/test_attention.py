@@ -51,10 +51,9 @@ def _assert_same(impl, q, k, v, cot, valid_BT, **kw):
 def test_splash_packed_window_softcap_gqa():
   """Two packed segments + a padding tail, sliding window, soft-capping, 2 query heads per kv head (T=256, 128 blocks)."""
   t = 256
-  seg0, pos0 = _packed(t, (100, 120))
-  seg1, pos1 = _packed(t, (256,))
-  seg_BT, pos_BT = jnp.asarray(np.stack([seg0, seg1])), jnp.asarray(np.stack([pos0, pos1]))
-  q, k, v, cot = _inputs(2, t, 4, 2, 32)
+  seg, pos = _packed(t, (100, 120))
+  seg_BT, pos_BT = jnp.asarray(seg)[None], jnp.asarray(pos)[None]
+  q, k, v, cot = _inputs(1, t, 4, 2, 32)
   _assert_same("splash", q * 3, k, v, cot, seg_BT > 0, q_positions_BT=pos_BT, k_positions_BS=pos_BT,
                q_segments_BT=seg_BT, k_segments_BS=seg_BT, window=48, softcap=5.0, scale=0.5, block=128)
 

@@ -177,9 +177,10 @@ def _specs(mesh, q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> tuple[P,
   return q_spec, k_spec
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(num_heads: int, t: int, window: int | None, softcap: float | None, blk: int, interpret: bool):
-  """A splash kernel for [N, T, H] queries and [K, T, H] keys: causal, optionally within `window` tokens."""
+  """A splash kernel for [N, T, H] queries and [K, T, H] keys: causal, optionally within `window` tokens.
+
+  Built per trace (its mask tables become constants of that trace); splash caches the mask processing itself."""
   mask = splash.CausalMask((t, t)) if window is None else splash.LocalMask((t, t), (window - 1, 0), 0)
   sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                             block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
