@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from towerplus_jax import sharding
+from configs.sft import get_config as get_sft_config
+from towerplus_jax import setup_run, sharding
+from towerplus_jax.convert import hf
 from towerplus_jax.models import attention
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
@@ -73,9 +75,10 @@ def test_dot_product_mapping_equals_reference():
   seg, pos = _packed(t, (20, 30))
   seg_BT, pos_BT = jnp.asarray(seg)[None], jnp.asarray(pos)[None]
   q, k, v, _ = _inputs(1, t, 4, 2, 16, seed=2)
-  out = attention.dot_product(q, k, v, seg_BT, 8, 0.25, "xla")
-  ref = attention.attend(q, k, v, q_positions_BT=pos_BT, k_positions_BS=pos_BT, q_segments_BT=seg_BT,
-                         k_segments_BS=seg_BT, window=8, scale=0.25)
+  out = jax.jit(lambda q, k, v: attention.dot_product(q, k, v, seg_BT, 8, 0.25, "xla"))(q, k, v)
+  ref = jax.jit(lambda q, k, v: attention.attend(q, k, v, q_positions_BT=pos_BT, k_positions_BS=pos_BT,
+                                                 q_segments_BT=seg_BT, k_segments_BS=seg_BT, window=8,
+                                                 scale=0.25))(q, k, v)
   valid = np.asarray(seg_BT > 0)
   np.testing.assert_allclose(out[valid], ref[valid], atol=1e-5, rtol=1e-5)
 
@@ -118,6 +121,14 @@ def test_bad_choice_names_the_options():
     ModelConfig.tiny().replace(attention="flash")
   with pytest.raises(ValueError, match="multiple of 128"):
     ModelConfig.tiny().replace(attention_block=100)
+
+
+def test_config_keys_reach_the_model_and_not_the_export():
+  config = get_sft_config("tiny")
+  config.model.attention, config.model.attention_block = "splash", 256
+  cfg = ModelConfig.tiny().replace(**setup_run.model_overrides(config))
+  assert (cfg.attention, cfg.attention_block) == ("splash", 256)
+  assert "attention" not in hf.config_to_hf(cfg)  # a runtime choice, not architecture: export accepts any
 
 
 def test_tiny_gemma2_splash_logits_equal_xla():
