@@ -98,6 +98,16 @@ def test_splash_under_mesh_equals_single_device():
   np.testing.assert_allclose(out, ref, atol=1e-6, rtol=1e-6)
 
 
+def test_cudnn_refusal_falls_back_to_xla(monkeypatch):
+  """Where cuDNN refuses at trace time (here: no cuDNN on CPU), attend() runs the XLA reference instead."""
+  t = 16
+  pos_BT = jnp.broadcast_to(jnp.arange(t), (1, t))
+  q, k, v, _ = _inputs(1, t, 2, 1, 8, seed=4)
+  kw = dict(q_positions_BT=pos_BT, k_positions_BS=pos_BT, window=4, scale=0.3)
+  monkeypatch.setattr(attention, "resolve", lambda *a, **k: "cudnn")
+  np.testing.assert_array_equal(attention.attend(q, k, v, impl="auto", **kw), attention.attend(q, k, v, **kw))
+
+
 @pytest.mark.parametrize("impl, platform, softcap, dtype, head_dim, want, why", [
     ("auto", "tpu", 50.0, "bfloat16", 256, "splash", "auto"),
     ("auto", "gpu", None, "bfloat16", 128, "cudnn", "on gpu"),

@@ -101,7 +101,10 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, q_positio
   if name == "splash":
     return _splash(q_BTNH, k_BSKH, v_BSKH, q_segments_BT, window, softcap, scale, block)
   if name == "cudnn":
-    return dot_product(q_BTNH, k_BSKH, v_BSKH, q_segments_BT, window, scale, "cudnn")
+    try:
+      return dot_product(q_BTNH, k_BSKH, v_BSKH, q_segments_BT, window, scale, "cudnn")
+    except (NotImplementedError, ValueError, RuntimeError) as e:  # cuDNN refuses at trace time: shape, version
+      _log_once(f"xla (cuDNN flash attention refused these inputs: {e})")
   return _xla(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, q_segments_BT, k_segments_BS, window,
               softcap, scale)
 
