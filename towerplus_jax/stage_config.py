@@ -30,6 +30,8 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.model.dtype = "float32" if tiny else "bfloat16"  # activations / compute
   c.model.param_dtype = "float32"  # master weights
   c.model.remat = "none" if tiny else "dots_no_batch"  # none | full | dots | dots_no_batch
+  c.model.attention = "auto"  # auto (splash on TPU, cuDNN on GPU if it can, else xla) | xla | splash | cudnn
+  c.model.attention_block = 512  # splash attention q/kv block in tokens (multiple of 128; clipped to seq_len)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated params)

@@ -246,7 +246,7 @@ def _rope_dict(theta: float, scale: float) -> dict:
 def _effective(cfg: ModelConfig) -> dict:
   """The fields a config.json describes, with our "None = default" shorthands resolved."""
   d = dataclasses.asdict(cfg)
-  for k in ("dtype", "param_dtype", "remat"):
+  for k in ("dtype", "param_dtype", "remat", "attention", "attention_block"):
     del d[k]
   d["layer_types"] = [cfg.layer_type(i) for i in range(cfg.num_layers)]
   d["sliding_window"] = cfg.sliding_window if "sliding" in d["layer_types"] else None

@@ -13,6 +13,7 @@ from typing import Literal
 Family = Literal["gemma2", "gemma3", "qwen2", "qwen3"]
 LayerType = Literal["sliding", "full"]
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,8 @@ class ModelConfig:
   dtype: str = "float32"  # activation/compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
+  attention: str = "auto"  # attention kernel, one of ATTENTION_IMPLS (auto: splash on TPU, cuDNN on GPU, else xla)
+  attention_block: int = 512  # splash attention q/kv block (tokens; clipped to the sequence, multiple of 128)
 
   def __post_init__(self):
     if self.layer_types and len(self.layer_types) != self.num_layers:
@@ -50,6 +53,10 @@ class ModelConfig:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+    if self.attention_block <= 0 or self.attention_block % 128:
+      raise ValueError(f"attention_block={self.attention_block} must be a positive multiple of 128")
 
   @property
   def is_gemma(self) -> bool:

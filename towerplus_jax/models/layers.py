@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from towerplus_jax.models import attention
 from towerplus_jax.models.config import ModelConfig
-
-NEG_INF = -2.3819763e38  # large finite mask value: fully masked (padding) rows stay NaN-free
 
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
@@ -68,18 +67,6 @@ def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, scale: float 
   return out.astype(x_BTNH.dtype)
 
 
-def attention_mask(q_pos_BT: jax.Array, k_pos_BS: jax.Array, window: int | None,
-                   q_seg_BT: jax.Array | None = None, k_seg_BS: jax.Array | None = None) -> jax.Array:
-  """[B, T, S] boolean: causal by position, same segment, and within the sliding window."""
-  diff_BTS = q_pos_BT[:, :, None] - k_pos_BS[:, None, :]
-  mask_BTS = diff_BTS >= 0
-  if window is not None:
-    mask_BTS &= diff_BTS < window
-  if q_seg_BT is not None:
-    mask_BTS &= q_seg_BT[:, :, None] == k_seg_BS[:, None, :]
-  return mask_BTS
-
-
 class Attention(nnx.Module):
   """Grouped-query attention with optional qkv bias, q/k norms, soft-capping and a KV cache."""
 
@@ -124,31 +111,18 @@ class Attention(nnx.Module):
     q_BTNH = rope(q_BTNH, positions_BT, self.theta, self.rope_scale)
     k_BTKH = rope(k_BTKH, positions_BT, self.theta, self.rope_scale)
 
-    if cache is None:
-      k_pos_BS, k_seg_BS = positions_BT, segment_ids_BT
-      mask_BTS = attention_mask(positions_BT, k_pos_BS, self.window, segment_ids_BT, k_seg_BS)
-      if segment_ids_BT is not None:  # packed rows: causal by index too (positions restart per segment)
-        idx_T = jnp.arange(x_BTD.shape[1])
-        mask_BTS &= idx_T[:, None] >= idx_T[None, :]
-    else:  # slot s of the cache holds position s of its row
+    k_pos_BS, k_seg_BS, impl = positions_BT, segment_ids_BT, cfg.attention
+    if cache is not None:  # slot s of the cache holds position s of its row
       rows_B1 = jnp.arange(x_BTD.shape[0])[:, None]
       cache = {"k": cache["k"].at[rows_B1, positions_BT].set(k_BTKH.astype(cache["k"].dtype)),
                "v": cache["v"].at[rows_B1, positions_BT].set(v_BTKH.astype(cache["v"].dtype))}
       k_BTKH, v_BTKH = cache["k"].astype(x_BTD.dtype), cache["v"].astype(x_BTD.dtype)
-      slots_BS = jnp.broadcast_to(jnp.arange(k_BTKH.shape[1]), (x_BTD.shape[0], k_BTKH.shape[1]))
-      mask_BTS = attention_mask(positions_BT, slots_BS, self.window)
-
-    b, t, n, h = q_BTNH.shape
-    kv = cfg.num_kv_heads
-    q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h) * jnp.asarray(self.scale, q_BTNH.dtype)
-    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BTKH,
-                              preferred_element_type=jnp.float32)
-    if self.softcap is not None:
-      logits_BKGTS = jnp.tanh(logits_BKGTS / self.softcap) * self.softcap
-    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
-    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BTKH.dtype)
-    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BTKH)
-    out_BTNH = out_BTKGH.reshape(b, t, n, h)
+      k_pos_BS = jnp.broadcast_to(jnp.arange(k_BTKH.shape[1]), (x_BTD.shape[0], k_BTKH.shape[1]))
+      k_seg_BS, segment_ids_BT, impl = None, None, "xla"
+    out_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, k_positions_BS=k_pos_BS,
+                                q_segments_BT=segment_ids_BT, k_segments_BS=k_seg_BS, window=self.window,
+                                softcap=self.softcap, scale=self.scale, impl=impl, block=cfg.attention_block)
+    b, t, n, h = out_BTNH.shape
     o_FD = self.o_NHD[...].astype(out_BTNH.dtype).reshape(n * h, -1)
     return matmul_2d(out_BTNH.reshape(b, t, n * h), o_FD), cache
 
