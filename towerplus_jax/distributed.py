@@ -3,6 +3,10 @@
 Call `initialize()` before anything touches a JAX device. It decides from the environment whether the run spans
 several processes (TPU pod slice, multislice, SLURM, Open MPI, an explicit coordinator, or
 `TOWERPLUS_DISTRIBUTED=1`, which `launch/tpu_run.sh` sets); `TOWERPLUS_DISTRIBUTED=0` forces a single-host run.
+
+Timeouts (seconds, environment): `TOWERPLUS_INIT_TIMEOUT` (default 300) for all processes to reach the
+coordinator, `TOWERPLUS_HEARTBEAT_TIMEOUT` (default 60) after which a silent (dead) process makes the coordinator
+stop the others, which then exit non-zero instead of hanging in a collective.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import jax
 from absl import logging
 
 ENV_FLAG = "TOWERPLUS_DISTRIBUTED"
+INIT_TIMEOUT_ENV, INIT_TIMEOUT_S = "TOWERPLUS_INIT_TIMEOUT", 300
+HEARTBEAT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_S = "TOWERPLUS_HEARTBEAT_TIMEOUT", 60
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips sit on the PCI bus under Google's vendor id
 _METADATA_URL = "http://{host}/computeMetadata/v1/instance/attributes/{key}"
 
@@ -94,7 +100,21 @@ def initialize() -> None:
   reason = multi_host_reason()
   if reason and not jax.distributed.is_initialized():
     logging.info("multi-host run (%s): jax.distributed.initialize()", reason)
-    jax.distributed.initialize(num_processes=_env_int(os.environ, "JAX_NUM_PROCESSES"),
-                               process_id=_env_int(os.environ, "JAX_PROCESS_ID"))
+    _join(os.environ)
   logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+def _join(environ: Mapping[str, str]) -> None:
+  """jax.distributed.initialize with our timeouts; a peer that never arrives becomes one clear error."""
+  num, pid = _env_int(environ, "JAX_NUM_PROCESSES"), _env_int(environ, "JAX_PROCESS_ID")
+  init_s = _env_int(environ, INIT_TIMEOUT_ENV) or INIT_TIMEOUT_S
+  try:
+    jax.distributed.initialize(num_processes=num, process_id=pid, initialization_timeout=init_s,
+                               heartbeat_timeout_seconds=_env_int(environ, HEARTBEAT_TIMEOUT_ENV) or HEARTBEAT_TIMEOUT_S)
+  except Exception as e:  # jax raises XlaRuntimeError / RuntimeError / ValueError depending on the failure
+    address = environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
+    raise RuntimeError(f"multi-host start-up failed: process {pid if pid is not None else '(auto)'} of "
+                       f"{num if num is not None else '(auto)'} could not join the coordinator at {address} within "
+                       f"{init_s} s ({INIT_TIMEOUT_ENV}); check that every process started and can reach it: "
+                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
