@@ -6,13 +6,13 @@ import dataclasses
 import glob
 import itertools
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -96,13 +96,12 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r}: use sample, sp:PATH, hf:PATH or auto")
   tok = tokenizers.load_tokenizer(names[kind], path)
   if jax.process_index() == 0:
-    dst = os.path.join(workdir, "tokenizer")
-    os.makedirs(dst, exist_ok=True)
-    src_dir = os.path.dirname(path)
-    shutil.copy(path, os.path.join(dst, "tokenizer.model" if kind == "sp" else "tokenizer.json"))
+    dst, src = epath.Path(workdir) / "tokenizer", epath.Path(path)
+    dst.mkdir(parents=True, exist_ok=True)
+    src.copy(dst / ("tokenizer.model" if kind == "sp" else "tokenizer.json"), overwrite=True)
     for name in hf.TOKENIZER_FILES:
-      if name not in ("tokenizer.model", "tokenizer.json") and os.path.exists(os.path.join(src_dir, name)):
-        shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
+      if name not in ("tokenizer.model", "tokenizer.json") and (src.parent / name).exists():
+        (src.parent / name).copy(dst / name, overwrite=True)
   return tok
 
 
@@ -113,10 +112,9 @@ def tokenizer_in(folder: str):
 
 
 def tokenizer_spec(folder: str) -> str:
-  if os.path.exists(os.path.join(folder, "tokenizer.model")):
-    return "sp:" + os.path.join(folder, "tokenizer.model")
-  if os.path.exists(os.path.join(folder, "tokenizer.json")):
-    return "hf:" + os.path.join(folder, "tokenizer.json")
+  for kind, name in (("sp", "tokenizer.model"), ("hf", "tokenizer.json")):
+    if (epath.Path(folder) / name).exists():
+      return f"{kind}:{os.path.join(folder, name)}"
   raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {folder}")
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from towerplus_jax import sharding
+from towerplus_jax import sharding, storage
 from towerplus_jax.data import chat
 from towerplus_jax.rl import rewards, sampler
 
@@ -154,7 +154,6 @@ class RolloutBatches:
   def _log_samples(self, prompts: list[str], completions: list[str], total: np.ndarray, n: int = 4) -> None:
     if jax.process_index() != 0:
       return
-    with open(self.samples_path, "a") as f:
-      for i in range(min(n, len(prompts))):
-        f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
-                            "reward": float(total[i])}, ensure_ascii=False) + "\n")
+    storage.append_text(self.samples_path, "".join(
+        json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
+                    "reward": float(total[i])}, ensure_ascii=False) + "\n" for i in range(min(n, len(prompts)))))
