@@ -48,12 +48,24 @@ def run_job(name: str, workdir: str) -> dict:
   return results if "stages" in config else {name: results}
 
 
+def die_or_wait(process_id: int) -> None:
+  """Process `process_id` dies at once; the others block in a collective that it never joins."""
+  import jax
+  from jax.experimental import multihost_utils
+  if jax.process_index() == process_id:
+    os._exit(3)
+  multihost_utils.sync_global_devices("never completes")
+
+
 def main_(jobs: list[dict]) -> None:
   from towerplus_jax import distributed
   distributed.initialize()
   import jax
   jax.config.update("jax_default_matmul_precision", "highest")
   for job in jobs:
+    if "die" in job:
+      die_or_wait(job["die"])
+      continue
     results = run_job(job["config"], job["workdir"])
     if jax.process_index() == 0:
       with open(os.path.join(job["workdir"], "results.json"), "w") as f:

@@ -37,8 +37,8 @@ pytestmark = pytest.mark.slow
 
 def child_env(**extra: str) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "TOWERPLUS_"))}
-  env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             TOWERPLUS_HEARTBEAT_TIMEOUT="30", **extra)
+  env.update({"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+              "TOWERPLUS_HEARTBEAT_TIMEOUT": "30", **extra})
   return env
 
 
@@ -51,24 +51,28 @@ def kill_group(proc: subprocess.Popen) -> None:
   proc.wait()
 
 
-def run_processes(jobs: list[dict], tmp_path: Path, n: int = 2) -> None:
-  """The worker in n processes; fails with both logs when any exits non-zero or the run times out."""
+def run_processes(jobs: list[dict], tmp_path: Path, n: int = 2, started: int | None = None,
+                  expect_ok: bool = True, timeout_s: float = TIMEOUT_S, **env_extra: str) -> tuple[list[int], str]:
+  """The worker in n processes (only the first `started` of them launched); (exit codes, logs). With `expect_ok`,
+  fails with the logs when any exits non-zero; a run past `timeout_s` fails in any case."""
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  procs, logs = [], [tmp_path / f"p{i}.log" for i in range(n)]
+  started = n if started is None else started
+  procs, logs = [], [tmp_path / f"p{i}.log" for i in range(started)]
   try:
-    for i in range(n):
-      env = child_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i))
+    for i in range(started):
+      env = child_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i), **env_extra)
       with open(logs[i], "w") as log:
         procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "multihost_worker.py"), json.dumps(jobs)],
                                       cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True))
-    deadline = time.time() + TIMEOUT_S
+    deadline = time.time() + timeout_s
     codes = [p.wait(timeout=max(deadline - time.time(), 1)) for p in procs]
   finally:
     for p in procs:
       kill_group(p)
   tails = "\n".join(f"--- p{i}\n{log.read_text()[-3000:]}" for i, log in enumerate(logs))
-  assert codes == [0] * n, tails
+  assert not expect_ok or codes == [0] * started, tails
+  return codes, tails
 
 
 def final_params(workdir: Path) -> list[np.ndarray]:
@@ -162,3 +166,15 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   assert set(stops) == {"0", "1"} and len(set(stops.values())) == 1, log[-5000:]
   saved = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
   assert saved == [stops["0"]] and saved[0] < 1000
+
+
+def test_a_peer_that_never_arrives_is_named(tmp_path):
+  codes, log = run_processes([], tmp_path, started=1, expect_ok=False, timeout_s=300, TOWERPLUS_INIT_TIMEOUT="5")
+  assert codes[0] != 0
+  assert re.search(r"process 0 of 2 could not join the coordinator at 127\.0\.0\.1:\d+ within 5 s", log), log
+
+
+def test_a_dead_process_stops_the_others(tmp_path):
+  """Process 1 exits right after start-up; process 0, blocked in a collective, exits non-zero (no hang)."""
+  codes, log = run_processes([{"die": 1}], tmp_path, expect_ok=False, timeout_s=300, TOWERPLUS_HEARTBEAT_TIMEOUT="10")
+  assert codes[1] == 3 and codes[0] != 0, log

@@ -14,6 +14,8 @@ import functools
 import glob
 import os
 import pathlib
+import sys
+import threading
 import urllib.request
 from collections.abc import Mapping
 
@@ -106,15 +108,28 @@ def initialize() -> None:
 
 
 def _join(environ: Mapping[str, str]) -> None:
-  """jax.distributed.initialize with our timeouts; a peer that never arrives becomes one clear error."""
+  """jax.distributed.initialize with our timeouts. A peer that never arrives makes jax abort the process from C++
+  (no Python exception), so a watchdog ends it first with one clear line naming the coordinator and process."""
   num, pid = _env_int(environ, "JAX_NUM_PROCESSES"), _env_int(environ, "JAX_PROCESS_ID")
   init_s = _env_int(environ, INIT_TIMEOUT_ENV) or INIT_TIMEOUT_S
+  message = (f"multi-host start-up failed: process {'(auto)' if pid is None else pid} of "
+             f"{'(auto)' if num is None else num} could not join the coordinator at "
+             f"{environ.get('JAX_COORDINATOR_ADDRESS') or '(auto-detected)'} within {init_s} s ({INIT_TIMEOUT_ENV}); "
+             "check that every process was started and can reach it")
+
+  def give_up():
+    logging.error("%s", message)
+    sys.stderr.write(f"ERROR: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+  watchdog = threading.Timer(init_s, give_up)
+  watchdog.daemon = True
+  watchdog.start()
   try:
-    jax.distributed.initialize(num_processes=num, process_id=pid, initialization_timeout=init_s,
+    jax.distributed.initialize(num_processes=num, process_id=pid, initialization_timeout=init_s + 30,
                                heartbeat_timeout_seconds=_env_int(environ, HEARTBEAT_TIMEOUT_ENV) or HEARTBEAT_TIMEOUT_S)
-  except Exception as e:  # jax raises XlaRuntimeError / RuntimeError / ValueError depending on the failure
-    address = environ.get("JAX_COORDINATOR_ADDRESS") or "(auto-detected)"
-    raise RuntimeError(f"multi-host start-up failed: process {pid if pid is not None else '(auto)'} of "
-                       f"{num if num is not None else '(auto)'} could not join the coordinator at {address} within "
-                       f"{init_s} s ({INIT_TIMEOUT_ENV}); check that every process started and can reach it: "
-                       f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+  except Exception as e:  # bad addresses and arguments raise (RuntimeError, ValueError, XlaRuntimeError)
+    raise RuntimeError(f"{message}: {e}") from e
+  finally:
+    watchdog.cancel()
