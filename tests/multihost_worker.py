@@ -18,6 +18,9 @@ def stages_config() -> ml_collections.ConfigDict:
   c.stage_order = ("sft", "wpo", "grpo")
   c.eval_data = ""
   for name in c.stage_order:
+    # Adam turns float reduction-order noise on near-zero gradients into updates of up to a few % of lr, so a
+    # small lr keeps 2-process vs 1-process parameters within 1e-6 while a wrong batch still moves them by ~lr.
+    c.stages[name].optimizer.lr = 1e-5
     c.stages[name].data.seq_len = 64
     c.stages[name].train.update(steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=5, eval_steps=2)
   c.stages.sft.train.steps = 4

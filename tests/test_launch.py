@@ -319,7 +319,7 @@ def test_local_run_processes(tmp_path, gpu):
 _CLUSTER_ENV = ("TOWERPLUS_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
                 "MEGASCALE_NUM_SLICES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
                 "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES",
-                "JAX_PROCESS_ID", "GCE_METADATA_IP")
+                "JAX_PROCESS_ID", "GCE_METADATA_IP", "TOWERPLUS_INIT_TIMEOUT", "TOWERPLUS_HEARTBEAT_TIMEOUT")
 
 
 @pytest.fixture
@@ -390,6 +390,8 @@ def test_initialize_multi_host_joins_once(clean_env):
   clean_env.setenv("TOWERPLUS_DISTRIBUTED", "1")
   clean_env.setenv("JAX_NUM_PROCESSES", "2")
   clean_env.setenv("JAX_PROCESS_ID", "1")
+  clean_env.setenv("TOWERPLUS_HEARTBEAT_TIMEOUT", "7")
   distributed.initialize()
   distributed.initialize()
-  assert calls == [{"num_processes": 2, "process_id": 1}]
+  assert calls == [{"num_processes": 2, "process_id": 1, "initialization_timeout": distributed.INIT_TIMEOUT_S + 30,
+                    "heartbeat_timeout_seconds": 7}]
