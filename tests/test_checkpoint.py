@@ -1,4 +1,4 @@
-"""Checkpointer: params + train state + grain iterator round-trip, keep-N, restore onto another mesh, SIGTERM flag."""
+"""Checkpointer: params + train state + data (grain iterator state as JSON) round-trip, keep-N, restore onto another mesh, SIGTERM flag."""
 import os
 import signal
 
@@ -23,15 +23,17 @@ def test_roundtrip_with_iterator_and_keep_n(tmp_path):
   train_item = {"step": jnp.asarray(3), "rng": jax.random.key_data(jax.random.key(7))}
   ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, save_every=1)
   for step in (1, 2, 3):
-    ckpt.save(step, params, train_item, it)
+    ckpt.save(step, params, train_item, {"iterator": it.get_state(), "rollouts": step})
   ckpt.wait()
   assert sorted(int(p) for p in os.listdir(tmp_path) if p.isdigit()) == [2, 3]
   expected_next = [next(it) for _ in range(2)]
 
   fresh = iter(ds)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, train_item))
-  out = ckpt.restore(3, abstract[0], abstract[1], fresh)
+  out = ckpt.restore(3, abstract[0], abstract[1], data=True)
   ckpt.close()
+  assert out["data"]["rollouts"] == 3
+  fresh.set_state(out["data"]["iterator"])
   np.testing.assert_array_equal(out["params"]["w"], params["w"])
   np.testing.assert_array_equal(out["train"]["rng"], train_item["rng"])
   for want in expected_next:

@@ -290,12 +290,36 @@ def test_local_run_config_relative_to_the_caller(tmp_path):
   assert argv[2:4] == [f"--config={tmp_path}/my.py:small", "--workdir=/abs/w"]
 
 
+FAKE_PROCESS_PYTHON = """#!/usr/bin/env bash
+if [[ $1 == -c ]]; then echo 45678; exit 0; fi
+echo "id=$JAX_PROCESS_ID of $JAX_NUM_PROCESSES at $JAX_COORDINATOR_ADDRESS gpus=${CUDA_VISIBLE_DEVICES:-} $XLA_FLAGS"
+exit $((JAX_PROCESS_ID * 3))
+"""
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_local_run_processes(tmp_path, gpu):
+  _write_exe(tmp_path / "bin" / "python", FAKE_PROCESS_PYTHON)
+  _write_exe(tmp_path / "bin" / "nvidia-smi", "#!/usr/bin/env bash\nfor i in 0 1 2 3; do echo \"GPU $i: H100\"; done\n"
+             if gpu else "#!/usr/bin/env bash\nexit 9\n")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTHON", "JAX_", "CUDA_"))}
+  env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+  out = subprocess.run(["bash", str(LOCAL_RUN), "--config=configs/sft.py:tiny", "--workdir=w", "--processes=2",
+                        "--cpu_devices=4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+  assert out.returncode == 3  # the worst exit code
+  lines = sorted(line for line in out.stdout.splitlines() if line.startswith("[p"))
+  devices = ("gpus=0,1 ", "gpus=2,3 ") if gpu else ("gpus= --xla_force_host_platform_device_count=4",) * 2
+  for i, line in enumerate(lines):
+    assert line.startswith(f"[p{i}] id={i} of 2 at 127.0.0.1:45678 {devices[i]}"), out.stdout
+  assert len(lines) == 2 and "process 1 of 2: pid" in out.stderr
+
+
 # ------------------------------------------------------------------------------------------ towerplus_jax.distributed
 
 _CLUSTER_ENV = ("TOWERPLUS_DISTRIBUTED", "JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS",
                 "MEGASCALE_NUM_SLICES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
                 "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES",
-                "JAX_PROCESS_ID", "GCE_METADATA_IP")
+                "JAX_PROCESS_ID", "GCE_METADATA_IP", "TOWERPLUS_INIT_TIMEOUT", "TOWERPLUS_HEARTBEAT_TIMEOUT")
 
 
 @pytest.fixture
@@ -366,6 +390,8 @@ def test_initialize_multi_host_joins_once(clean_env):
   clean_env.setenv("TOWERPLUS_DISTRIBUTED", "1")
   clean_env.setenv("JAX_NUM_PROCESSES", "2")
   clean_env.setenv("JAX_PROCESS_ID", "1")
+  clean_env.setenv("TOWERPLUS_HEARTBEAT_TIMEOUT", "7")
   distributed.initialize()
   distributed.initialize()
-  assert calls == [{"num_processes": 2, "process_id": 1}]
+  assert calls == [{"num_processes": 2, "process_id": 1, "initialization_timeout": distributed.INIT_TIMEOUT_S + 30,
+                    "heartbeat_timeout_seconds": 7}]

@@ -47,8 +47,7 @@ def assert_batches_equal(a, b):
 
 
 def dataset(kind, path, **kw):
-  args = dict(seq_len=32, batch_size=4, template="gemma", seed=0, shard_index=0, shard_count=1,
-              max_prompt_len=40 if kind == "rl" else None)
+  args = dict(seq_len=32, batch_size=4, template="gemma", seed=0, max_prompt_len=40 if kind == "rl" else None)
   return pipeline.make_dataset(kind, path, TOK, **{**args, **kw})
 
 
@@ -88,15 +87,6 @@ def test_epochs_are_reshuffled_and_complete(files):
   epochs = [[r["answer"] for b in take(it, 2) for r in b["records"]] for _ in range(2)]
   assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(str(i) for i in range(10))
   assert epochs[0] != epochs[1]
-
-
-def test_hosts_see_disjoint_records(files):
-  seen = []
-  for host in range(2):
-    ds = dataset("rl", files["rl"], batch_size=2, repeat=False, shard_index=host, shard_count=2)
-    seen.append([r["answer"] for b in ds for r in b["records"]])
-  assert not set(seen[0]) & set(seen[1])
-  assert sorted(seen[0] + seen[1]) == sorted(str(i) for i in range(10))
 
 
 def test_lm_packed_segments_never_mix(files):
@@ -248,8 +238,6 @@ def test_bad_arguments(files):
     dataset("dpo", files["lm"])
   with pytest.raises(ValueError, match="translation_direction"):
     dataset("sft", files["sft"], translation_direction="both")
-  with pytest.raises(ValueError, match="cannot be shared"):
-    dataset("rl", files["rl"], shard_count=11)
 
 
 @pytest.mark.skipif(not tokenizers.sample_texts(), reason="no shipped sample yet")
@@ -260,6 +248,6 @@ def test_shipped_sample_through_every_format(tmp_path_factory, kind, names):
   paths = [f"{SAMPLE}/{n}.jsonl" for n in names.split(",")]
   for template in ("gemma", "chatml"):
     ds = pipeline.make_dataset(kind, paths, tok, seq_len=128, batch_size=8, template=template, seed=0,
-                               max_prompt_len=96, shard_index=0, shard_count=1)
+                               max_prompt_len=96)
     n = sum(len(b["records"]) if kind == "rl" else len(next(iter(b.values()))) for b in take(iter(ds), 3))
     assert n == 24

@@ -60,3 +60,14 @@ def test_vocab_parallel_logprobs_matches_log_softmax_and_grad():
   g_want = jax.grad(lambda l: want_fn(l).sum())(logits)
   g_got = jax.jit(jax.grad(lambda l: got_fn(l).sum()))(logits)
   np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [8, 16, 6])
+def test_shard_global_batch_places_every_row(rows):
+  """Split over the batch axes when they divide the rows, replicated otherwise; the global array is the batch."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  x = np.arange(rows * 3, dtype=np.int32).reshape(rows, 3)
+  out = sharding.shard_global_batch({"x": x, "n": np.int32(5)}, mesh)
+  np.testing.assert_array_equal(np.asarray(out["x"]), x)
+  assert out["x"].sharding.spec[0] == (("data", "fsdp") if rows % 8 == 0 else "data")
+  np.testing.assert_array_equal(sharding.process_rows(mesh, rows), np.arange(rows))  # one process holds all rows

@@ -36,7 +36,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
   assert np.isfinite(first["loss"]) and "eval/loss" in first
 
   calls = {"n": 0}
-  shard_batch = sharding.shard_batch
+  shard_batch = sharding.shard_global_batch
 
   def sigterm_on_third_batch(batch, mesh):
     calls["n"] += 1
@@ -44,7 +44,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
       os.kill(os.getpid(), signal.SIGTERM)
     return shard_batch(batch, mesh)
 
-  monkeypatch.setattr(sharding, "shard_batch", sigterm_on_third_batch)
+  monkeypatch.setattr(sharding, "shard_global_batch", sigterm_on_third_batch)
   train.train(c, b)
   monkeypatch.undo()
   ckpt = checkpoint.Checkpointer(os.path.join(b, "checkpoints"))

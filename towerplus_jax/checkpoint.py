@@ -1,7 +1,9 @@
 """Orbax checkpoints of a training run: params, optimizer state + step + RNG, and the grain iterator.
 
 Layout: `<dir>/<step>/{params,train,data}`. `params` alone is a complete model checkpoint (what the HF importer and
-`init_from` read); `train` holds {"opt_state", "step", "rng"}; `data` the grain iterator state. Saves are async and
+`init_from` read); `train` holds {"opt_state", "step", "rng"}; `data` the batch source's state as JSON (the grain iterator state of
+the global stream, plus GRPO's rollout counter), written once by process 0 and the same for any host count, so a
+run resumes on another number of hosts. Saves are async and
 atomic (Orbax writes to a temporary folder and renames), so a checkpoint is never half-written.
 """
 from __future__ import annotations
@@ -10,7 +12,6 @@ import signal
 import threading
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -29,21 +30,22 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, params: Any, train: Any, data_iter: Any = None, *, force: bool = False) -> bool:
+  def save(self, step: int, params: Any, train: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
     if not force and not (self.save_every and step % self.save_every == 0):
       return False
     items = {"params": ocp.args.StandardSave(params), "train": ocp.args.StandardSave(train)}
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if data_state is not None:
+      items["data"] = ocp.args.JsonSave(data_state)
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, step: int, abstract_params: Any, abstract_train: Any = None, data_iter: Any = None) -> dict:
-    """Restore onto the shardings of the abstract trees (jax.ShapeDtypeStruct with .sharding): any mesh works."""
+  def restore(self, step: int, abstract_params: Any, abstract_train: Any = None, data: bool = False) -> dict:
+    """Restore onto the shardings of the abstract trees (jax.ShapeDtypeStruct with .sharding): any mesh works.
+    `data`: also return the saved batch-source state (out["data"])."""
     items = {"params": ocp.args.StandardRestore(abstract_params)}
     if abstract_train is not None:
       items["train"] = ocp.args.StandardRestore(abstract_train)
-    if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    if data:
+      items["data"] = ocp.args.JsonRestore()
     return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
 
   def wait(self) -> None:

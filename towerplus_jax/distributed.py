@@ -3,6 +3,10 @@
 Call `initialize()` before anything touches a JAX device. It decides from the environment whether the run spans
 several processes (TPU pod slice, multislice, SLURM, Open MPI, an explicit coordinator, or
 `TOWERPLUS_DISTRIBUTED=1`, which `launch/tpu_run.sh` sets); `TOWERPLUS_DISTRIBUTED=0` forces a single-host run.
+
+Timeouts (seconds, environment): `TOWERPLUS_INIT_TIMEOUT` (default 300) for all processes to reach the
+coordinator, `TOWERPLUS_HEARTBEAT_TIMEOUT` (default 60) after which a silent (dead) process makes the coordinator
+stop the others, which then exit non-zero instead of hanging in a collective.
 """
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import functools
 import glob
 import os
 import pathlib
+import sys
+import threading
 import urllib.request
 from collections.abc import Mapping
 
@@ -17,6 +23,8 @@ import jax
 from absl import logging
 
 ENV_FLAG = "TOWERPLUS_DISTRIBUTED"
+INIT_TIMEOUT_ENV, INIT_TIMEOUT_S = "TOWERPLUS_INIT_TIMEOUT", 300
+HEARTBEAT_TIMEOUT_ENV, HEARTBEAT_TIMEOUT_S = "TOWERPLUS_HEARTBEAT_TIMEOUT", 60
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # Cloud TPU chips sit on the PCI bus under Google's vendor id
 _METADATA_URL = "http://{host}/computeMetadata/v1/instance/attributes/{key}"
 
@@ -94,7 +102,34 @@ def initialize() -> None:
   reason = multi_host_reason()
   if reason and not jax.distributed.is_initialized():
     logging.info("multi-host run (%s): jax.distributed.initialize()", reason)
-    jax.distributed.initialize(num_processes=_env_int(os.environ, "JAX_NUM_PROCESSES"),
-                               process_id=_env_int(os.environ, "JAX_PROCESS_ID"))
+    _join(os.environ)
   logging.info("process %d of %d; %d local / %d global devices (%s)", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+def _join(environ: Mapping[str, str]) -> None:
+  """jax.distributed.initialize with our timeouts. A peer that never arrives makes jax abort the process from C++
+  (no Python exception), so a watchdog ends it first with one clear line naming the coordinator and process."""
+  num, pid = _env_int(environ, "JAX_NUM_PROCESSES"), _env_int(environ, "JAX_PROCESS_ID")
+  init_s = _env_int(environ, INIT_TIMEOUT_ENV) or INIT_TIMEOUT_S
+  message = (f"multi-host start-up failed: process {'(auto)' if pid is None else pid} of "
+             f"{'(auto)' if num is None else num} could not join the coordinator at "
+             f"{environ.get('JAX_COORDINATOR_ADDRESS') or '(auto-detected)'} within {init_s} s ({INIT_TIMEOUT_ENV}); "
+             "check that every process was started and can reach it")
+
+  def give_up():
+    logging.error("%s", message)
+    sys.stderr.write(f"ERROR: {message}\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+  watchdog = threading.Timer(init_s, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(num_processes=num, process_id=pid, initialization_timeout=init_s + 30,
+                               heartbeat_timeout_seconds=_env_int(environ, HEARTBEAT_TIMEOUT_ENV) or HEARTBEAT_TIMEOUT_S)
+  except Exception as e:  # bad addresses and arguments raise (RuntimeError, ValueError, XlaRuntimeError)
+    raise RuntimeError(f"{message}: {e}") from e
+  finally:
+    watchdog.cancel()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 
 from towerplus_jax import metrics, rules, setup_run, sharding
@@ -79,11 +80,11 @@ def evaluate(model, tokenizer, template: str, records: Sequence[dict], out_dir: 
   hyps = translate(model, tokenizer, template, records, **decode)
   report = score(records, hyps, comet_model)
   if out_dir and jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "hypotheses.jsonl"), "w", encoding="utf-8") as f:
-      f.write(derive.render({**r, "hypothesis": h} for r, h in zip(records, hyps)))
-    with open(os.path.join(out_dir, "report.json"), "w") as f:
-      json.dump(report, f, indent=1, ensure_ascii=False)
+    out = epath.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "hypotheses.jsonl").write_text(derive.render({**r, "hypothesis": h} for r, h in zip(records, hyps)),
+                                          encoding="utf-8")
+    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
   return report
 
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
 import jax
 from absl import logging
+
+from towerplus_jax import storage
 
 # Peak dense bf16 FLOP/s per chip (vendor figures); MFU is not reported for other devices.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -32,9 +35,11 @@ class MetricsWriter:
     self.t0, self.last_t, self.last_step, self.tokens = time.time(), time.time(), None, 0
     if self.enabled:
       from tensorboardX import SummaryWriter
-      os.makedirs(workdir, exist_ok=True)
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.jsonl = os.path.join(workdir, "metrics.jsonl")
+      self.tb_dir = os.path.join(workdir, "tensorboard")
+      # TensorBoard event files are written locally and copied to cloud storage after each write.
+      self.tb_local = self.tb_dir if storage.is_local(workdir) else tempfile.mkdtemp(prefix="tensorboard")
+      self.tb = SummaryWriter(self.tb_local)
 
   def count_tokens(self, n: int) -> None:
     self.tokens += n
@@ -62,16 +67,18 @@ class MetricsWriter:
     if not self.enabled:
       return
     row = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
-    self.jsonl.write(json.dumps({"step": step, **row}) + "\n")
-    self.jsonl.flush()
+    storage.append_text(self.jsonl, json.dumps({"step": step, **row}) + "\n")
     for k, v in row.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
+    if self.tb_local != self.tb_dir:
+      storage.mirror(self.tb_local, self.tb_dir)
 
   def close(self) -> None:
     if self.enabled:
-      self.jsonl.close()
       self.tb.close()
+      if self.tb_local != self.tb_dir:
+        storage.mirror(self.tb_local, self.tb_dir)
 
 
 def _hms(seconds: float) -> str:

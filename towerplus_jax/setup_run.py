@@ -6,13 +6,13 @@ import dataclasses
 import glob
 import itertools
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import ml_collections
 from absl import logging
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -29,7 +29,7 @@ DATA_KIND = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference",
 
 
 class DatasetBatches:
-  """Batches from a grain dataset; `data_iter` is what the checkpoint saves."""
+  """Global batches from a grain dataset; get_state/set_state (JSON) are what the checkpoint saves."""
 
   def __init__(self, dataset):
     self.data_iter = iter(dataset)
@@ -40,6 +40,12 @@ class DatasetBatches:
   def host_metrics(self) -> dict[str, float]:
     return {}
 
+  def get_state(self) -> dict:
+    return {"iterator": self.data_iter.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    self.data_iter.set_state(state["iterator"])
+
 
 @dataclasses.dataclass
 class RunSetup:
@@ -48,7 +54,7 @@ class RunSetup:
   model_cfg: ModelConfig
   model: nnx.Module
   ref_params: Any  # nnx.State of a frozen reference model, or None
-  batches: Callable[[Callable[[], nnx.Module]], Any]  # policy getter -> batch source (next(), data_iter)
+  batches: Callable[[Callable[[], nnx.Module]], Any]  # policy getter -> batch source (next(), get/set_state)
   eval_batches: Callable[[], Iterable[dict]] | None
 
 
@@ -90,13 +96,12 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r}: use sample, sp:PATH, hf:PATH or auto")
   tok = tokenizers.load_tokenizer(names[kind], path)
   if jax.process_index() == 0:
-    dst = os.path.join(workdir, "tokenizer")
-    os.makedirs(dst, exist_ok=True)
-    src_dir = os.path.dirname(path)
-    shutil.copy(path, os.path.join(dst, "tokenizer.model" if kind == "sp" else "tokenizer.json"))
+    dst, src = epath.Path(workdir) / "tokenizer", epath.Path(path)
+    dst.mkdir(parents=True, exist_ok=True)
+    src.copy(dst / ("tokenizer.model" if kind == "sp" else "tokenizer.json"), overwrite=True)
     for name in hf.TOKENIZER_FILES:
-      if name not in ("tokenizer.model", "tokenizer.json") and os.path.exists(os.path.join(src_dir, name)):
-        shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
+      if name not in ("tokenizer.model", "tokenizer.json") and (src.parent / name).exists():
+        (src.parent / name).copy(dst / name, overwrite=True)
   return tok
 
 
@@ -107,10 +112,9 @@ def tokenizer_in(folder: str):
 
 
 def tokenizer_spec(folder: str) -> str:
-  if os.path.exists(os.path.join(folder, "tokenizer.model")):
-    return "sp:" + os.path.join(folder, "tokenizer.model")
-  if os.path.exists(os.path.join(folder, "tokenizer.json")):
-    return "hf:" + os.path.join(folder, "tokenizer.json")
+  for kind, name in (("sp", "tokenizer.model"), ("hf", "tokenizer.json")):
+    if (epath.Path(folder) / name).exists():
+      return f"{kind}:{os.path.join(folder, name)}"
   raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in {folder}")
 
 
@@ -155,7 +159,7 @@ def data_kind(config: ml_collections.ConfigDict) -> str:
 
 
 def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, bool, int], Any]:
-  """(sources spec, is_train, host batch size) -> grain dataset of the stage's batch format; eval/inference
+  """(sources spec, is_train, global batch size) -> grain dataset of the stage's batch format; eval/inference
   datasets keep record order and run once."""
   dcfg = config.data
 
@@ -180,18 +184,18 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   kind = data_kind(config)
   dataset = dataset_fn(config, tokenizer)
   dcfg = config.data
-  host_batch = config.train.global_batch_size // jax.process_count()
+  global_batch = config.train.global_batch_size
 
   def batches(policy: Callable[[], nnx.Module]):
     if kind == "rl":
-      prompts = dataset(dcfg.train, True, config.rl.prompts_per_step // jax.process_count())
+      prompts = dataset(dcfg.train, True, config.rl.prompts_per_step)
       return rollout.RolloutBatches(config, tokenizer, prompts, policy, mesh, workdir)
-    return DatasetBatches(dataset(dcfg.train, True, host_batch))
+    return DatasetBatches(dataset(dcfg.train, True, global_batch))
 
   eval_batches = None
   if dcfg.eval and kind != "rl":
     def eval_batches():
-      return itertools.islice(iter(dataset(dcfg.eval, False, host_batch)), config.train.eval_steps)
+      return itertools.islice(iter(dataset(dcfg.eval, False, global_batch)), config.train.eval_steps)
   logging.info("model %s: %s params on mesh %s", model_cfg.family,
                f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
   return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches)

@@ -100,13 +100,49 @@ def batch_spec(ndim: int, mesh: Mesh, batch_size: int | None = None) -> P:
   return P(lead, *([None] * (ndim - 1)))
 
 
+def _check_rows_per_process(sharding: NamedSharding, global_b: int) -> None:
+  """Host-local rows are only meaningful when no two processes hold the same global row (else one 'replicated'
+  array would hold different rows on different hosts): raise instead of corrupting silently."""
+  owner: dict[tuple, int] = {}
+  for device, index in sharding.devices_indices_map((global_b,)).items():
+    rows = index[0].indices(global_b)
+    if owner.setdefault(rows, device.process_index) != device.process_index:
+      axes = {a: sharding.mesh.shape[a] for a in BATCH}
+      raise ValueError(f"a global batch of {global_b} rows cannot be split over the batch axes {axes} across "
+                       f"{jax.process_count()} processes: make it a multiple of {math.prod(axes.values())}")
+
+
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host-local numpy batch -> global arrays split over the batch axes (multi-host safe)."""
+  """Host-local numpy batch -> global arrays split over the batch axes (multi-host safe: raises when the hosts'
+  rows cannot be told apart)."""
   def one(x):
     x = np.asarray(x)
     global_b = x.shape[0] * jax.process_count() if x.ndim else None
     spec = batch_spec(x.ndim, mesh, global_b) if x.ndim else P()
+    if x.ndim and jax.process_count() > 1:
+      _check_rows_per_process(NamedSharding(mesh, spec), global_b)
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+  return {k: one(v) for k, v in batch.items()}
+
+
+def process_rows(mesh: Mesh, global_b: int) -> np.ndarray:
+  """Indices of the global batch rows this process's devices hold under `batch_spec` (ascending): the order in
+  which `shard_batch` maps host-local rows and `global_array_to_host_local_array` returns them."""
+  spec = NamedSharding(mesh, batch_spec(1, mesh, global_b))
+  _check_rows_per_process(spec, global_b)
+  rows = {i for index in spec.addressable_devices_indices_map((global_b,)).values()
+          for i in range(*index[0].indices(global_b))}
+  return np.asarray(sorted(rows), np.int64)
+
+
+def shard_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """The same global numpy batch on every host -> global arrays split over the batch axes; each host copies only
+  the rows its devices hold (which rows those are follows from the sharding, whatever the device order). A batch
+  not divisible by the batch axes is replicated, which is correct here since every host has all rows."""
+  def one(x):
+    x = np.asarray(x)
+    spec = batch_spec(x.ndim, mesh, x.shape[0]) if x.ndim else P()
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, x.shape)
   return {k: one(v) for k, v in batch.items()}
 
 

@@ -90,7 +90,7 @@ def make_step_fns(graphdef: nnx.GraphDef, loss: losses.Loss, loss_cfg: ml_collec
   def eval_step(params, ref_params, batch: dict) -> dict:
     batch = add_reference(ref_params, {**batch, "loss_denominator": loss.count_fn(batch, loss_cfg)})
     value, metrics = loss.fn(nnx.merge(graphdef, params), batch, jax.random.key(0), loss_cfg)
-    return {"loss": value, **metrics, "objective": value}
+    return {"loss": value, **metrics, "objective": value, "weight": batch["loss_denominator"]}
 
   return StepFns(train_step, eval_step)
 
@@ -103,7 +103,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6 * (layers * per_layer + d * cfg.vocab_size) + 12 * layers * seq_len * n * h
 
 
-def _host_batch_tokens(batch: dict) -> int:
+def _batch_tokens(batch: dict) -> int:
   return int(sum(np.size(v) for k, v in batch.items() if k.endswith("inputs")))
 
 
@@ -137,7 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   batches = run.batches(lambda: nnx.merge(graphdef, state["params"]))
   start = ckpt.latest_step() or 0
   if start:
-    state = _restore(ckpt, start, state, batches.data_iter)
+    state = _restore(ckpt, start, state, batches)
     logging.info("resumed from %s at step %d", ckpt.manager.directory, start)
   writer = MetricsWriter(workdir, tcfg.steps, flops_per_token(run.model_cfg, config.data.seq_len))
   stop = checkpoint.StopSignal()
@@ -146,10 +146,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   step = start
   try:
     for step in range(start, tcfg.steps):
-      host_batch = next(batches)
-      writer.count_tokens(_host_batch_tokens(host_batch) * jax.process_count())
+      batch = next(batches)
+      writer.count_tokens(_batch_tokens(batch))
       with jax.set_mesh(run.mesh):
-        state, metrics = train_step(state, run.ref_params, sharding.shard_batch(host_batch, run.mesh))
+        state, metrics = train_step(state, run.ref_params, sharding.shard_global_batch(batch, run.mesh))
       if pending is not None:
         _check_finite(pending, tcfg.max_nonfinite, step)
       pending = metrics
@@ -158,7 +158,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         writer.write(step + 1, last)
       if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and run.eval_batches is not None:
         writer.write(step + 1, _evaluate(eval_step, state["params"], run), prefix="eval/")
-      ckpt.save(step + 1, nnx.to_pure_dict(state["params"]), _train_item(state), batches.data_iter)
+      ckpt.save(step + 1, nnx.to_pure_dict(state["params"]), _train_item(state), batches.get_state())
       if _stop_requested(stop, step + 1, tcfg.log_every):
         logging.warning("stop requested: saving a checkpoint at step %d and exiting", step + 1)
         break
@@ -168,7 +168,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       _check_finite(pending, tcfg.max_nonfinite, step + 1)
     final = step + 1
     if ckpt.latest_step() != final:
-      ckpt.save(final, nnx.to_pure_dict(state["params"]), _train_item(state), batches.data_iter, force=True)
+      ckpt.save(final, nnx.to_pure_dict(state["params"]), _train_item(state), batches.get_state(), force=True)
     if run.eval_batches is not None:
       last = {**last, **{f"eval/{k}": v for k, v in _evaluate(eval_step, state["params"], run).items()}}
   finally:
@@ -190,27 +190,31 @@ def _train_item(state: State) -> dict:
   return {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}
 
 
-def _restore(ckpt: checkpoint.Checkpointer, step: int, state: State, data_iter) -> State:
+def _restore(ckpt: checkpoint.Checkpointer, step: int, state: State, batches) -> State:
   shardings = jax.tree.map(lambda x: x.sharding, state)
   abstract_params = checkpoint.abstract_like(nnx.to_pure_dict(state["params"]),
                                              nnx.to_pure_dict(shardings["params"]))
   train_item = _train_item(state)
   abstract_train = checkpoint.abstract_like(train_item, _train_item(shardings))
-  out = ckpt.restore(step, abstract_params, abstract_train, data_iter)
+  out = ckpt.restore(step, abstract_params, abstract_train, data=True)
+  batches.set_state(out["data"])
   params = state["params"]
   nnx.replace_by_pure_dict(params, out["params"])
   return {"params": params, **out["train"]}
 
 
 def _evaluate(eval_step, params, run) -> dict[str, float]:
+  """Metrics over the eval batches (global batches, so every host runs the same count), each batch weighted by its
+  loss denominator (loss tokens or rows): the token/row mean over the whole eval set."""
   totals: dict[str, float] = {}
-  n = 0
-  for host_batch in run.eval_batches():
+  weight = 0.0
+  for batch in run.eval_batches():
     with jax.set_mesh(run.mesh):
-      metrics = _to_host(eval_step(params, run.ref_params, sharding.shard_batch(host_batch, run.mesh)))
-    totals = {k: totals.get(k, 0.0) + v for k, v in metrics.items()}
-    n += 1
-  return {k: v / max(n, 1) for k, v in totals.items()}
+      metrics = _to_host(eval_step(params, run.ref_params, sharding.shard_global_batch(batch, run.mesh)))
+    w = metrics.pop("weight")
+    totals = {k: totals.get(k, 0.0) + w * v for k, v in metrics.items()}
+    weight += w
+  return {k: v / max(weight, 1.0) for k, v in totals.items()}
 
 
 def _check_finite(metrics: dict, max_nonfinite: int, step: int) -> None:

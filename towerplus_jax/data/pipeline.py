@@ -1,4 +1,4 @@
-"""grain pipelines from records to host-local numpy batches, one per batch format.
+"""grain pipelines from records to global numpy batches, one per batch format.
 
   lm          packed; int32 [B, T] `inputs` (each document [bos, ...]), `targets` (shifted by one, [..., eos]),
               `segment_ids` (1..n, 0 = padding), `positions`; float32 `loss_mask` (0 on padding). Accepts {"text"},
@@ -15,9 +15,17 @@
               `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
               [B]. Prompts longer than P are dropped with a counted warning.
 
-Records are sharded across hosts (record i goes to host i % shard_count), shuffled per epoch from `seed`, and
-repeated for training; `iter(dataset)` is a grain DatasetIterator whose get_state/set_state resume exactly. Without
-repeat the last batch is padded with empty rows (segment_ids 0) so shapes stay fixed (rl: a smaller last batch).
+Records are shuffled per epoch from `seed` and repeated for training; `iter(dataset)` is a grain DatasetIterator
+whose get_state/set_state resume exactly. Without repeat the last batch is padded with empty rows (segment_ids 0)
+so shapes stay fixed (rl: a smaller last batch).
+
+Multi-host: every host runs this same pipeline and gets the same *global* batch (`batch_size` = all hosts' rows);
+`sharding.shard_global_batch` then places on each host's devices only the rows they hold. So the batch of step s is
+a pure function of (data config, seed, s) whatever the host count, the iterator state is the same on every host,
+and a checkpoint resumes on any host count. The price: each host reads, tokenizes and packs the whole global batch
+(n times the work of a per-host split). Tokenizing a 256 x 2048 batch takes a fraction of a second on the host's
+threads, far below a training step at that size, so we keep the simple scheme; a per-row deterministic packer over
+global index ranges would remove the duplication at the cost of packing quality and much more code.
 """
 from __future__ import annotations
 
@@ -26,7 +34,6 @@ import functools
 from collections.abc import Sequence
 
 import grain
-import jax
 import numpy as np
 from absl import logging
 
@@ -206,13 +213,12 @@ def _check_tokenizer(tokenizer: Tokenizer, template: str) -> None:
 def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokenizer: Tokenizer, *, seq_len: int,
                  batch_size: int, template: str, seed: int, shuffle: bool = True, repeat: bool = True,
                  pack: bool = True, max_prompt_len: int | None = None, translation_direction: str | None = None,
-                 shard_index: int | None = None, shard_count: int | None = None,
                  num_threads: int = 4) -> grain.IterDataset:
-  """A grain dataset of host-local batches (`batch_size` rows for this host) of format `kind` (module docstring).
+  """A grain dataset of global batches (`batch_size` rows, the same on every host) of format `kind` (module
+  docstring).
 
   translation_direction: None = parallel records as stored, 'reverse' = all swapped, 'random' = each record's
-  direction drawn once from (seed, record index). shard_index/shard_count default to jax's process index/count.
-  max_prompt_len (preference, rl): default seq_len // 2.
+  direction drawn once from (seed, record index). max_prompt_len (preference, rl): default seq_len // 2.
   """
   if kind not in KINDS:
     raise ValueError(f"unknown batch format {kind!r}; use one of {KINDS}")
@@ -221,24 +227,19 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
   max_prompt_len = max_prompt_len or seq_len // 2
   if kind == "preference" and max_prompt_len >= seq_len:
     raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for responses in rows of {seq_len} tokens")
-  shard_index = jax.process_index() if shard_index is None else shard_index
-  shard_count = jax.process_count() if shard_count is None else shard_count
   source = sources if hasattr(sources, "locate") else open_source(sources)
-  if len(source) < shard_count:
-    raise ValueError(f"{len(source)} records cannot be shared by {shard_count} hosts")
   if kind != "lm":
     _check_tokenizer(tokenizer, template)
 
   encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len, translation_direction, seed)
   ds = grain.MapDataset.source(source).map_with_index(_located(source, encode))
-  ds = ds[shard_index::shard_count]
-  host_records, prefetch = len(ds), 4 * batch_size
+  records, prefetch = len(ds), 4 * batch_size
   if shuffle:
     ds = ds.shuffle(seed)
   if repeat:
     ds = ds.repeat()
   if kind == "rl":  # 2 epochs' worth dropped in a row (+ prefetch reordering) with none kept: no prompt fits
-    ds = ds.filter(PromptFits(max_prompt_len, 2 * host_records + prefetch))
+    ds = ds.filter(PromptFits(max_prompt_len, 2 * records + prefetch))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
   if kind == "rl":

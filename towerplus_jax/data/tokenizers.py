@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import sentencepiece as spm
+from etils import epath
 import tokenizers as hf_tokenizers
 
 SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
@@ -41,8 +42,7 @@ class SentencePieceTokenizer:
 
   def __init__(self, model_path: str):
     self.path = model_path
-    with open(model_path, "rb") as f:
-      self._sp = spm.SentencePieceProcessor(model_proto=f.read())
+    self._sp = spm.SentencePieceProcessor(model_proto=epath.Path(model_path).read_bytes())
     self.vocab_size = self._sp.GetPieceSize()
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     self.eos_id = self._sp.eos_id()
@@ -73,9 +73,9 @@ class HFTokenizer:
 
   def __init__(self, tokenizer_json_path: str):
     self.path = tokenizer_json_path
-    self._tok = hf_tokenizers.Tokenizer.from_file(tokenizer_json_path)
-    with open(tokenizer_json_path, encoding="utf-8") as f:
-      added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    text = epath.Path(tokenizer_json_path).read_text(encoding="utf-8")
+    self._tok = hf_tokenizers.Tokenizer.from_str(text)
+    added = {t["content"]: t["id"] for t in json.loads(text).get("added_tokens", [])}
     config = _read_tokenizer_config(os.path.join(os.path.dirname(tokenizer_json_path), "tokenizer_config.json"))
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
     self.bos_id = self._special_id(config.get("bos_token"), added, self.BOS)
@@ -107,15 +107,14 @@ class HFTokenizer:
 
 
 def _read_tokenizer_config(path: str) -> dict:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text(encoding="utf-8"))
 
 
 def load_tokenizer(kind: str, path: str) -> Tokenizer:
   """kind: 'sentencepiece' (a `.model` file) or 'hf' (a `tokenizer.json`)."""
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f"tokenizer file {path} does not exist")
   if kind == "sentencepiece":
     return SentencePieceTokenizer(path)

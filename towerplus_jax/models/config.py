@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Literal
+
+from etils import epath
 
 Family = Literal["gemma2", "gemma3", "qwen2", "qwen3"]
 LayerType = Literal["sliding", "full"]
@@ -234,15 +235,14 @@ def preset(name: str) -> ModelConfig:
 
 def save_json(cfg: ModelConfig, directory: str) -> None:
   """Write `<directory>/model_config.json` (how a run folder records its architecture)."""
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "model_config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=1)
+  folder = epath.Path(directory)
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "model_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def load_json(directory: str) -> ModelConfig:
-  path = os.path.join(directory, "model_config.json")
-  if not os.path.exists(path):
+  path = epath.Path(directory) / "model_config.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: is {directory} a towerplus_jax run folder?")
-  with open(path) as f:
-    d = json.load(f)
+  d = json.loads(path.read_text())
   return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})

@@ -4,6 +4,13 @@ Each rollout: a batch of prompts, G sampled completions per prompt with the curr
 rewards (weighted sum of verifiable reward functions), group-normalised advantages, and training rows
 prompt+completion with a completion-only loss mask. The same rollout batch is yielded `rl.iterations` (μ) times;
 for μ > 1 it carries the sampling policy's log-probs (`old_logps`) so the clipped ratio is meaningful.
+
+Multi-host: every host gets the same global prompt batch; each samples only the rows its devices hold, the
+completions are gathered onto every host, and rewards, group advantages (each prompt's G completions form one
+group of the global batch), metrics and logged samples are computed from the global rollout, identically on every
+host (reward functions run on every host: a costly reward model would want splitting). The sampling key of
+rollout k is fold_in(key(seed + 1), k) and k is saved with the data state, so a resumed run samples as the
+uninterrupted one would (except that a resume inside one rollout's μ iterations draws a fresh rollout).
 """
 from __future__ import annotations
 
@@ -15,7 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from towerplus_jax import sharding, storage
 from towerplus_jax.data import chat
 from towerplus_jax.rl import rewards, sampler
 
@@ -57,7 +66,8 @@ def training_rows(prompt_tokens_BP: np.ndarray, prompt_lengths_B: np.ndarray, co
 
 
 class RolloutBatches:
-  """Iterator of GRPO training batches; `data_iter` (the prompt iterator) is what checkpoints save."""
+  """Iterator of global GRPO training batches; get_state/set_state (prompt iterator + rollout count) are what
+  checkpoints save."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer, dataset, policy: Callable[[], nnx.Module],
                mesh, workdir: str):
@@ -67,6 +77,10 @@ class RolloutBatches:
     self.reward_fn = rewards.combine([rewards.load(n) for n in self.cfg.rewards], list(self.cfg.reward_weights))
     self.stop_ids = tuple(chat.stop_ids(tokenizer, self.template))
     self.rng = jax.random.key(config.train.seed + 1)
+    rows = self.cfg.prompts_per_step * self.cfg.num_generations
+    if rows % jax.process_count():
+      raise ValueError(f"rl.prompts_per_step * rl.num_generations = {rows} rollout rows cannot be shared by "
+                       f"{jax.process_count()} hosts: make it a multiple of {jax.process_count()}")
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.buffer: list[dict] = []
     self.metrics: dict[str, float] = {}
@@ -74,6 +88,14 @@ class RolloutBatches:
 
   def host_metrics(self) -> dict[str, float]:
     return dict(self.metrics)
+
+  def get_state(self) -> dict:
+    return {"iterator": self.data_iter.get_state(), "rollouts": self.rollouts}
+
+  def set_state(self, state: dict) -> None:
+    self.data_iter.set_state(state["iterator"])
+    self.rollouts = int(state["rollouts"])
+    self.buffer = []
 
   def __next__(self) -> dict[str, np.ndarray]:
     if not self.buffer:
@@ -87,13 +109,7 @@ class RolloutBatches:
     records = prompts["records"]
     prompt_tokens = np.repeat(prompts["prompt_tokens"], g, axis=0)
     prompt_lengths = np.repeat(prompts["prompt_lengths"], g, axis=0)
-    self.rng, key = jax.random.split(jax.random.fold_in(self.rng, self.rollouts))
-    with jax.set_mesh(self.mesh):
-      out = sampler.sample(self.policy(), prompt_tokens, prompt_lengths, max_new_tokens=cfg.max_completion_len,
-                           rng=key, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           stop_ids=self.stop_ids, pad_id=self.tokenizer.pad_id)
-    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
-    truncated = np.asarray(out.truncated)
+    tokens, lengths, logps, truncated = self._sample(prompt_tokens, prompt_lengths)
     texts = [self.tokenizer.decode([t for t in tokens[i, :lengths[i]] if t not in self.stop_ids])
              for i in range(len(tokens))]
     rows = [r for r in records for _ in range(g)]
@@ -102,7 +118,7 @@ class RolloutBatches:
     total, per_fn = self.reward_fn(prompt_texts, texts, **columns)
     adv, group_std = group_advantages(np.asarray(total, np.float32), g, cfg.scale_rewards)
     keep = np.where(truncated & cfg.mask_truncated, 0.0, 1.0).astype(np.float32)
-    logps = np.asarray(out.logprobs) if cfg.iterations > 1 else None
+    logps = logps if cfg.iterations > 1 else None
     batch = training_rows(prompt_tokens, prompt_lengths, tokens, lengths, logps, keep, self.tokenizer.pad_id)
     batch["advantages"] = adv
     self.metrics = {"reward/mean": float(np.mean(total)), "reward/std": float(np.std(total)),
@@ -115,10 +131,29 @@ class RolloutBatches:
     self.rollouts += 1
     return batch
 
+  def _sample(self, prompt_tokens_RP: np.ndarray, prompt_lengths_R: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Completions of all R rollout rows on every host: each host samples the rows its devices hold (one global
+    batch, one key), then the hosts exchange their rows."""
+    cfg = self.cfg
+    rows = sharding.process_rows(self.mesh, len(prompt_tokens_RP))
+    with jax.set_mesh(self.mesh):
+      out = sampler.sample(self.policy(), prompt_tokens_RP[rows], prompt_lengths_R[rows],
+                           max_new_tokens=cfg.max_completion_len, rng=jax.random.fold_in(self.rng, self.rollouts),
+                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=self.stop_ids,
+                           pad_id=self.tokenizer.pad_id)
+    local = (rows, out.tokens, out.lengths, out.logprobs, out.truncated)
+    if jax.process_count() == 1:
+      return tuple(np.asarray(x) for x in local[1:])
+    gathered = [np.asarray(x) for x in multihost_utils.process_allgather(local)]
+    order = gathered[0].reshape(-1)
+    merged = [np.empty_like(x.reshape(-1, *x.shape[2:])) for x in gathered[1:]]
+    for dst, x in zip(merged, gathered[1:]):
+      dst[order] = x.reshape(-1, *x.shape[2:])
+    return tuple(merged)
+
   def _log_samples(self, prompts: list[str], completions: list[str], total: np.ndarray, n: int = 4) -> None:
     if jax.process_index() != 0:
       return
-    with open(self.samples_path, "a") as f:
-      for i in range(min(n, len(prompts))):
-        f.write(json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
-                            "reward": float(total[i])}, ensure_ascii=False) + "\n")
+    storage.append_text(self.samples_path, "".join(
+        json.dumps({"rollout": self.rollouts, "prompt": prompts[i], "completion": completions[i],
+                    "reward": float(total[i])}, ensure_ascii=False) + "\n" for i in range(min(n, len(prompts)))))

@@ -1,0 +1,79 @@
+"""Child of tests/test_multihost.py: `python tests/multihost_worker.py JOBS_JSON` runs each job {"config": NAME,
+"workdir": DIR} in this process's JAX layout (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); process
+0 writes DIR/results.json. The configs are shared with the single-process reference runs of the test."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import ml_collections
+
+from configs import sft, tower_plus
+
+
+def stages_config() -> ml_collections.ConfigDict:
+  """SFT -> WPO -> GRPO, a few tiny steps each (checkpoints every 2 steps, all kept), no held-out decoding."""
+  c = tower_plus.get_config("tiny")
+  c.stage_order = ("sft", "wpo", "grpo")
+  c.eval_data = ""
+  for name in c.stage_order:
+    # Adam turns float reduction-order noise on near-zero gradients into updates of up to a few % of lr, so a
+    # small lr keeps 2-process vs 1-process parameters within 1e-6 while a wrong batch still moves them by ~lr.
+    c.stages[name].optimizer.lr = 1e-5
+    c.stages[name].data.seq_len = 64
+    c.stages[name].train.update(steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=5, eval_steps=2)
+  c.stages.sft.train.steps = 4
+  c.stages.wpo.data.max_prompt_len = 32
+  grpo = c.stages.grpo
+  grpo.rl.update(prompts_per_step=4, num_generations=4, max_completion_len=8)
+  grpo.loss.max_completion_length = 8
+  grpo.train.global_batch_size = 16
+  grpo.data.max_prompt_len = 56
+  return c
+
+
+def sft_config() -> ml_collections.ConfigDict:
+  """The SFT stage of `stages_config` alone (for checkpoint hand-over between process counts)."""
+  c = stages_config().stages.sft
+  c.init_from = ""
+  return c
+
+
+CONFIGS = {"stages": stages_config, "sft": sft_config}
+
+
+def run_job(name: str, workdir: str) -> dict:
+  """{stage: last metrics} of one job."""
+  from towerplus_jax import main
+  config = CONFIGS[name]()
+  results = main.run(config, workdir)
+  return results if "stages" in config else {name: results}
+
+
+def die_or_wait(process_id: int) -> None:
+  """Process `process_id` dies at once; the others block in a collective that it never joins."""
+  import jax
+  from jax.experimental import multihost_utils
+  if jax.process_index() == process_id:
+    os._exit(3)
+  multihost_utils.sync_global_devices("never completes")
+
+
+def main_(jobs: list[dict]) -> None:
+  from towerplus_jax import distributed
+  distributed.initialize()
+  import jax
+  jax.config.update("jax_default_matmul_precision", "highest")
+  for job in jobs:
+    if "die" in job:
+      die_or_wait(job["die"])
+      continue
+    results = run_job(job["config"], job["workdir"])
+    if jax.process_index() == 0:
+      with open(os.path.join(job["workdir"], "results.json"), "w") as f:
+        json.dump(results, f, default=float)
+
+
+if __name__ == "__main__":
+  main_(json.loads(sys.argv[1]))
