@@ -3,10 +3,12 @@ tied/untied heads, softcap on/off, chunks that do and do not divide the tokens; 
 devices == one device; the compiled train step's memory is far below the full-logits step."""
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from fake_lm import FakeLM
 from towerplus_jax import losses, sharding
 from towerplus_jax.losses import logprobs
 from towerplus_jax.models.config import ModelConfig
@@ -153,3 +155,11 @@ def test_chunked_train_step_needs_far_less_memory():
   full, chunked = temp_bytes(0), temp_bytes(32)
   assert full > 4 * 512 * vocab  # the full path holds at least the [B, T, V] float32 logits (or their gradient)
   assert chunked < full / 3, (chunked, full)
+
+
+def test_bad_chunk_and_misspelt_key_are_named():
+  model, batch = FakeLM(np.zeros((V, 5))), make_batch("lm")
+  with pytest.raises(ValueError, match="logprob_chunk must be >= 0"):
+    losses.get("lm").fn(model, batch, None, loss_cfg("lm", -1))
+  with pytest.raises(ValueError, match="unknown key.*'logprob_chunks'.*'logprob_chunk'"):
+    losses.get("grpo").fn(model, batch, None, ml_collections.ConfigDict({"logprob_chunks": 8}))

@@ -28,16 +28,17 @@ from towerplus_jax import sharding
 STATS = ("logp", "lse", "lse2", "entropy", "correct")
 
 
-def token_stats(model, batch: Mapping[str, jax.Array], prefix: str = "", *, chunk: int,
-                temperature: float = 1.0, want: Sequence[str] = ("logp",)) -> dict[str, jax.Array]:
-  """The `want`ed statistics [B, T] of `{prefix}targets` after `{prefix}inputs` (see the module doc)."""
+def token_stats(model, batch: Mapping[str, jax.Array], *, chunk: int, temperature: float = 1.0,
+                want: Sequence[str] = ("logp",)) -> dict[str, jax.Array]:
+  """The `want`ed statistics [B, T] of `targets` after `inputs` (with the batch's positions and segment ids)."""
   unknown = sorted(set(want) - set(STATS))
   if unknown:
     raise ValueError(f"token_stats: unknown statistic(s) {unknown}; known: {STATS}")
-  h_BTD = model.hidden(batch[f"{prefix}inputs"], batch.get(f"{prefix}positions"),
-                       batch.get(f"{prefix}segment_ids"))
-  targets_BT = jnp.asarray(batch[f"{prefix}targets"], jnp.int32)
-  if chunk <= 0:
+  if chunk < 0:
+    raise ValueError(f"config.loss.logprob_chunk must be >= 0 (0 = full logits), got {chunk}")
+  h_BTD = model.hidden(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))
+  targets_BT = jnp.asarray(batch["targets"], jnp.int32)
+  if chunk == 0:
     logits_BTV = model.logits(h_BTD)
     return full_stats(logits_BTV / temperature if temperature != 1.0 else logits_BTV, targets_BT, want)
   return chunked_stats(h_BTD, model.output_head(), targets_BT, softcap=model.cfg.final_logit_softcap,
