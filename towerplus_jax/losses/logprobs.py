@@ -96,15 +96,17 @@ def _local_stats(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *, so
   targets_KC = jnp.pad(targets_BT.reshape(n), (0, pad)).reshape(num_chunks, size)
   block = jax.checkpoint(functools.partial(_block_stats, softcap=softcap, temperature=temperature, want=want,
                                            vocab_axis=vocab_axis), prevent_cse=False)
-  _, stats_K = jax.lax.scan(lambda _, x: (None, block(x[0], w_DV, x[1])), None, (h_KCD, targets_KC))
+  # The head enters the loop in float32, so its gradient is summed over the chunks in float32, not bf16.
+  w32_DV = w_DV.astype(jnp.float32)
+  _, stats_K = jax.lax.scan(lambda _, x: (None, block(x[0], w32_DV, x[1])), None, (h_KCD, targets_KC))
   return {k: v.reshape(-1)[:n].reshape(b, t) for k, v in stats_K.items()}
 
 
 def _block_stats(h_CD: jax.Array, w_DV: jax.Array, targets_C: jax.Array, *, softcap: float | None,
                  temperature: float, want: tuple[str, ...], vocab_axis: str | None) -> dict[str, jax.Array]:
-  """Statistics of one chunk [C]; with `vocab_axis`, `w_DV` is this device's slice of the vocab."""
+  """Statistics of one chunk [C]; `w_DV` is float32 and, with `vocab_axis`, this device's slice of the vocab."""
   psum = (lambda x: jax.lax.psum(x, vocab_axis)) if vocab_axis else (lambda x: x)
-  logits_CV = (h_CD @ w_DV).astype(jnp.float32)
+  logits_CV = (h_CD @ w_DV.astype(h_CD.dtype)).astype(jnp.float32)  # the matmul in the compute dtype, as model.logits
   if softcap is not None:
     logits_CV = jnp.tanh(logits_CV / softcap) * softcap
   if temperature != 1.0:
