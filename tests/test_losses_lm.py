@@ -34,7 +34,7 @@ def test_registry_and_config():
   assert {"lm", "sft", "dpo", "wpo", "grpo"} <= set(losses.names())
   with pytest.raises(ValueError, match="registered: .*'grpo'.*'lm'"):
     losses.get("nope")
-  assert dict(losses.default_config("lm")) == {"name": "lm", "z_loss": 0.0}
+  assert dict(losses.default_config("lm")) == {"name": "lm", "z_loss": 0.0, "logprob_chunk": 512}
   table, batch = make_batch()
   with pytest.raises(ValueError, match="unknown key.*'z_los'"):
     losses.get("lm").fn(FakeLM(table), batch, jax.random.key(0), ml_collections.ConfigDict({"z_los": 1.0}))

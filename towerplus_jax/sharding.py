@@ -6,15 +6,13 @@ model with 2 kv heads still runs on tensor=4.
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch is split over
@@ -144,30 +142,3 @@ def shard_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     spec = batch_spec(x.ndim, mesh, x.shape[0]) if x.ndim else P()
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, x.shape)
   return {k: one(v) for k, v in batch.items()}
-
-
-def vocab_parallel_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mesh: Mesh | AbstractMesh) -> jax.Array:
-  """log softmax(logits)[target] with the vocab split over "tensor": no device ever holds full-vocab logits.
-
-  Each shard computes its local max / sum-exp and picks its own part of the target logit; one pmax and two psums
-  over "tensor" combine them (the explicit collective `jax.shard_map` exists for).
-  """
-  b, _, v = logits_BTV.shape
-  if v % mesh.shape["tensor"]:
-    raise ValueError(f"vocab {v} is not divisible by tensor={mesh.shape['tensor']}")
-  bspec = batch_spec(2, mesh, b)[0]
-
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(bspec, None, "tensor"), P(bspec, None)),
-                     out_specs=P(bspec, None), check_vma=False)
-  def local(logits, targets):
-    logits = logits.astype(jnp.float32)
-    v_local = logits.shape[-1]
-    offset = jax.lax.axis_index("tensor") * v_local
-    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
-    lse = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), "tensor"))
-    idx = targets - offset
-    inside = (idx >= 0) & (idx < v_local)
-    picked = jnp.take_along_axis(logits, jnp.clip(idx, 0, v_local - 1)[..., None], axis=-1)[..., 0]
-    return jax.lax.psum(jnp.where(inside, picked, 0.0), "tensor") - lse
-
-  return local(logits_BTV, targets_BT)

@@ -1,4 +1,4 @@
-"""Pieces shared by every loss: forward pass, per-token log-probs, entropy, config reading, normalisation.
+"""Pieces shared by every loss: the config key every loss reads, config reading, normalisation.
 
 Normalisation rule (all losses): a loss returns sum-over-this-micro-batch / `batch["loss_denominator"]`, the count
 (tokens or sequences) of the whole global batch, so summing the micro-batch losses gives the global-batch mean.
@@ -13,9 +13,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from towerplus_jax import sharding
-
 Batch = Mapping[str, jax.Array]
+
+# Config keys every loss reads (each loss's defaults include them).
+DEFAULTS = {
+    # Tokens per device per chunk of the log-prob kernel (losses/logprobs.py): the forward and backward pass hold
+    # one [logprob_chunk, vocab] float32 block at a time instead of [B, T, vocab] logits. 0 = full logits (XLA).
+    "logprob_chunk": 512,
+}
 
 
 def read_config(cfg: ml_collections.ConfigDict | None, defaults: Mapping, loss: str) -> ml_collections.ConfigDict:
@@ -34,39 +39,6 @@ def require(batch: Batch, keys: tuple[str, ...], loss: str) -> None:
   missing = [k for k in keys if k not in batch]
   if missing:
     raise KeyError(f"loss '{loss}': batch lacks {missing}; it has {sorted(batch)}")
-
-
-def forward(model, batch: Batch, prefix: str = "") -> jax.Array:
-  """float32 logits [B, T, V] for `{prefix}inputs` with the batch's positions and segment ids (if any)."""
-  logits_BTV = model(batch[f"{prefix}inputs"], positions=batch.get(f"{prefix}positions"),
-                     segment_ids=batch.get(f"{prefix}segment_ids"))
-  return logits_BTV.astype(jnp.float32)
-
-
-def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-  """log p(target) per position [B, T], log-softmax in float32.
-
-  Under a mesh whose "tensor" axis splits the vocab, the vocab-parallel shard_map version runs instead: no device
-  gathers the full [B, T, V] logits.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty and mesh.shape.get("tensor", 1) > 1 and logits_BTV.shape[-1] % mesh.shape["tensor"] == 0:
-    return sharding.vocab_parallel_logprobs(logits_BTV, targets_BT.astype(jnp.int32), mesh)
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  # A one-hot select, not take_along_axis: its gradient is a cheap where, not a scatter into a zero [B, T, V].
-  hit_BTV = jnp.arange(logp_BTV.shape[-1]) == targets_BT[..., None]
-  return jnp.sum(jnp.where(hit_BTV, logp_BTV, 0.0), axis=-1)
-
-
-def sequence_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-  """Summed log-probs of the masked target tokens per row [B]."""
-  return jnp.sum(token_logprobs(logits_BTV, targets_BT) * mask_BT, axis=-1)
-
-
-def entropy(logits_BTV: jax.Array) -> jax.Array:
-  """Entropy of the next-token distribution per position [B, T], in float32."""
-  logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-  return -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
 
 
 def masked_mean(x_BT: jax.Array, mask_BT: jax.Array, axis: int | None = None) -> jax.Array:

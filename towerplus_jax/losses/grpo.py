@@ -6,7 +6,7 @@ tokens; zero for masked truncated completions); float32 [B] `advantages`; option
 (`reference_fn` computes them; required when beta != 0). All log-probs use logits / temperature.
 Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,
 aggregation = 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm', max_completion_length = 0
-(the normaliser of 'seq_mean_token_sum_norm', required there).
+(the normaliser of 'seq_mean_token_sum_norm', required there); logprob_chunk (see common.DEFAULTS).
   r_t = exp(logπ − logπ_old),  ℓ_t = −min(r_t·A, clip(r_t, 1−ε_low, 1+ε_high)·A) + β·k3,
   k3 = exp(ref − logπ) − (ref − logπ) − 1.
 Aggregation (loss_denominator: completion tokens of the global batch for token_mean, else its sequences):
@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from towerplus_jax.losses import common, register
+from towerplus_jax.losses import common, logprobs, register
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-DEFAULTS = {"epsilon_low": 0.2, "epsilon_high": 0.2, "beta": 0.0, "temperature": 1.0,
+DEFAULTS = {**common.DEFAULTS, "epsilon_low": 0.2, "epsilon_high": 0.2, "beta": 0.0, "temperature": 1.0,
             "aggregation": "token_mean", "max_completion_length": 0}
 KEYS = ("inputs", "targets", "loss_mask", "advantages")
 REFERENCE_KEYS = ("ref_logps",)
@@ -67,15 +67,12 @@ def aggregate(x_BT: jax.Array, mask_BT: jax.Array, rows_B: jax.Array, mode: str,
   return jnp.sum(per_seq_B * rows_B) / denom
 
 
-def _logits(model, batch: common.Batch, temperature: float) -> jax.Array:
-  return common.forward(model, batch) / temperature
-
-
 def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDict | None = None
                     ) -> dict[str, jax.Array]:
   """Per-token reference log-probs [B, T] (logits / temperature)."""
-  logits_BTV = _logits(ref_model, batch, _config(cfg).temperature)
-  return {"ref_logps": jax.lax.stop_gradient(common.token_logprobs(logits_BTV, batch["targets"]))}
+  c = _config(cfg)
+  logp_BT = logprobs.token_stats(ref_model, batch, chunk=c.logprob_chunk, temperature=c.temperature)["logp"]
+  return {"ref_logps": jax.lax.stop_gradient(logp_BT)}
 
 
 @register("grpo", count_fn=count, defaults=DEFAULTS, reference_fn=reference_logps, reference_keys=REFERENCE_KEYS,
@@ -90,8 +87,9 @@ def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.Co
     common.require(batch, REFERENCE_KEYS, "grpo with beta != 0 (add them with get('grpo').reference_fn)")
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   on_BT = mask_BT > 0
-  logits_BTV = _logits(model, batch, c.temperature)
-  logp_BT = common.token_logprobs(logits_BTV, batch["targets"])
+  stats = logprobs.token_stats(model, batch, chunk=c.logprob_chunk, temperature=c.temperature,
+                               want=("logp", "entropy"))
+  logp_BT = stats["logp"]
   old_BT = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp_BT)
   ratio_BT = jnp.exp(jnp.where(on_BT, logp_BT - old_BT, 0.0))  # masked before exp: no inf/NaN from padding
   adv_B1 = batch["advantages"].astype(jnp.float32)[:, None]
@@ -113,7 +111,7 @@ def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.Co
   high_BT = (ratio_BT > 1.0 + c.epsilon_high) & (adv_B1 > 0)
   metrics = {
       "loss": jax.lax.stop_gradient(loss),
-      "entropy": mean(common.entropy(jax.lax.stop_gradient(logits_BTV))),
+      "entropy": mean(stats["entropy"]),
       "clip_ratio/low_mean": mean(low_BT),
       "clip_ratio/high_mean": mean(high_BT),
       "clip_ratio/region_mean": mean(low_BT | high_BT),

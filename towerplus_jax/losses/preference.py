@@ -4,7 +4,7 @@ Batch: for side in (chosen, rejected): int32 [B, T] `{side}_inputs`, `{side}_tar
 `{side}_segment_ids`; float32 [B, T] `{side}_loss_mask` (response tokens only); float32 [B] `ref_chosen_logp`,
 `ref_rejected_logp` (summed reference log-probs; `reference_fn` computes them when absent).
 Config (`loss` section): beta = 0.1 (dpo) / 0.01 (wpo); label_smoothing = 0.0; wpo_weighting = False (dpo) /
-True (wpo).
+True (wpo); logprob_chunk (see common.DEFAULTS).
   Δ = (logπ(y_w) − logπ_ref(y_w)) − (logπ(y_l) − logπ_ref(y_l)),  L = −(1−ε)·logσ(βΔ) − ε·logσ(−βΔ)
   WPO: a_t = log p(y_t) − log Σ_v p(v)², ā = mean over response tokens, w = min(exp(ā_w + ā_l), 1) under
   stop_gradient, L ← w·L.
@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from towerplus_jax.losses import common, register
+from towerplus_jax.losses import common, logprobs, register
 
-DPO_DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "wpo_weighting": False}
-WPO_DEFAULTS = {"beta": 0.01, "label_smoothing": 0.0, "wpo_weighting": True}
+DPO_DEFAULTS = {**common.DEFAULTS, "beta": 0.1, "label_smoothing": 0.0, "wpo_weighting": False}
+WPO_DEFAULTS = {**common.DEFAULTS, "beta": 0.01, "label_smoothing": 0.0, "wpo_weighting": True}
 SIDES = ("chosen", "rejected")
 FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
@@ -45,20 +45,20 @@ def _split(x_2B: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.split(x_2B, 2)
 
 
-def wpo_weight(logits_BTV: jax.Array, logp_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+def wpo_weight(logp_BT: jax.Array, lse2_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
   """Per-row ā = mean_t(log p(y_t) − log Σ_v p(v)²) [B] (rows: chosen then rejected) -> w [B/2], no gradient."""
-  logits_BTV, logp_BT = jax.lax.stop_gradient(logits_BTV), jax.lax.stop_gradient(logp_BT)
-  log_sum_sq_BT = jax.nn.logsumexp(2.0 * jax.nn.log_softmax(logits_BTV, axis=-1), axis=-1)
-  a_chosen, a_rejected = _split(common.masked_mean(logp_BT - log_sum_sq_BT, mask_BT, axis=-1))
+  a_BT = jax.lax.stop_gradient(logp_BT - lse2_BT)
+  a_chosen, a_rejected = _split(common.masked_mean(a_BT, mask_BT, axis=-1))
   return jnp.minimum(jnp.exp(a_chosen + a_rejected), 1.0)
 
 
 def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDict | None = None
                     ) -> dict[str, jax.Array]:
   """Summed reference log-probs of the chosen and rejected responses, one forward pass."""
+  chunk = common.read_config(cfg, DPO_DEFAULTS, "dpo/wpo").logprob_chunk  # dpo and wpo read the same keys
   both = _both_sides(batch)
-  logits_BTV = common.forward(ref_model, both)
-  logp_B = common.sequence_logprobs(logits_BTV, both["targets"], both["loss_mask"].astype(jnp.float32))
+  logp_BT = logprobs.token_stats(ref_model, both, chunk=chunk)["logp"]
+  logp_B = jnp.sum(logp_BT * both["loss_mask"].astype(jnp.float32), axis=-1)
   return dict(zip(REFERENCE_KEYS, _split(jax.lax.stop_gradient(logp_B))))
 
 
@@ -69,13 +69,14 @@ def preference_loss(model, batch: common.Batch, cfg: ml_collections.ConfigDict, 
   c = common.read_config(cfg, defaults, name)
   both = _both_sides(batch)
   mask_BT = both["loss_mask"].astype(jnp.float32)
-  logits_BTV = common.forward(model, both)
-  logp_BT = common.token_logprobs(logits_BTV, both["targets"])
+  stats = logprobs.token_stats(model, both, chunk=c.logprob_chunk,
+                               want=("logp", "lse2") if c.wpo_weighting else ("logp",))
+  logp_BT = stats["logp"]
   chosen, rejected = _split(jnp.sum(logp_BT * mask_BT, axis=-1))
   chosen_ratio, rejected_ratio = chosen - batch["ref_chosen_logp"], rejected - batch["ref_rejected_logp"]
   scaled = c.beta * (chosen_ratio - rejected_ratio)
   losses = -(1.0 - c.label_smoothing) * jax.nn.log_sigmoid(scaled) - c.label_smoothing * jax.nn.log_sigmoid(-scaled)
-  weight = wpo_weight(logits_BTV, logp_BT, mask_BT) if c.wpo_weighting else jnp.ones_like(losses)
+  weight = wpo_weight(logp_BT, stats["lse2"], mask_BT) if c.wpo_weighting else jnp.ones_like(losses)
   rows = common.row_mask(batch, "chosen_")
   denom = common.denominator(batch, jnp.sum(rows))
   mean = lambda x: jnp.sum(jax.lax.stop_gradient(x) * rows) / denom
