@@ -12,7 +12,11 @@ from typing import Literal
 
 Family = Literal["gemma2", "gemma3", "qwen2", "qwen3"]
 LayerType = Literal["sliding", "full"]
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# What the backward pass keeps of each block (or scanned group of blocks); the rest is recomputed.
+#   none: everything (no remat); full: only the block's input (with scan_layers: only the scan carry, one [B, T, D]
+#   per group); dots / dots_no_batch: the matmul outputs (without / with batch dims excluded, jax's policies);
+#   offload: only the block input, moved to host memory (pinned_host) until the backward pass needs it.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ModelConfig:
   dtype: str = "float32"  # activation/compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # one of REMAT_POLICIES
+  scan_layers: bool = False  # params of repeating layer-type groups stacked ([G, ...]) and run by one lax.scan
 
   def __post_init__(self):
     if self.layer_types and len(self.layer_types) != self.num_layers:
@@ -58,6 +63,12 @@ class ModelConfig:
 
   def layer_type(self, i: int) -> LayerType:
     return self.layer_types[i] if self.layer_types else "full"
+
+  @property
+  def scan_period(self) -> int:
+    """Layers per scanned group: the shortest repeat of `layer_types` (Gemma 2: 2, Gemma 3: 6, Qwen: 1)."""
+    types = [self.layer_type(i) for i in range(self.num_layers)]
+    return next(p for p in range(1, self.num_layers + 1) if all(t == types[i % p] for i, t in enumerate(types)))
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
