@@ -115,7 +115,7 @@ def tokenizer_spec(folder: str) -> str:
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
-  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat")}
+  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers")}
 
 
 def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -> tuple[ModelConfig, nnx.Module]:

@@ -29,7 +29,10 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.model.vocab_size = 0  # 0 = the preset's (random init: the tokenizer's, rounded up to 128)
   c.model.dtype = "float32" if tiny else "bfloat16"  # activations / compute
   c.model.param_dtype = "float32"  # master weights
-  c.model.remat = "none" if tiny else "dots_no_batch"  # none | full | dots | dots_no_batch
+  # What backward keeps per block: none | full (the block input only; scanned: the scan carry) | dots |
+  # dots_no_batch | offload (full, with block inputs in host memory); see models/config.py REMAT_POLICIES.
+  c.model.remat = "none" if tiny else "dots_no_batch"
+  c.model.scan_layers = True  # one lax.scan over stacked layer groups (fast compile, less memory); False = unrolled
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated params)
