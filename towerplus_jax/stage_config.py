@@ -75,6 +75,7 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.clip_norm = 1.0  # global-norm gradient clipping (0 = off)
+  c.optimizer.mu_dtype = ""  # dtype of Adam's first moment: '' = the param dtype, 'bfloat16' halves its memory
 
   c.loss = losses.default_config(loss)  # name + every key the loss reads (see towerplus_jax/losses)
 
