@@ -64,9 +64,10 @@ def test_scanned_equals_unrolled_logits_and_grads(case):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-def test_remat_policies_give_identical_gradients(scan):
-  cfg = CASES["gemma3_leftover"].replace(scan_layers=scan)
+@pytest.mark.parametrize("case,scan", [("gemma2", False), ("gemma3_leftover", True)])
+def test_remat_policies_give_identical_gradients(case, scan):
+  """Inside the scan body (scanned) or around each block (unrolled and the scan's leftovers)."""
+  cfg = CASES[case].replace(scan_layers=scan)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   args = _inputs(cfg.vocab_size)
   _, want = _loss_and_grads(model, *args)
@@ -112,3 +113,11 @@ def _temp_bytes(micro: int) -> int:
 def test_micro_batches_lower_temporary_memory():
   one, four = _temp_bytes(1), _temp_bytes(4)
   assert four < 0.5 * one, (one, four)
+
+
+def test_weight_decay_mask_on_stacked_params():
+  """Stacked norm scales are 2-D ([G, D]) yet still spared, by name."""
+  mask = nnx.to_pure_dict(optim.decay_mask(nnx.state(_pair(CASES["qwen2"])[1], nnx.Param)))
+  block = mask["stack"][0]
+  assert block["attn"]["q_DNH"] is True and block["mlp"]["down_FD"] is True
+  assert block["attn"]["q_bias_NH"] is False and block["pre_attn_norm"]["scale"] is False
