@@ -72,7 +72,7 @@ def test_remat_policies_give_identical_gradients(case, scan):
   args = _inputs(cfg.vocab_size)
   _, want = _loss_and_grads(model, *args)
   graphdef, state = nnx.split(model)
-  for policy in ("full", "dots", "dots_no_batch"):
+  for policy in ("full", "dots", "dots_no_batch", "offload"):
     remat_model = nnx.merge(nnx.split(Transformer(cfg.replace(remat=policy), rngs=nnx.Rngs(0)))[0], state)
     _, grads = _loss_and_grads(remat_model, *args)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
