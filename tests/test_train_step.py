@@ -13,8 +13,7 @@ from towerplus_jax.models.transformer import Transformer
 
 def opt_cfg(**kw):
   c = ml_collections.ConfigDict(dict(lr=1e-2, schedule="cosine", warmup_steps=2, warmup_ratio=0.0, end_lr_ratio=0.1,
-                                     weight_decay=0.1, b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0,
-                                     mu_dtype=""))
+                                     weight_decay=0.1, b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0))
   c.update(kw)
   return c
 

@@ -32,7 +32,9 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   # What backward keeps per block: none | full (the block input only; scanned: the scan carry) | dots |
   # dots_no_batch | offload (full, with block inputs in host memory); see models/config.py REMAT_POLICIES.
   c.model.remat = "none" if tiny else "dots_no_batch"
-  c.model.scan_layers = True  # one lax.scan over stacked layer groups (fast compile, less memory); False = unrolled
+  # One lax.scan over stacked layer groups (compile time and activation memory flat in depth); False = unrolled.
+  # Tiny models stay unrolled: on CPU their train step is ~20% faster so.
+  c.model.scan_layers = not tiny
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1  # pure data parallelism (replicated params)
