@@ -6,6 +6,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -86,3 +87,15 @@ def test_unrolled_checkpoint_restores_into_scanned_model(tmp_path):
   checkpoint.save_params(str(tmp_path / "b"), nnx.to_pure_dict(nnx.state(restored)))
   back = setup_run.restore_model(unrolled, mesh, str(tmp_path / "b"), saved=scanned)
   np.testing.assert_allclose(np.asarray(back(tokens)), want, atol=1e-5)
+
+
+def test_resume_with_another_layer_layout_is_named(tmp_path):
+  from towerplus_jax import setup_run
+  from towerplus_jax.models import config as model_config
+  cfg = ModelConfig.tiny("qwen3")
+  model_config.save_json(cfg, str(tmp_path))
+  setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))  # no checkpoints yet: a fresh start
+  os.makedirs(tmp_path / "checkpoints")
+  setup_run.check_resume_layout(str(tmp_path), cfg)
+  with pytest.raises(ValueError, match=r"model.scan_layers=False; resume it with --config.model.scan_layers=False"):
+    setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))

@@ -146,6 +146,17 @@ def restore_model(cfg: ModelConfig, mesh: Mesh, ckpt_dir: str, step: int | None 
   return nnx.merge(graphdef, abstract)
 
 
+def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
+  """A run resumed in `workdir` must keep its checkpoints' layer layout (train state is restored as saved)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.path.exists(
+      os.path.join(workdir, "model_config.json")):
+    return
+  saved = model_config.load_json(workdir).scan_layers
+  if saved != cfg.scan_layers:
+    raise ValueError(f"{workdir} holds checkpoints of model.scan_layers={saved}; resume it with "
+                     f"--config.model.scan_layers={saved} (or start a new workdir with init_from=ckpt:{workdir})")
+
+
 def _round_up(n: int, k: int) -> int:
   return -(-n // k) * k
 
@@ -177,6 +188,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = load_tokenizer(config, workdir)
   model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
+  check_resume_layout(workdir, model_cfg)
   if jax.process_index() == 0:
     model_config.save_json(model_cfg, workdir)
   loss = losses.get(config.loss.name)
