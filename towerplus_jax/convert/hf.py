@@ -17,7 +17,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -361,7 +361,8 @@ class _Source:
   def read(self, index: tuple[slice, ...] = ()) -> np.ndarray:
     """The parameter (or the `index` part of it) in our layout; a stacked one reads only the rows it needs."""
     def one(k: int, index: tuple) -> np.ndarray:
-      with safe_open(self.files[k], framework="flax") as f:
+      # framework "flax" reads bfloat16 (numpy cannot); on the host, never through an accelerator
+      with safe_open(self.files[k], framework="flax") as f, jax.default_device(_host_device()):
         x = np.asarray(f.get_tensor(self.names[k]))
       return self.layout.to_ours(x, self.shape)[index]
     if not self.stacked:
@@ -408,13 +409,11 @@ def _host_device() -> jax.Device | None:
 
 
 def _place(source: _Source, target: jax.ShapeDtypeStruct, target_sharding: Sharding | None) -> jax.Array:
-  """One parameter onto its sharding, each device reading only its part (framework "flax" reads bfloat16; the
-  host keeps it off accelerators)."""
-  with jax.default_device(_host_device()):
-    if target_sharding is None:
-      return jnp.asarray(source.read().astype(target.dtype))
-    return jax.make_array_from_callback(target.shape, target_sharding,
-                                        lambda index: source.read(index).astype(target.dtype))
+  """One parameter onto its sharding (else the default device), each device reading only its part."""
+  if target_sharding is None:
+    return jnp.asarray(source.read().astype(target.dtype))
+  return jax.make_array_from_callback(target.shape, target_sharding,
+                                      lambda index: source.read(index).astype(target.dtype))
 
 
 def load_hf(hf_dir: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sharding.RULES,
