@@ -40,12 +40,14 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--vocab", type=int, default=4096)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                       help="activation/compute dtype (master weights stay float32 on both sides)")
+  parser.add_argument("--scan_layers", action="store_true", help="our layers as one lax.scan over stacked groups")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
   """The family's preset conventions (softcaps, norms, layer pattern, rope) at the requested size."""
   kw = dict(vocab_size=args.vocab, embed_dim=args.embed_dim, mlp_dim=args.mlp_dim, num_layers=args.layers,
-            num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype)
+            num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+            scan_layers=args.scan_layers)
   if args.family.startswith("gemma"):
     kw["query_pre_attn_scalar"] = args.head_dim
   return getattr(ModelConfig, f"_{args.family}")(**kw)
@@ -113,7 +115,8 @@ def print_peaks(dtype: str, n: int | None = None) -> float:
 
 def model_line(cfg: ModelConfig) -> str:
   return (f"model {cfg.family}: d={cfg.embed_dim} layers={cfg.num_layers} heads={cfg.num_heads}/{cfg.num_kv_heads} "
-          f"head_dim={cfg.head_dim} mlp={cfg.mlp_dim} vocab={cfg.vocab_size} dtype={cfg.dtype}")
+          f"head_dim={cfg.head_dim} mlp={cfg.mlp_dim} vocab={cfg.vocab_size} dtype={cfg.dtype} "
+          f"scan_layers={cfg.scan_layers}")
 
 
 def device_line(torch_device) -> str:

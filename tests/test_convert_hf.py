@@ -133,17 +133,21 @@ def test_default_token_ids():
 def imported(tiny_hf_model):
   cache = {}
 
-  def get(family):
-    if family not in cache:
-      cache[family] = hf.load_hf(tiny_hf_model(family))
-    return cache[family]
+  def get(family, scan=False):
+    if (family, scan) not in cache:
+      cache[family, scan] = hf.load_hf(tiny_hf_model(family), overrides={"scan_layers": scan})
+    return cache[family, scan]
   return get
 
 
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+
+
+@SCAN
 @pytest.mark.parametrize("family", FAMILIES)
-def test_export_loads_in_transformers_bit_exact(family, tiny_hf_model, imported, tmp_path, tokens_BT):
+def test_export_loads_in_transformers_bit_exact(family, scan, tiny_hf_model, imported, tmp_path, tokens_BT):
   folder = tiny_hf_model(family)
-  cfg, model = imported(family)
+  cfg, model = imported(family, scan)
   hf.save_hf(model, cfg, str(tmp_path / "out"), dtype="float32")
   original, exported = _hf_model(folder), _hf_model(str(tmp_path / "out"))
   assert sorted(original.state_dict()) == sorted(exported.state_dict())
@@ -155,11 +159,12 @@ def test_export_loads_in_transformers_bit_exact(family, tiny_hf_model, imported,
   assert set(os.listdir(tmp_path)) == {"out"}  # the temporary folder was renamed
 
 
+@SCAN
 @pytest.mark.parametrize("family", FAMILIES)
-def test_import_export_import_is_identity(family, imported, tmp_path):
-  cfg, model = imported(family)
+def test_import_export_import_is_identity(family, scan, imported, tmp_path):
+  cfg, model = imported(family, scan)
   hf.save_hf(nnx.state(model), cfg, str(tmp_path), dtype="float32")
-  cfg2, model2 = hf.load_hf(str(tmp_path))
+  cfg2, model2 = hf.load_hf(str(tmp_path), overrides={"scan_layers": scan})
   assert cfg2 == cfg
   first, second = _pure(model), _pure(model2)
   assert sorted(first) == sorted(second)
@@ -245,6 +250,19 @@ def test_load_onto_mesh(tiny_hf_model, imported):
   first, second = _pure(plain), _pure(model)
   for name in first:
     np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+
+
+def test_load_scanned_onto_mesh(tiny_hf_model, imported):
+  """Stacked params: the layers axis unsharded, each device reading only its rows' shards; same values as the
+  unrolled import, layer i = row i // period of stack.(i % period)."""
+  mesh = sharding.make_mesh({"fsdp": 2, "tensor": 4})
+  cfg, model = hf.load_hf(tiny_hf_model("gemma2"), mesh=mesh, overrides={"scan_layers": True})
+  q = model.stack[1].attn.q_DNH[...]
+  assert q.shape[0] == 2 and q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  _, plain = imported("gemma2")
+  np.testing.assert_array_equal(np.asarray(q[1]), np.asarray(plain.layers[3].attn.q_DNH[...]))
+  np.testing.assert_array_equal(np.asarray(model.stack[0].mlp.down_FD[...][0]),
+                                np.asarray(plain.layers[0].mlp.down_FD[...]))
 
 
 def test_cli_import_then_export(tiny_hf_model, tmp_path):

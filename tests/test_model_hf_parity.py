@@ -1,5 +1,8 @@
 """Our decoder vs Hugging Face transformers on tiny random models of every family (float32, all weights random),
-and our own consistency: packed segments == each alone, KV-cache decoding == the full forward."""
+and our own consistency: packed segments == each alone, KV-cache decoding == the full forward; each with unrolled
+and scanned layers."""
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,20 +14,23 @@ CASES = {  # name: (family, HF config overrides); the tiny models' own settings 
     "gemma2": ("gemma2", {}),
     "gemma2_small_caps": ("gemma2", dict(attn_logit_softcapping=2.0, final_logit_softcapping=2.0)),
     "gemma3": ("gemma3", {}),  # HF Gemma 3 ignores attn_logit_softcapping: the importer must drop it
+    "gemma3_leftover": ("gemma3", dict(num_hidden_layers=5, layer_types=[  # scanned: 2 groups of 2 + 1 unrolled
+        "sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention"])),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
 }
 FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
+SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 
 
 @pytest.fixture(scope="module")
 def imported(tiny_hf_model):
   cache = {}
 
-  def get(family, **overrides):
-    key = (family, tuple(sorted(overrides.items())))
+  def get(family, scan=False, **overrides):
+    key = (family, scan, json.dumps(overrides, sort_keys=True))
     if key not in cache:
-      cache[key] = hf.load_hf(tiny_hf_model(family, **overrides))
+      cache[key] = hf.load_hf(tiny_hf_model(family, **overrides), overrides={"scan_layers": scan})
     return cache[key]
   return get
 
@@ -39,11 +45,13 @@ def _decode(model, tokens_BT, positions_BT, cache):
   return model.decode(tokens_BT, positions_BT, cache)
 
 
+@SCAN
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(case, tiny_hf_model, imported, hf_logits, tokens_BT):
+def test_logits_match_transformers(case, scan, tiny_hf_model, imported, hf_logits, tokens_BT):
   family, overrides = CASES[case]
   want = hf_logits(tiny_hf_model(family, **overrides), tokens_BT)
-  _, model = imported(family, **overrides)
+  cfg, model = imported(family, scan, **overrides)
+  assert hasattr(model, "stack") == scan and cfg.scan_layers == scan
   got = np.asarray(_forward(model, jnp.asarray(tokens_BT)))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
   cap = imported(family, **overrides)[0].final_logit_softcap
@@ -51,11 +59,12 @@ def test_logits_match_transformers(case, tiny_hf_model, imported, hf_logits, tok
     assert np.abs(want).max() > 0.9 * cap
 
 
+@SCAN
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_segments_equal_separate_rows(family, imported, tokens_BT):
+def test_packed_segments_equal_separate_rows(family, scan, imported, tokens_BT):
   """Row r packs segment A (5 tokens) then B (7 tokens); alone, each is a causal row of its own (the logits of a
   row's first n tokens do not depend on what follows them)."""
-  _, model = imported(family)
+  _, model = imported(family, scan)
   a_B5, b_B7 = tokens_BT[:, :5], tokens_BT[::-1, 5:]
   packed = jnp.asarray(np.concatenate([a_B5, b_B7], axis=1))
   positions = jnp.asarray(np.broadcast_to(np.r_[np.arange(5), np.arange(7)], (2, 12)))
@@ -67,10 +76,12 @@ def test_packed_segments_equal_separate_rows(family, imported, tokens_BT):
   np.testing.assert_allclose(got[:, 5:], alone_b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cache_decoding_equals_full_forward(family, imported, tokens_BT):
+@SCAN
+@pytest.mark.parametrize("case", ["gemma2", "gemma3_leftover", "qwen2", "qwen3"])
+def test_kv_cache_decoding_equals_full_forward(case, scan, imported, tokens_BT):
   """Prefill 5 tokens, then one token per step (past the sliding window of 4): logits equal the full forward's."""
-  _, model = imported(family)
+  family, overrides = CASES[case]
+  _, model = imported(family, scan, **overrides)
   tokens = jnp.asarray(tokens_BT)
   b, t = tokens.shape
   full = np.asarray(_forward(model, tokens))

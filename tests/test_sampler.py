@@ -24,10 +24,14 @@ def _prompts(vocab: int) -> np.ndarray:
   return tokens
 
 
-def _model(family: str, vocab: int = 1024) -> Transformer:
-  """Two layers of the tiny model (gemma2: one sliding-window layer, one global) for fast compiles."""
+def _model(case: str, vocab: int = 1024) -> Transformer:
+  """Two layers of the tiny model (gemma2: one sliding-window layer, one global) for fast compiles; `<family>_scanned`:
+  five scanned layers (two stacked groups, one leftover), with a stacked KV cache."""
+  family, _, scanned = case.partition("_")
   cfg = ModelConfig.tiny(family, vocab_size=vocab)
-  return Transformer(cfg.replace(num_layers=2, layer_types=cfg.layer_types[:2]), rngs=nnx.Rngs(0))
+  n = 5 if scanned else 2
+  return Transformer(cfg.replace(num_layers=n, layer_types=(cfg.layer_types * 3)[:n], scan_layers=bool(scanned)),
+                     rngs=nnx.Rngs(0))
 
 
 _forward = nnx.jit(lambda model, tokens_BT: model(tokens_BT))
@@ -83,7 +87,7 @@ def _case(family: str) -> tuple[Transformer, np.ndarray, np.ndarray]:
   return model, tokens_BP, ref
 
 
-@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+@pytest.mark.parametrize("family", ["gemma2", "qwen3", "gemma2_scanned"])
 def test_greedy_matches_full_forward_and_logprobs(family):
   model, tokens_BP, ref = _case(family)
   out = _sample(model, tokens_BP, greedy=True)
@@ -160,10 +164,11 @@ def test_sort_free_filter_keeps_exactly_the_sorted_oracles_set(top_k, top_p):
     assert (got.sum(-1) >= top_k).all()
 
 
-def test_sharded_sampling_equals_unsharded():
-  _, tokens_BP, expected = _case("gemma2")
+@pytest.mark.parametrize("case", ["gemma2", "gemma2_scanned"])
+def test_sharded_sampling_equals_unsharded(case):
+  _, tokens_BP, expected = _case(case)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  graphdef, state = nnx.split(_case("gemma2")[0])
+  graphdef, state = nnx.split(_case(case)[0])
   sharded = nnx.merge(graphdef, jax.device_put(state, sharding.state_shardings(state, mesh)))
   with jax.set_mesh(mesh):
     out = _sample(sharded, tokens_BP, greedy=True)

@@ -199,7 +199,7 @@ def run_one(config: ml_collections.ConfigDict, mesh_spec: str, hbm_gib: float) -
   print(f"{config.model.preset} ({cfg.family}, {n_params / 1e6:,.1f} M params, loss {config.loss.name}) on mesh "
         f"{dict(mesh.shape)} of {jax.device_count()} {jax.devices()[0].platform} devices; global batch "
         f"{config.train.global_batch_size} x {config.data.seq_len}, micro_batches {config.train.micro_batches}, "
-        f"remat {cfg.remat}, dtype {cfg.dtype}")
+        f"remat {cfg.remat}, scan_layers {cfg.scan_layers}, dtype {cfg.dtype}")
   start = time.perf_counter()
   report = memory_report(compile_train_step(config, mesh))
   seconds = time.perf_counter() - start

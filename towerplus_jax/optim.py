@@ -39,7 +39,8 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
   lr = schedule(cfg, total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
-      optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask),
+      optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask,
+                  mu_dtype=cfg.get("mu_dtype") or None),  # absent in older configs: the param dtype
   )
   return optax.apply_if_finite(tx, MAX_NONFINITE), lr
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from towerplus_jax import checkpoint, distributed, losses, sharding
 from towerplus_jax.convert import hf
 from towerplus_jax.data import pipeline, tokenizers
-from towerplus_jax.models import config as model_config
+from towerplus_jax.models import config as model_config, layout
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer
 from towerplus_jax.rl import rollout
@@ -119,7 +119,7 @@ def tokenizer_spec(folder: str) -> str:
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
-  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "attention", "attention_block")}
+  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention", "attention_block")}
 
 
 def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -> tuple[ModelConfig, nnx.Module]:
@@ -131,18 +131,34 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -
   kind, path = _init_dir(config.init_from)
   if kind == "hf":
     return hf.load_hf(path, mesh=mesh, overrides=model_overrides(config))
-  cfg = model_config.load_json(path).replace(**model_overrides(config))
-  model = restore_model(cfg, mesh, os.path.join(path, "checkpoints"))
-  return cfg, model
+  saved = model_config.load_json(path)
+  cfg = saved.replace(**model_overrides(config))
+  return cfg, restore_model(cfg, mesh, os.path.join(path, "checkpoints"), saved=saved)
 
 
-def restore_model(cfg: ModelConfig, mesh: Mesh, ckpt_dir: str, step: int | None = None) -> nnx.Module:
-  """A model of `cfg` with the params of a run's checkpoint, restored straight onto the mesh."""
+def restore_model(cfg: ModelConfig, mesh: Mesh, ckpt_dir: str, step: int | None = None,
+                  saved: ModelConfig | None = None) -> nnx.Module:
+  """A model of `cfg` with the params of a run's checkpoint, restored straight onto the mesh. `saved`: the config
+  the checkpoint was written with (default `cfg`); its layers are converted when `scan_layers` differs."""
+  saved = saved or cfg
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-  shardings = sharding.state_shardings(abstract, mesh)
-  target = checkpoint.abstract_like(nnx.to_pure_dict(abstract), nnx.to_pure_dict(shardings))
-  nnx.replace_by_pure_dict(abstract, checkpoint.restore_params(ckpt_dir, target, step))
+  shardings = nnx.to_pure_dict(sharding.state_shardings(abstract, mesh))
+  stored = nnx.state(nnx.eval_shape(lambda: Transformer(saved, rngs=nnx.Rngs(0))))
+  target = checkpoint.abstract_like(nnx.to_pure_dict(stored), nnx.to_pure_dict(sharding.state_shardings(stored, mesh)))
+  params = layout.convert(checkpoint.restore_params(ckpt_dir, target, step), saved, cfg)
+  nnx.replace_by_pure_dict(abstract, jax.device_put(params, shardings))
   return nnx.merge(graphdef, abstract)
+
+
+def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
+  """A run resumed in `workdir` must keep its checkpoints' layer layout (train state is restored as saved)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.path.exists(
+      os.path.join(workdir, "model_config.json")):
+    return
+  saved = model_config.load_json(workdir).scan_layers
+  if saved != cfg.scan_layers:
+    raise ValueError(f"{workdir} holds checkpoints of model.scan_layers={saved}; resume it with "
+                     f"--config.model.scan_layers={saved} (or start a new workdir with init_from=ckpt:{workdir})")
 
 
 def _round_up(n: int, k: int) -> int:
@@ -176,6 +192,7 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = load_tokenizer(config, workdir)
   model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
+  check_resume_layout(workdir, model_cfg)
   if jax.process_index() == 0:
     model_config.save_json(model_cfg, workdir)
   loss = losses.get(config.loss.name)

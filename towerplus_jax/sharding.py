@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch is split over
@@ -20,6 +20,7 @@ Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 RULES: Rules = (
     ("batch", BATCH),
+    ("layers", None),  # the stacked axis of scanned layers: every device holds all layers' rows of its shard
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -51,7 +52,8 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = RULES) -> P:
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,
+                    rules: Rules = RULES) -> P:
   """PartitionSpec for an array with these logical axes; keeps only mesh axes that are unused and divide the dim."""
   table, used, spec = dict(rules), set(), []
   for name, dim in zip(axes, shape):
@@ -65,6 +67,15 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
     used.update(kept)
     spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
   return P(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = RULES) -> jax.Array:
+  """Sharding constraint by logical axes on the current mesh (`jax.set_mesh`); a no-op without one (or on a mesh
+  without our axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh, rules))
 
 
 def _is_var(x) -> bool:

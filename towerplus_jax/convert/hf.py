@@ -1,6 +1,7 @@
 """Hugging Face (safetensors + config.json) <-> towerplus_jax conversion, driven by one key table per family.
 
-Each table row is (HF tensor name, our parameter path, layout); `{i}` stands for the layer index. HF stores a Linear
+Each table row is (HF tensor name, our parameter path, layout); `{i}` stands for the layer index, whose params live at
+`layers.{i}` or, in a scanned model, in one row of a stacked array (models/layout.py). HF stores a Linear
 weight as [out, in]; we store einsum layouts with the input axes first (q [D, N, H], o [N, H, D], gate [D, F]).
 Norm weights are stored the same way on both sides (Gemma's (1 + w) convention is shared with HF).
 
@@ -16,7 +17,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -31,6 +32,7 @@ from safetensors import safe_open
 from towerplus_jax import checkpoint, sharding
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
+from towerplus_jax.models.layout import layer_slot
 from towerplus_jax.models.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -110,15 +112,18 @@ TABLES = {
 _IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$|^(model\.)?(vision_tower|multi_modal_projector)\.")
 
 
-def key_map(cfg: ModelConfig, our_paths: set[str]) -> dict[str, tuple[str, Layout]]:
-  """HF tensor name -> (our path, layout) for every parameter of a model of `cfg` (rows it lacks are skipped)."""
+def key_map(cfg: ModelConfig, our_paths: set[str]) -> dict[str, tuple[str, int | None, Layout]]:
+  """HF tensor name -> (our path, row of its stacked layer axis or None, layout) for every parameter of a model of
+  `cfg` (rows it lacks are skipped)."""
   out = {}
   for hf, ours, layout in TABLES[cfg.family]:
-    for i in range(cfg.num_layers) if "{i}" in hf else [None]:
-      path = ours.format(i=i)
-      if path in our_paths:
-        out[hf.format(i=i)] = (path, layout)
-  uncovered = our_paths - {p for p, _ in out.values()}
+    if "{i}" not in hf:
+      rows = [(hf, ours, None)]
+    else:
+      rows = [(hf.format(i=i), slot + ours[len(_O) - 1:], row)
+              for i in range(cfg.num_layers) for slot, row in [layer_slot(cfg, i)]]
+    out.update({name: (path, row, layout) for name, path, row in rows if path in our_paths})
+  uncovered = our_paths - {p for p, _, _ in out.values()}
   if uncovered:
     raise ValueError(f"no HF name for parameter(s) {sorted(uncovered)} of a {cfg.family} model")
   return out
@@ -246,7 +251,7 @@ def _rope_dict(theta: float, scale: float) -> dict:
 def _effective(cfg: ModelConfig) -> dict:
   """The fields a config.json describes, with our "None = default" shorthands resolved."""
   d = dataclasses.asdict(cfg)
-  for k in ("dtype", "param_dtype", "remat", "attention", "attention_block"):
+  for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention", "attention_block"):
     del d[k]
   d["layer_types"] = [cfg.layer_type(i) for i in range(cfg.num_layers)]
   d["sliding_window"] = cfg.sliding_window if "sliding" in d["layer_types"] else None
@@ -343,9 +348,31 @@ def _stored_name(name: str, prefixes: dict[str, str]) -> str:
   return name
 
 
-def read_hf_tensors(hf_dir: str, cfg: ModelConfig,
-                    targets: Mapping[str, jax.ShapeDtypeStruct]) -> Iterator[tuple[str, np.ndarray]]:
-  """Stream (our path, array in our layout) one tensor at a time, after checking names (missing / unexpected)."""
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """Where one of our parameters comes from: its HF tensors (one per stacked row, else one) and their files."""
+
+  names: tuple[str, ...]
+  files: tuple[str, ...]
+  layout: Layout
+  stacked: bool  # one HF tensor per row of our leading (layers) axis
+  shape: tuple[int, ...]  # our shape of one row (stacked) or of the whole parameter
+
+  def read(self, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """The parameter (or the `index` part of it) in our layout; a stacked one reads only the rows it needs."""
+    def one(k: int, index: tuple) -> np.ndarray:
+      # framework "flax" reads bfloat16 (numpy cannot); on the host, never through an accelerator
+      with safe_open(self.files[k], framework="flax") as f, jax.default_device(_host_device()):
+        x = np.asarray(f.get_tensor(self.names[k]))
+      return self.layout.to_ours(x, self.shape)[index]
+    if not self.stacked:
+      return one(0, index)
+    rows = range(len(self.names))[index[0] if index else slice(None)]
+    return np.stack([one(k, index[1:]) for k in rows])
+
+
+def hf_sources(hf_dir: str, cfg: ModelConfig, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, _Source]:
+  """Our path -> its `_Source`, after checking names (missing / unexpected) and shapes against `targets`."""
   weight_map = _weight_map(hf_dir)
   prefixes = _prefixes(weight_map)
   table = {_stored_name(hf, prefixes): entry for hf, entry in key_map(cfg, set(targets)).items()}
@@ -357,18 +384,21 @@ def read_hf_tensors(hf_dir: str, cfg: ModelConfig,
   extra = sorted(n for n in weight_map if n not in table and n not in ignorable and not _IGNORABLE.search(n))
   if extra:
     raise ValueError(f"{hf_dir}: unexpected tensor(s) {extra} for a {cfg.family} model")
-  by_file: dict[str, list[str]] = {}
-  for name in table:
-    by_file.setdefault(weight_map[name], []).append(name)
-  with jax.default_device(_host_device()):  # framework "flax" reads bfloat16; keep it off accelerators
-    for file, names in sorted(by_file.items()):
-      with safe_open(file, framework="flax") as f:
-        for name in names:
-          path, layout = table[name]
-          want, found = layout.hf_shape(targets[path].shape), tuple(f.get_slice(name).get_shape())
-          if want != found:
-            raise ValueError(f"{file}: tensor {name} has shape {found}, expected {want} ({path} {targets[path].shape})")
-          yield path, layout.to_ours(np.asarray(f.get_tensor(name)), targets[path].shape)
+  by_path: dict[str, list[tuple[int, str]]] = {}
+  for name, (path, row, _) in table.items():
+    by_path.setdefault(path, []).append((row or 0, name))
+  sources = {}
+  for path, rows in by_path.items():
+    names = tuple(name for _, name in sorted(rows))
+    _, row, layout = table[names[0]]
+    shape = targets[path].shape[1:] if row is not None else targets[path].shape
+    for name in names:
+      with safe_open(weight_map[name], framework="flax") as f:
+        want, found = layout.hf_shape(shape), tuple(f.get_slice(name).get_shape())
+      if want != found:
+        raise ValueError(f"{weight_map[name]}: tensor {name} has shape {found}, expected {want} ({path} {shape})")
+    sources[path] = _Source(names, tuple(weight_map[n] for n in names), layout, row is not None, tuple(shape))
+  return sources
 
 
 def _host_device() -> jax.Device | None:
@@ -378,26 +408,26 @@ def _host_device() -> jax.Device | None:
     return None
 
 
-def _place(x: np.ndarray, dtype, target_sharding: Sharding | None) -> jax.Array:
-  x = x.astype(dtype)
+def _place(source: _Source, target: jax.ShapeDtypeStruct, target_sharding: Sharding | None) -> jax.Array:
+  """One parameter onto its sharding (else the default device), each device reading only its part."""
   if target_sharding is None:
-    return jnp.asarray(x)
-  return jax.make_array_from_callback(x.shape, target_sharding, lambda index: x[index])
+    return jnp.asarray(source.read().astype(target.dtype))
+  return jax.make_array_from_callback(target.shape, target_sharding,
+                                      lambda index: source.read(index).astype(target.dtype))
 
 
 def load_hf(hf_dir: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sharding.RULES,
             overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, Transformer]:
-  """(ModelConfig, model) from an HF folder. The model is built abstractly and filled tensor by tensor, each placed
-  straight onto its sharding on `mesh` (else the default device). `overrides`: ModelConfig fields such as dtype,
-  param_dtype, remat."""
+  """(ModelConfig, model) from an HF folder. The model is built abstractly and filled parameter by parameter, each
+  placed straight onto its sharding on `mesh` (else the default device). `overrides`: ModelConfig fields such as
+  dtype, param_dtype, remat, scan_layers."""
   cfg = config_from_hf(_read_json(os.path.join(hf_dir, "config.json"))).replace(**(overrides or {}))
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   flat = _flatten(nnx.to_pure_dict(abstract))
   shardings = _flatten(nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))) if mesh else {}
   targets = {name: leaf for name, (_, leaf) in flat.items()}
-  params = {}
-  for name, x in read_hf_tensors(hf_dir, cfg, targets):
-    params[flat[name][0]] = _place(x, targets[name].dtype, shardings[name][1] if mesh else None)
+  params = {flat[name][0]: _place(source, targets[name], shardings[name][1] if mesh else None)
+            for name, source in hf_sources(hf_dir, cfg, targets).items()}
   nnx.replace_by_pure_dict(abstract, _unflatten(params))
   return cfg, nnx.merge(graphdef, abstract)
 
@@ -451,8 +481,9 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
   leaves = {name: leaf for name, (_, leaf) in flat.items()}
   table = key_map(cfg, set(leaves))
   np_dtype = np.dtype(jnp.dtype(dtype))
-  sizes = [(hf, math.prod(layout.hf_shape(leaves[path].shape)) * np_dtype.itemsize)
-           for hf, (path, layout) in table.items()]
+  def hf_shape(path: str, row: int | None, layout: Layout) -> tuple[int, ...]:
+    return layout.hf_shape(leaves[path].shape[row is not None:])
+  sizes = [(hf, math.prod(hf_shape(*entry)) * np_dtype.itemsize) for hf, entry in table.items()]
   groups = _shards(sizes, parse_size(max_shard_size))
   files = [SINGLE_FILE] if len(groups) == 1 else [
       f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
@@ -464,8 +495,9 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
   for file, names in zip(files, groups):
     tensors = {}
     for hf in names:
-      path, layout = table[hf]
-      tensors[hf] = np.ascontiguousarray(layout.to_hf(_to_host(leaves[path])).astype(np_dtype))
+      path, row, layout = table[hf]
+      leaf = leaves[path] if row is None else leaves[path][row]
+      tensors[hf] = np.ascontiguousarray(layout.to_hf(_to_host(leaf)).astype(np_dtype))
     if writer:
       safetensors.numpy.save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
   if writer:

@@ -13,7 +13,11 @@ from etils import epath
 
 Family = Literal["gemma2", "gemma3", "qwen2", "qwen3"]
 LayerType = Literal["sliding", "full"]
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# What the backward pass keeps of each block (or scanned group of blocks); the rest is recomputed.
+#   none: everything (no remat); full: only the block's input (with scan_layers: only the scan carry, one [B, T, D]
+#   per group); dots / dots_no_batch: the matmul outputs (without / with batch dims excluded, jax's policies);
+#   offload: only the block input, moved to host memory (pinned_host) until the backward pass needs it.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
 
 
@@ -46,6 +50,7 @@ class ModelConfig:
   remat: str = "none"  # one of REMAT_POLICIES
   attention: str = "auto"  # attention kernel, one of ATTENTION_IMPLS (auto: splash on TPU, cuDNN on GPU, else xla)
   attention_block: int = 512  # splash attention q/kv block (tokens; clipped to the sequence, multiple of 128)
+  scan_layers: bool = False  # params of repeating layer-type groups stacked ([G, ...]) and run by one lax.scan
 
   def __post_init__(self):
     if self.layer_types and len(self.layer_types) != self.num_layers:
@@ -66,6 +71,12 @@ class ModelConfig:
 
   def layer_type(self, i: int) -> LayerType:
     return self.layer_types[i] if self.layer_types else "full"
+
+  @property
+  def scan_period(self) -> int:
+    """Layers per scanned group: the shortest repeat of `layer_types` (Gemma 2: 2, Gemma 3: 6, Qwen: 1)."""
+    types = [self.layer_type(i) for i in range(self.num_layers)]
+    return next(p for p in range(1, self.num_layers + 1) if all(t == types[i % p] for i, t in enumerate(types)))
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

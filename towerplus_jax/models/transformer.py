@@ -1,19 +1,35 @@
-"""One decoder for Gemma 2, Gemma 3 (text), Qwen 2/2.5 and Qwen 3, driven by `ModelConfig` flags."""
+"""One decoder for Gemma 2, Gemma 3 (text), Qwen 2/2.5 and Qwen 3, driven by `ModelConfig` flags.
+
+With `scan_layers` the layers run as one `lax.scan` over stacked groups of `scan_period` blocks (models/layout.py);
+each position in a group keeps its own static attention window, and leftover layers run unrolled after the scan.
+"""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from towerplus_jax import sharding
+from towerplus_jax.models import layout
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.layers import MLP, Attention, Embedder, RMSNorm, matmul_2d
 
-Cache = list[dict[str, jax.Array]]  # per layer {"k": [B, S, K, H], "v": [B, S, K, H]}
+# Mirrors the block tree: cache[name][k] belongs to getattr(model, name)[k] for name in "layers" (unrolled model)
+# or "stack" / "tail" (scanned model); each {"k": [B, S, K, H], "v": ...}, with a leading [G] axis under "stack".
+Cache = dict[str, list[dict[str, jax.Array]]]
+BLOCK_INPUT = "block_input"  # checkpoint_name of each block's (scanned group's) input: what `offload` moves to host
+ACTIVATION_AXES = ("batch", None, None)  # logical axes of x_BTD between blocks (batch split, the rest whole)
 
 _REMAT = {
-    "full": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -42,8 +58,36 @@ class Block(nnx.Module):
     return x_BTD + y_BTD, cache
 
 
+def _run_blocks(blocks: Sequence[Block], x_BTD: jax.Array, positions_BT: jax.Array,
+                segment_ids_BT: jax.Array | None, caches: Sequence[dict] | None = None) -> tuple[jax.Array, list]:
+  """Blocks in order (one block, or a scanned group), the residual stream constrained to a batch split."""
+  x_BTD = checkpoint_name(sharding.constrain(x_BTD, ACTIVATION_AXES), BLOCK_INPUT)
+  new_caches = []
+  for k, block in enumerate(blocks):
+    x_BTD, cache = block(x_BTD, positions_BT, segment_ids_BT, None if caches is None else caches[k])
+    x_BTD = sharding.constrain(x_BTD, ACTIVATION_AXES)
+    new_caches.append(cache)
+  return x_BTD, new_caches
+
+
 def _block_forward(block: Block, x_BTD, positions_BT, segment_ids_BT):
-  return block(x_BTD, positions_BT, segment_ids_BT)[0]
+  return _run_blocks([block], x_BTD, positions_BT, segment_ids_BT)[0]
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
+  """`scan_period` Blocks whose params are stacked over the G groups (leading logical axis "layers")."""
+  groups = layout.num_groups(cfg)
+
+  @nnx.split_rngs(splits=groups)
+  @nnx.vmap(in_axes=0, out_axes=0, axis_size=groups)
+  def make(rngs: nnx.Rngs) -> nnx.List:
+    return nnx.List([Block(cfg, j, rngs=rngs) for j in range(cfg.scan_period)])
+
+  stack = make(rngs)
+  for _, var in nnx.iter_graph(stack):
+    if isinstance(var, nnx.Param):
+      var.set_metadata(axes=("layers", *var.get_metadata()["axes"]))
+  return stack
 
 
 class Transformer(nnx.Module):
@@ -52,12 +96,22 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embedder = Embedder(cfg, rngs=rngs)
-    self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.stack = _stacked_blocks(cfg, rngs)
+      first = layout.num_groups(cfg) * cfg.scan_period
+      self.tail = nnx.List([Block(cfg, i, rngs=rngs) for i in range(first, cfg.num_layers)])
+    else:
+      self.layers = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg, rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head_DV = nnx.Param(
           nnx.initializers.normal(0.02)(rngs.params(), (cfg.embed_dim, cfg.vocab_size), jnp.dtype(cfg.param_dtype)),
           axes=("embed", "vocab"))
+
+  @property
+  def _unrolled(self) -> str:
+    """Attribute name of the blocks run one by one: all layers, or the scan's leftovers."""
+    return "tail" if self.cfg.scan_layers else "layers"
 
   def __call__(self, tokens_BT: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None) -> jax.Array:
@@ -75,9 +129,26 @@ class Transformer(nnx.Module):
     if self.cfg.remat != "none":
       block_fn = nnx.remat(_block_forward, policy=_REMAT[self.cfg.remat])
     x_BTD = self.embedder.encode(tokens_BT)
-    for block in self.layers:
+    if self.cfg.scan_layers:
+      x_BTD, _ = self._scan(x_BTD, positions_BT, segment_ids_BT)
+    for block in getattr(self, self._unrolled):
       x_BTD = block_fn(block, x_BTD, positions_BT, segment_ids_BT)
     return self.final_norm(x_BTD)
+
+  def _scan(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
+            cache: list[dict] | None = None) -> tuple[jax.Array, list[dict] | None]:
+    """The stacked groups by `lax.scan` (remat policy inside the body when training, i.e. without a cache)."""
+    graphdef, params = nnx.split(self.stack)
+
+    def body(x_BTD, xs):
+      group_params, group_cache = xs
+      x_BTD, new_cache = _run_blocks(nnx.merge(graphdef, group_params), x_BTD, positions_BT, segment_ids_BT,
+                                     group_cache)
+      return x_BTD, None if group_cache is None else new_cache
+
+    if self.cfg.remat != "none" and cache is None:
+      body = jax.checkpoint(body, policy=_REMAT[self.cfg.remat], prevent_cse=False)
+    return jax.lax.scan(body, x_BTD, (params, cache))
 
   def output_head(self) -> jax.Array:
     """The output projection [D, V] in the compute dtype (the transposed embedding table when tied)."""
@@ -101,10 +172,11 @@ class Transformer(nnx.Module):
     `logits_at` [B]: logits [B, 1, V] at that index of each row only, so a prefill never materialises [B, T, V].
     """
     x_BTD = self.embedder.encode(tokens_BT)
-    new_cache = []
-    for block, layer_cache in zip(self.layers, cache):
-      x_BTD, layer_cache = block(x_BTD, positions_BT, None, layer_cache)
-      new_cache.append(layer_cache)
+    new_cache = {}
+    if self.cfg.scan_layers:
+      x_BTD, new_cache["stack"] = self._scan(x_BTD, positions_BT, None, cache["stack"])
+    name = self._unrolled
+    x_BTD, new_cache[name] = _run_blocks(getattr(self, name), x_BTD, positions_BT, None, cache[name])
     if logits_at is not None:
       x_BTD = jnp.take_along_axis(x_BTD, logits_at[:, None, None], axis=1)
     return self.logits(self.final_norm(x_BTD)), new_cache
@@ -112,5 +184,11 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, max_len: int, dtype: str | None = None) -> Cache:
     shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
     dt = jnp.dtype(dtype or self.cfg.dtype)
-    return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(self.cfg.num_layers)]
 
+    def layer(*lead: int) -> dict[str, jax.Array]:
+      return {"k": jnp.zeros((*lead, *shape), dt), "v": jnp.zeros((*lead, *shape), dt)}
+
+    cache = {self._unrolled: [layer() for _ in getattr(self, self._unrolled)]}
+    if self.cfg.scan_layers:
+      cache["stack"] = [layer(layout.num_groups(self.cfg)) for _ in range(self.cfg.scan_period)]
+    return cache

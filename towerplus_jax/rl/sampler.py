@@ -139,7 +139,9 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, tokens_BP: jax.Array, le
   n = opts.max_new_tokens
   cache = model.init_cache(b, p + n)
   if opts.cache_sharding is not None:
-    cache = jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: opts.cache_sharding, cache))
+    mesh, spec = opts.cache_sharding.mesh, opts.cache_sharding.spec  # a scanned model's [G] axis stays whole
+    cache = jax.lax.with_sharding_constraint(
+        cache, jax.tree.map(lambda x: NamedSharding(mesh, P(*[None] * (x.ndim - len(spec)), *spec)), cache))
   logits_BV, cache = _prefill(model, tokens_BP, lengths_B, cache)
 
   def not_finished(carry):
