@@ -75,6 +75,18 @@ def test_every_config_loads(module, arg):
     assert c.data.template == "chatml"
 
 
+@pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])
+@pytest.mark.parametrize("preset", ["gemma2_2b", "qwen2_5_7b"])
+def test_runlocal_shrinks_every_stage_of_a_real_preset(module, preset):
+  full, small_ = module.get_config(preset), module.get_config(f"{preset},runlocal")
+  assert full.train.steps >= 1000 and full.train.global_batch_size >= 32
+  assert small_.train.steps <= 10 and small_.train.global_batch_size <= 2 and small_.data.seq_len <= 256
+  assert small_.model.remat == "none"
+  if "rl" in small_:
+    assert small_.train.global_batch_size == small_.rl.prompts_per_step * small_.rl.num_generations
+    assert small_.loss.max_completion_length == small_.rl.max_completion_len <= 32
+
+
 def test_tower_plus_config_chains_stages():
   c = tower_plus.get_config("tiny")
   assert list(c.stage_order) == ["cpt", "sft", "wpo", "grpo"]
@@ -87,10 +99,17 @@ def run_main(*args, timeout=300):
                         text=True, timeout=timeout, env=env)
 
 
-def test_unknown_config_key_fails_at_startup(tmp_path):
-  out = run_main("--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.train.stepz=3")
-  assert out.returncode != 0 and "stepz" in out.stderr
-  assert not os.path.exists(tmp_path / "checkpoints")
+@pytest.mark.parametrize("args, hint", [
+    (["--config=configs/sft.py:tiny", "--config.train.stepz=3"], "did you mean --config.train.steps"),
+    (["--config=configs/sft.py:gemma9_2b"], "did you mean 'gemma2_2b'"),
+    (["--config=configs/cpt.py:tiny_nope"], "known presets: "),
+    (["--config=configs/sft.py:tiny", "--config.model.preset=qwen25_7b"], "did you mean 'qwen2_5_7b'"),
+])
+def test_bad_names_fail_with_one_line_before_writing(tmp_path, args, hint):
+  out = run_main(*args, f"--workdir={tmp_path / 'w'}")
+  assert out.returncode != 0 and hint in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

@@ -5,9 +5,12 @@ runs its stages in order, each in WORKDIR/<stage>, each initialised from the pre
 """
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import os
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -52,6 +55,16 @@ def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
   return {f"heldout/{k}": report["overall"][k] for k in ("chrf", "bleu")}
 
 
+def _check_names(config) -> None:
+  """Every stage's preset / init_from resolves, or one line and exit before anything is written."""
+  from towerplus_jax import setup_run
+  for stage in config.stages.values() if "stages" in config else [config]:
+    try:
+      setup_run.check_names(stage)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+
+
 def _quiet_libraries() -> None:
   """Orbax and grain log every checkpoint step at INFO through absl; keep their warnings, drop the chatter."""
   import logging as pylogging
@@ -68,10 +81,55 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   _quiet_libraries()
+  _check_names(_F["config"].value)
   results = run(_F["config"].value, _F["workdir"].value)
   logging.info("done: %s", json.dumps(results, default=float)[:2000])
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a bad config (unknown preset, misspelt `--config.*` key, bad value) exits with one line,
+  before any file is written."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    root = e
+    while root.__cause__ or root.__context__:  # the config file's own error, under absl's wrappers
+      root = root.__cause__ or root.__context__
+    if not isinstance(root, (AttributeError, KeyError, ValueError)):
+      raise
+    raise SystemExit(f"error: {_config_error(argv, e, root)}") from None
+
+
+def _config_error(argv: list[str], error: Exception, root: Exception) -> str:
+  """One line: the config file's own error, a bad flag value, or for a misspelt `--config.*` override the config
+  keys closest to it."""
+  if isinstance(root, ValueError):
+    return str(root) if "Error whilst parsing config file" in str(error) else str(error).splitlines()[0]
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.lstrip("-").startswith("config=")), "")
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("towerplus_config_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  keys = _leaf_keys(module.get_config(*filter(None, [arg])))
+  for a in argv:
+    key = a.lstrip("-").split("=", 1)[0].removeprefix("config.")
+    if a.lstrip("-").startswith("config.") and not any(k == key or k.startswith(key + ".") for k in keys):
+      leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6) or [
+          k for k, leaf in leaves.items() if leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], leaves.values())]
+      hint = f"; did you mean {' or '.join('--config.' + k for k in close[:3])}?" if close else ""
+      return f"--config.{key}: no such key in {config_arg}{hint}"
+  return str(error).splitlines()[0]
+
+
+def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every non-section key."""
+  out = []
+  for k, v in config.items():
+    out.extend(_leaf_keys(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + k])
+  return out
+
+
 if __name__ == "__main__":
   _F = _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -72,13 +72,22 @@ def _init_dir(init_from: str) -> tuple[str, str]:
   return kind, path
 
 
+def check_names(config: ml_collections.ConfigDict) -> None:
+  """The names a run resolves (model preset, init_from) fail with one clear line before anything is written."""
+  if config.init_from and config.init_from != "previous":  # previous: a chained stage (configs/tower_plus.py)
+    _init_dir(config.init_from)
+  else:
+    preset(config.model.preset)
+
+
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """config.data.tokenizer: 'sample' | 'sp:PATH' | 'hf:PATH' | 'auto' (from init_from's folder); a copy of its files
   goes to WORKDIR/tokenizer so that export and evaluation find it."""
   spec = config.data.tokenizer
   if spec == "auto":
     if not config.init_from:
-      raise ValueError("config.data.tokenizer='auto' needs config.init_from")
+      raise ValueError("config.data.tokenizer='auto' needs config.init_from (hf:DIR or ckpt:WORKDIR); with a random "
+                       "init set config.data.tokenizer=sample, sp:PATH or hf:PATH")
     kind, path = _init_dir(config.init_from)
     spec = tokenizer_spec(path if kind == "hf" else os.path.join(path, "tokenizer"))
   if spec == "sample":
@@ -169,6 +178,7 @@ def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, b
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   distributed.initialize()
+  check_names(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = load_tokenizer(config, workdir)
   model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
