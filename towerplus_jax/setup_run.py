@@ -106,6 +106,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     for name in hf.TOKENIZER_FILES:
       if name not in ("tokenizer.model", "tokenizer.json") and os.path.exists(os.path.join(src_dir, name)):
         shutil.copy(os.path.join(src_dir, name), os.path.join(dst, name))
+    hf.write_tokenizer_config(tok, config.data.template, dst)  # the run's chat template travels to an export
   return tok
 
 
