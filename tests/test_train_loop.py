@@ -1,5 +1,6 @@
 """The whole loop on the shipped sample: resume after SIGTERM is bit-exact, configs load and lock, bad keys fail."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from configs import cpt, grpo, sft, tower_plus, wpo
 from towerplus_jax.models import config as model_config
 from towerplus_jax import checkpoint, setup_run, sharding, train
+from towerplus_jax.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,8 +73,7 @@ def test_loss_falls_on_the_sample(tmp_path):
 def test_every_config_loads(module, arg):
   c = module.get_config(arg)
   assert c.loss.name in ("lm", "sft", "wpo", "grpo")
-  if arg.startswith("qwen"):
-    assert c.data.template == "chatml"
+  assert setup_run.resolve_template(c) == ("chatml" if arg.startswith("qwen") else "gemma")
 
 
 @pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])
@@ -137,6 +138,22 @@ def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
   tokens = np.random.default_rng(1).integers(3, 1024, size=(2, 10))
   np.testing.assert_allclose(hf_logits(out, tokens), hf_logits(folder, tokens), atol=1e-5)
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
+
+
+def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf_model):
+  folder = str(tmp_path / "hf")
+  shutil.copytree(tiny_hf_model("qwen2", vocab_size=1024), folder)
+  c = sft.get_config("tiny")  # a gemma2-family preset: the folder's tokenizer and template win
+  c.init_from = f"hf:{folder}"
+  with pytest.raises(ValueError, match="1024 ids but the model .* 256 embedding rows"):
+    c.init_from = f"hf:{tiny_hf_model('qwen2')}"  # 256 rows, no tokenizer: the tiny default is the sample's 1024
+    setup_run.setup_run(c, str(tmp_path / "small"))
+  c.init_from = f"hf:{folder}"
+  shutil.copy(tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")),
+              os.path.join(folder, "tokenizer.model"))
+  run = setup_run.setup_run(c, str(tmp_path / "w"))
+  assert run.tokenizer.path == os.path.join(folder, "tokenizer.model") and c.data.template == "chatml"
+  assert "<|im_end|>" in open(tmp_path / "w" / "tokenizer" / "tokenizer_config.json").read()
 
 
 def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):

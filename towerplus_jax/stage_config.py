@@ -46,8 +46,8 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.data.train = ""  # comma-separated JSONL/ArrayRecord paths or globs, sample:NAME, tfds:NAME, seqio:TASK
   c.data.eval = ""  # held-out set in the same formats ('' = no eval)
   c.data.seq_len = 128 if tiny else 2048  # tokens per row
-  c.data.template = "chatml" if preset.startswith(("qwen", "tiny_qwen")) else "gemma"  # chat template
-  c.data.tokenizer = "sample" if tiny else "auto"  # sample | sp:PATH | hf:PATH | auto (= init_from's)
+  c.data.template = "auto"  # gemma | chatml | auto (= init_from's tokenizer folder's, else the model family's)
+  c.data.tokenizer = "auto"  # sample | sp:PATH | hf:PATH | auto (= init_from's; random-init tiny: sample)
   c.data.pack = True  # pack several examples per row (segment ids keep them apart)
   c.data.seed = 0  # shuffling seed
   c.data.max_prompt_len = 0  # rl/preference: longest prompt in tokens (0 = seq_len // 2)
