@@ -160,7 +160,11 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
   from towerplus_jax import main
   c = tower_plus.get_config("tiny")
   for name in c.stage_order:
-    c.stages[name].train.update(steps=3, log_every=1, checkpoint_every=0, eval_steps=1)
+    c.stages[name].train.update(steps=2, global_batch_size=4, log_every=1, checkpoint_every=0, eval_steps=1)
+    if name != "grpo":
+      c.stages[name].data.seq_len = 64
+  c.stages.grpo.rl.update(num_generations=2, prompts_per_step=2, max_completion_len=4)
+  c.stages.grpo.loss.max_completion_length = 4
   c.eval_max_new_tokens = 4
   results = main.run(c, str(tmp_path))
   assert list(results) == ["cpt", "sft", "wpo", "grpo"]
