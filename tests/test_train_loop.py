@@ -172,3 +172,10 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
     assert 0.0 <= results[name]["heldout/chrf"] <= 100.0
     assert os.path.exists(tmp_path / name / "eval" / "report.json")
   assert "reward/mean" in results["grpo"] and "rewards/margins" in results["wpo"]
+  import json
+  for name in ("cpt", "sft"):  # end-of-stage eval loss and held-out scores sit next to the training metrics
+    rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+    assert any("eval/loss" in r for r in rows) and any("heldout/chrf" in r for r in rows)
+  text = main.summary(results, str(tmp_path), c)
+  assert f"export --workdir={tmp_path / 'grpo'}" in text and "heldout/chrf" in text
+  assert str(tmp_path / "cpt" / "eval" / "report.json") in text

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
-import json
 import os
 
 import ml_collections
@@ -37,7 +36,9 @@ def run(config, workdir: str) -> dict:
     stage_dir = os.path.join(workdir, name)
     results[name] = train.train(stage, stage_dir)
     if config.eval_data:
-      results[name].update(_held_out_scores(config, stage_dir))
+      scores = _held_out_scores(config, stage_dir)
+      results[name].update(scores)
+      _append_metrics(stage_dir, stage.train.steps, scores)
       logging.info("stage %s held-out: chrF %.2f BLEU %.2f", name, results[name]["heldout/chrf"],
                    results[name]["heldout/bleu"])
     previous = name
@@ -65,14 +66,45 @@ def _check_names(config) -> None:
       raise SystemExit(f"error: {e}") from None
 
 
-def _quiet_libraries() -> None:
-  """Orbax and grain log every checkpoint step at INFO through absl; keep their warnings, drop the chatter."""
+def _append_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
+  """End-of-stage scores into the stage's metrics.jsonl and TensorBoard, next to its training metrics."""
+  from towerplus_jax.metrics_writer import MetricsWriter
+  writer = MetricsWriter(workdir, step, 0.0)
+  writer.write(step, metrics)
+  writer.close()
+
+
+def summary(results: dict, workdir: str, config) -> str:
+  """What a finished run produced: per stage the final/eval loss and held-out scores, and where things are."""
+  stages = results if "stages" in config else {"": results}
+  lines = [f"run finished: {workdir}"]
+  for name, metrics in stages.items():
+    folder = os.path.join(workdir, name) if name else workdir
+    shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "eval/loss", "reward/mean", "heldout/chrf", "heldout/bleu")
+             if k in metrics]
+    lines.append(f"  {name or 'stage'}: {', '.join(shown) or 'no metrics'}")
+    lines.append(f"    checkpoints {os.path.join(folder, 'checkpoints')}, metrics "
+                 f"{os.path.join(folder, 'metrics.jsonl')}")
+    if os.path.exists(os.path.join(folder, "eval", "report.json")):
+      lines.append(f"    eval report {os.path.join(folder, 'eval', 'report.json')}")
+  last = os.path.join(workdir, list(stages)[-1]) if "stages" in config else workdir
+  lines.append(f"  TensorBoard: tensorboard --logdir={workdir}")
+  lines.append(f"  export: python -m towerplus_jax.convert.hf export --workdir={last} --out={last.rstrip('/')}_hf")
+  return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+  """Orbax and grain log every checkpoint step at INFO through absl, and Orbax warns that a restore-only manager is
+  read-only; keep their other warnings, drop the chatter."""
   import logging as pylogging
   noisy = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}etils{os.sep}")
 
   class Filter(pylogging.Filter):
     def filter(self, record):
-      return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+      if not any(n in record.pathname for n in noisy):
+        return True
+      return record.levelno >= pylogging.WARNING and "read_only" not in (msg := record.getMessage()) and (
+          "read only" not in msg)
   logging.get_absl_handler().addFilter(Filter())
 
 
@@ -80,10 +112,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  _quiet_libraries()
+  quiet_libraries()
   _check_names(_F["config"].value)
+  import jax
   results = run(_F["config"].value, _F["workdir"].value)
-  logging.info("done: %s", json.dumps(results, default=float)[:2000])
+  if jax.process_index() == 0:
+    print(summary(results, _F["workdir"].value, _F["config"].value), flush=True)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
