@@ -106,12 +106,14 @@ def resolve_template(config: ml_collections.ConfigDict) -> str:
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig) -> None:
-  """Every tokenizer id must have a row in the model's embedding, and the chat template's tokens must exist."""
+  """Every tokenizer id must have a row in the model's embedding, and (chat data) the template's tokens must exist."""
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(
         f"config.data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
         f"({config.init_from or config.model.preset}) has {model_cfg.vocab_size} embedding rows: use the "
         "checkpoint's own tokenizer (config.data.tokenizer=auto, or sp:PATH / hf:PATH)")
+  if data_kind(config) == "lm":
+    return
   try:
     chat.stop_ids(tokenizer, config.data.template)
   except KeyError as e:
