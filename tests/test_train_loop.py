@@ -63,9 +63,11 @@ def test_loss_falls_on_the_sample(tmp_path):
   train.train(c, str(tmp_path))
   import json
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = [r["loss"] for r in rows if "loss" in r]
+  train_rows = [r for r in rows if "loss" in r]
+  losses = [r["loss"] for r in train_rows]
   assert losses[-1] < losses[0] - 0.5, losses
-  assert os.path.isdir(tmp_path / "tensorboard") and rows[-1]["perf/tokens_per_sec"] > 0
+  assert os.path.isdir(tmp_path / "tensorboard") and train_rows[-1]["perf/tokens_per_sec"] > 0
+  assert rows[-1]["step"] == 30 and rows[-1]["eval/loss"] < losses[0]  # the end-of-stage eval is recorded too
 
 
 @pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])
