@@ -109,12 +109,12 @@ def quiet_libraries() -> None:
 
 
 def main(argv):
+  import jax
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   quiet_libraries()
   _check_names(_F["config"].value)
-  import jax
   results = run(_F["config"].value, _F["workdir"].value)
   if jax.process_index() == 0:
     print(summary(results, _F["workdir"].value, _F["config"].value), flush=True)
