@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/cpt.py:gemma2_2b --workdir=gs://BUCKET/cpt \
       --config.init_from=hf:/path/to/gemma-2-2b --config.data.train='/data/cpt/*.jsonl'
 """
-from towerplus_jax.stage_config import base
+from towerplus_jax.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):
@@ -14,4 +14,4 @@ def get_config(arg: str = "tiny"):
   c.loss.z_loss = 0.0  # add z_loss·logsumexp² to keep logits bounded (1e-4 is common)
   if not c.model.preset.startswith("tiny"):
     c.optimizer.lr = 1e-5
-  return c
+  return finish(c, arg)

@@ -7,7 +7,7 @@ clipped ratio, optional k3 KL to the frozen initial policy.
 """
 import ml_collections
 
-from towerplus_jax.stage_config import base
+from towerplus_jax.stage_config import base, finish
 
 
 def rl_section(tiny: bool) -> ml_collections.ConfigDict:
@@ -43,4 +43,4 @@ def get_config(arg: str = "tiny"):
   c.optimizer.schedule = "constant"
   c.optimizer.lr = 5e-5 if tiny else 1e-6
   c.train.steps = 30 if tiny else 1_000
-  return c
+  return finish(c, arg)

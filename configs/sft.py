@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/sft.py:gemma2_2b --workdir=gs://BUCKET/sft \
       --config.init_from=ckpt:gs://BUCKET/cpt --config.data.train='/data/sft/*.jsonl'
 """
-from towerplus_jax.stage_config import base
+from towerplus_jax.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):
@@ -14,4 +14,4 @@ def get_config(arg: str = "tiny"):
   if not c.model.preset.startswith("tiny"):
     c.optimizer.lr = 7e-6
     c.train.steps = 4_000
-  return c
+  return finish(c, arg)

@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/wpo.py:gemma2_2b --workdir=gs://BUCKET/wpo \
       --config.init_from=ckpt:gs://BUCKET/sft --config.data.train=/data/prefs.jsonl --config.loss.name=dpo
 """
-from towerplus_jax.stage_config import base
+from towerplus_jax.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):
@@ -20,4 +20,4 @@ def get_config(arg: str = "tiny"):
     c.optimizer.lr = 1e-6  # reference run: 5e-7 … 1e-6, cosine, warmup 0.1, 1–2 epochs
     c.train.global_batch_size = 64
     c.train.steps = 2_000
-  return c
+  return finish(c, arg)

@@ -173,3 +173,18 @@ def test_tokenizer_without_the_template_markers():
     chat.encode_chat(NoMarkers(), "chatml", [{"role": "user", "content": "x"}])
   with pytest.raises(ValueError, match="needs a tokenizer with a bos token"):
     chat.encode_chat(NoMarkers(), "gemma", [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("template", chat.TEMPLATES)
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_jinja_template_renders_the_same_text(template, generation_prompt):
+  """The Jinja template an export ships renders what training saw (transformers' sandboxed Jinja environment)."""
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "  Hi there \n"},
+              {"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "Translate: gato"}]
+  if template == "chatml":
+    messages[1]["content"] = messages[1]["content"].strip()
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  text = env.from_string(chat.JINJA[template]).render(messages=messages, add_generation_prompt=generation_prompt,
+                                                      bos_token=chat.BOS)
+  assert text == chat.render_chat(template, messages, generation_prompt)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from towerplus_jax.models import config as model_config
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf
+from towerplus_jax.data import tokenizers
 from towerplus_jax.models.config import PRESETS, preset
 
 FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
@@ -266,20 +267,23 @@ def test_load_scanned_onto_mesh(tiny_hf_model, imported):
 
 
 def test_cli_import_then_export(tiny_hf_model, tmp_path):
-  folder = tiny_hf_model("gemma3")
-  (tmp_path / "tok").mkdir()
+  folder = tiny_hf_model("gemma3", vocab_size=1024)
   shutil.copytree(folder, tmp_path / "hf")
-  (tmp_path / "hf" / "tokenizer.json").write_text("{}")
+  shutil.copy(tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")),
+              tmp_path / "hf" / "tokenizer.model")
   hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}"])
   assert model_config.load_json(str(tmp_path / "work")) == hf.config_from_hf(
       json.load(open(os.path.join(folder, "config.json"))))
-  assert (tmp_path / "work" / "tokenizer" / "tokenizer.json").exists()
+  assert (tmp_path / "work" / "tokenizer" / "tokenizer.model").exists()
   hf.main(["export", f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'back'}", "--dtype=float32"])
   original, exported = _files_tensors(folder), _files_tensors(str(tmp_path / "back"))
   assert sorted(original) == sorted(exported)
   for name, x in original.items():
     assert torch.equal(x, exported[name]), name
-  assert (tmp_path / "back" / "tokenizer.json").exists()
+  assert (tmp_path / "back" / "tokenizer.model").exists()
+  tok = tokenizers.SentencePieceTokenizer(str(tmp_path / "back" / "tokenizer.model"))
+  assert json.load(open(tmp_path / "back" / "generation_config.json")) == {
+      "bos_token_id": tok.bos_id, "eos_token_id": [tok.token_id("<end_of_turn>"), tok.eos_id], "pad_token_id": 0}
 
 
 # ------------------------------------------------------------------------------------------------ errors

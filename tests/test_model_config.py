@@ -1,4 +1,4 @@
-"""Presets: abstract parameter counts equal the published sizes; config validation."""
+"""Presets: parameter counts equal the published sizes; config validation."""
 import jax
 import numpy as np
 import pytest
@@ -19,8 +19,25 @@ PUBLISHED = {
 
 
 def count(cfg: ModelConfig) -> int:
+  """Parameters of `Transformer(cfg)`, by arithmetic (no tracing: ~20 presets in milliseconds)."""
+  d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  attn = d * h * (2 * n + 2 * k) + cfg.qkv_bias * h * (n + 2 * k) + cfg.qk_norm * 2 * h
+  norms = (4 if cfg.is_gemma else 2) * d
+  layer = attn + 3 * d * cfg.mlp_dim + norms
+  head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
+  return cfg.vocab_size * d + cfg.num_layers * layer + d + head
+
+
+def traced_count(cfg: ModelConfig) -> int:
   state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen2", "qwen3"])
+def test_count_formula_equals_the_real_model(family):
+  """The arithmetic count is exact on a tiny model of each family (biases, q/k norms, untied head)."""
+  cfg = preset(f"tiny_{family}").replace(num_layers=2, layer_types=())
+  assert count(cfg) == traced_count(cfg)
 
 
 def test_every_preset_has_a_published_count():

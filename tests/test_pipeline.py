@@ -191,6 +191,18 @@ def test_preference_reference_logps_all_or_none(tmp_path):
     next(iter(dataset("preference", mixed, batch_size=2, repeat=False)))
 
 
+def test_preference_padded_last_batch_and_record_index(tmp_path):
+  """3 records in batches of 2: the padding row of the last batch is not a record missing its reference log-probs."""
+  bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)])
+  batches = list(dataset("preference", bare, batch_size=2, shuffle=False, repeat=False))
+  assert len(batches) == 2 and all("ref_chosen_logp" not in b for b in batches)
+  assert batches[0]["record_index"].tolist() == [0, 1] and batches[1]["record_index"][0] == 2
+  with_ref = write_jsonl(tmp_path / "ref.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b",
+                                                   "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}] * 3)
+  last = list(dataset("preference", with_ref, batch_size=2, shuffle=False, repeat=False))[-1]
+  np.testing.assert_array_equal(last["ref_chosen_logp"], np.float32([-1.0, 0.0]))
+
+
 def test_preference_truncation_keeps_prompt_end(tmp_path):
   path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 50, "chosen": "y" * 50, "rejected": "n"}])
   b = next(iter(dataset("preference", path, batch_size=1, repeat=False, max_prompt_len=10)))

@@ -9,8 +9,10 @@ from towerplus_jax.data import derive
 
 
 def test_precomputed_reference_equals_frozen_reference(tmp_path):
+  """Precomputed in batches of 3 (a padded last batch), trained in batches of 4: equal only if every record got its
+  own row's log-probs."""
   prefs = tmp_path / "prefs.jsonl"
-  prefs.write_text(derive.render(derive.read_jsonl(setup_run.resolve_sources("sample:preferences")[0])[:12]),
+  prefs.write_text(derive.render(derive.read_jsonl(setup_run.resolve_sources("sample:preferences")[0])[:10]),
                    encoding="utf-8")
   c = wpo.get_config("tiny")
   c.data.update(train=str(prefs), seq_len=64)
@@ -18,9 +20,12 @@ def test_precomputed_reference_equals_frozen_reference(tmp_path):
   frozen = train.train(c, str(tmp_path / "frozen"))
 
   with_ref = tmp_path / "prefs_ref.jsonl"
-  assert reference.precompute(c, str(tmp_path / "scratch"), str(with_ref)) == 12
+  c.train.global_batch_size = 3  # 10 records: the last batch has 1 record and 2 padding rows
+  assert reference.precompute(c, str(tmp_path / "scratch"), str(with_ref)) == 10
+  c.train.global_batch_size = 4
   rows = [json.loads(l) for l in open(with_ref, encoding="utf-8")]
   assert all(r["ref_chosen_logp"] < 0 and r["ref_rejected_logp"] < 0 for r in rows)
+  assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == derive.read_jsonl(str(prefs))
   c.data.update(train=str(with_ref), precomputed_reference=True)
   precomputed = train.train(c, str(tmp_path / "precomputed"))
   for key in ("loss", "rewards/margins", "logps/chosen", "wpo/weight"):

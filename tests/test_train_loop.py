@@ -1,5 +1,6 @@
 """The whole loop on the shipped sample: resume after SIGTERM is bit-exact, configs load and lock, bad keys fail."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from configs import cpt, grpo, sft, tower_plus, wpo
 from towerplus_jax.models import config as model_config
 from towerplus_jax import checkpoint, setup_run, sharding, train
+from towerplus_jax.data import tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,9 +63,11 @@ def test_loss_falls_on_the_sample(tmp_path):
   train.train(c, str(tmp_path))
   import json
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  losses = [r["loss"] for r in rows if "loss" in r]
+  train_rows = [r for r in rows if "loss" in r]
+  losses = [r["loss"] for r in train_rows]
   assert losses[-1] < losses[0] - 0.5, losses
-  assert os.path.isdir(tmp_path / "tensorboard") and rows[-1]["perf/tokens_per_sec"] > 0
+  assert os.path.isdir(tmp_path / "tensorboard") and train_rows[-1]["perf/tokens_per_sec"] > 0
+  assert rows[-1]["step"] == 30 and rows[-1]["eval/loss"] < losses[0]  # the end-of-stage eval is recorded too
 
 
 @pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])
@@ -71,8 +75,19 @@ def test_loss_falls_on_the_sample(tmp_path):
 def test_every_config_loads(module, arg):
   c = module.get_config(arg)
   assert c.loss.name in ("lm", "sft", "wpo", "grpo")
-  if arg.startswith("qwen"):
-    assert c.data.template == "chatml"
+  assert setup_run.resolve_template(c) == ("chatml" if arg.startswith("qwen") else "gemma")
+
+
+@pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])
+@pytest.mark.parametrize("preset", ["gemma2_2b", "qwen2_5_7b"])
+def test_runlocal_shrinks_every_stage_of_a_real_preset(module, preset):
+  full, small_ = module.get_config(preset), module.get_config(f"{preset},runlocal")
+  assert full.train.steps >= 1000 and full.train.global_batch_size >= 32
+  assert small_.train.steps <= 10 and small_.train.global_batch_size <= 2 and small_.data.seq_len <= 256
+  assert small_.model.remat == "none"
+  if "rl" in small_:
+    assert small_.train.global_batch_size == small_.rl.prompts_per_step * small_.rl.num_generations
+    assert small_.loss.max_completion_length == small_.rl.max_completion_len <= 32
 
 
 def test_tower_plus_config_chains_stages():
@@ -87,10 +102,17 @@ def run_main(*args, timeout=300):
                         text=True, timeout=timeout, env=env)
 
 
-def test_unknown_config_key_fails_at_startup(tmp_path):
-  out = run_main("--config=configs/sft.py:tiny", f"--workdir={tmp_path}", "--config.train.stepz=3")
-  assert out.returncode != 0 and "stepz" in out.stderr
-  assert not os.path.exists(tmp_path / "checkpoints")
+@pytest.mark.parametrize("args, hint", [
+    (["--config=configs/sft.py:tiny", "--config.train.stepz=3"], "did you mean --config.train.steps"),
+    (["--config=configs/sft.py:gemma9_2b"], "did you mean 'gemma2_2b'"),
+    (["--config=configs/cpt.py:tiny_nope"], "known presets: "),
+    (["--config=configs/sft.py:tiny", "--config.model.preset=qwen25_7b"], "did you mean 'qwen2_5_7b'"),
+])
+def test_bad_names_fail_with_one_line_before_writing(tmp_path, args, hint):
+  out = run_main(*args, f"--workdir={tmp_path / 'w'}")
+  assert out.returncode != 0 and hint in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "w")
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
@@ -120,11 +142,31 @@ def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
 
 
+def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf_model):
+  folder = str(tmp_path / "hf")
+  shutil.copytree(tiny_hf_model("qwen2", vocab_size=1024), folder)
+  c = sft.get_config("tiny")  # a gemma2-family preset: the folder's tokenizer and template win
+  c.init_from = f"hf:{folder}"
+  with pytest.raises(ValueError, match="1024 ids but the model .* 256 embedding rows"):
+    c.init_from = f"hf:{tiny_hf_model('qwen2')}"  # 256 rows, no tokenizer: the tiny default is the sample's 1024
+    setup_run.setup_run(c, str(tmp_path / "small"))
+  c.init_from = f"hf:{folder}"
+  shutil.copy(tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")),
+              os.path.join(folder, "tokenizer.model"))
+  run = setup_run.setup_run(c, str(tmp_path / "w"))
+  assert run.tokenizer.path == os.path.join(folder, "tokenizer.model") and c.data.template == "chatml"
+  assert "<|im_end|>" in open(tmp_path / "w" / "tokenizer" / "tokenizer_config.json").read()
+
+
 def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
   from towerplus_jax import main
   c = tower_plus.get_config("tiny")
   for name in c.stage_order:
-    c.stages[name].train.update(steps=3, log_every=1, checkpoint_every=0, eval_steps=1)
+    c.stages[name].train.update(steps=2, global_batch_size=4, log_every=1, checkpoint_every=0, eval_steps=1)
+    if name != "grpo":
+      c.stages[name].data.seq_len = 64
+  c.stages.grpo.rl.update(num_generations=2, prompts_per_step=2, max_completion_len=4)
+  c.stages.grpo.loss.max_completion_length = 4
   c.eval_max_new_tokens = 4
   results = main.run(c, str(tmp_path))
   assert list(results) == ["cpt", "sft", "wpo", "grpo"]
@@ -132,3 +174,10 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
     assert 0.0 <= results[name]["heldout/chrf"] <= 100.0
     assert os.path.exists(tmp_path / name / "eval" / "report.json")
   assert "reward/mean" in results["grpo"] and "rewards/margins" in results["wpo"]
+  import json
+  for name in ("cpt", "sft"):  # end-of-stage eval loss and held-out scores sit next to the training metrics
+    rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
+    assert any("eval/loss" in r for r in rows) and any("heldout/chrf" in r for r in rows)
+  text = main.summary(results, str(tmp_path), c)
+  assert f"export --workdir={tmp_path / 'grpo'}" in text and "heldout/chrf" in text
+  assert str(tmp_path / "cpt" / "eval" / "report.json") in text

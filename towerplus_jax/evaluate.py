@@ -107,6 +107,8 @@ def _define_flags() -> dict:
 
 def main(argv):
   del argv
+  from towerplus_jax.main import quiet_libraries
+  quiet_libraries()
   if bool(_F["workdir"].value) == bool(_F["hf"].value):
     raise app.UsageError("give exactly one of --workdir or --hf")
   if not _F["data"].value:

@@ -5,9 +5,11 @@ runs its stages in order, each in WORKDIR/<stage>, each initialised from the pre
 """
 from __future__ import annotations
 
-import json
+import difflib
+import importlib.util
 import os
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -43,7 +45,9 @@ def _run_locked(config, workdir: str) -> dict:
     stage_dir = os.path.join(workdir, name)
     results[name] = train.train(stage, stage_dir)
     if config.eval_data:
-      results[name].update(_held_out_scores(config, stage_dir))
+      scores = _held_out_scores(config, stage_dir)
+      results[name].update(scores)
+      _append_metrics(stage_dir, stage.train.steps, scores)
       logging.info("stage %s held-out: chrF %.2f BLEU %.2f", name, results[name]["heldout/chrf"],
                    results[name]["heldout/bleu"])
     previous = name
@@ -60,26 +64,114 @@ def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
   return {f"heldout/{k}": report["overall"][k] for k in ("chrf", "bleu")}
 
 
-def _quiet_libraries() -> None:
-  """Orbax and grain log every checkpoint step at INFO through absl; keep their warnings, drop the chatter."""
+def _check_names(config) -> None:
+  """Every stage's preset / init_from resolves, or one line and exit before anything is written."""
+  from towerplus_jax import setup_run
+  for stage in config.stages.values() if "stages" in config else [config]:
+    try:
+      setup_run.check_names(stage)
+    except ValueError as e:
+      raise SystemExit(f"error: {e}") from None
+
+
+def _append_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
+  """End-of-stage scores into the stage's metrics.jsonl and TensorBoard, next to its training metrics."""
+  from towerplus_jax.metrics_writer import MetricsWriter
+  writer = MetricsWriter(workdir, step, 0.0)
+  writer.write(step, metrics)
+  writer.close()
+
+
+def summary(results: dict, workdir: str, config) -> str:
+  """What a finished run produced: per stage the final/eval loss and held-out scores, and where things are."""
+  stages = results if "stages" in config else {"": results}
+  lines = [f"run finished: {workdir}"]
+  for name, metrics in stages.items():
+    folder = os.path.join(workdir, name) if name else workdir
+    shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "eval/loss", "reward/mean", "heldout/chrf", "heldout/bleu")
+             if k in metrics]
+    lines.append(f"  {name or 'stage'}: {', '.join(shown) or 'no metrics'}")
+    lines.append(f"    checkpoints {os.path.join(folder, 'checkpoints')}, metrics "
+                 f"{os.path.join(folder, 'metrics.jsonl')}")
+    if os.path.exists(os.path.join(folder, "eval", "report.json")):
+      lines.append(f"    eval report {os.path.join(folder, 'eval', 'report.json')}")
+  last = os.path.join(workdir, list(stages)[-1]) if "stages" in config else workdir
+  lines.append(f"  TensorBoard: tensorboard --logdir={workdir}")
+  lines.append(f"  export: python -m towerplus_jax.convert.hf export --workdir={last} --out={last.rstrip('/')}_hf")
+  return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+  """Orbax and grain log every checkpoint step at INFO through absl, and Orbax warns that a restore-only manager is
+  read-only; keep their other warnings, drop the chatter."""
   import logging as pylogging
   noisy = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}etils{os.sep}")
 
   class Filter(pylogging.Filter):
     def filter(self, record):
-      return record.levelno >= pylogging.WARNING or not any(n in record.pathname for n in noisy)
+      if not any(n in record.pathname for n in noisy):
+        return True
+      return record.levelno >= pylogging.WARNING and "read_only" not in (msg := record.getMessage()) and (
+          "read only" not in msg)
   logging.get_absl_handler().addFilter(Filter())
 
 
 def main(argv):
+  import jax
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  _quiet_libraries()
+  quiet_libraries()
+  _check_names(_F["config"].value)
   results = run(_F["config"].value, _F["workdir"].value)
-  logging.info("done: %s", json.dumps(results, default=float)[:2000])
+  if jax.process_index() == 0:
+    print(summary(results, _F["workdir"].value, _F["config"].value), flush=True)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a bad config (unknown preset, misspelt `--config.*` key, bad value) exits with one line,
+  before any file is written."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError) as e:
+    root = e
+    while root.__cause__ or root.__context__:  # the config file's own error, under absl's wrappers
+      root = root.__cause__ or root.__context__
+    if not isinstance(root, (AttributeError, KeyError, ValueError)):
+      raise
+    raise SystemExit(f"error: {_config_error(argv, e, root)}") from None
+
+
+def _config_error(argv: list[str], error: Exception, root: Exception) -> str:
+  """One line: the config file's own error, a bad flag value, or for a misspelt `--config.*` override the config
+  keys closest to it."""
+  if isinstance(root, ValueError):
+    return str(root) if "Error whilst parsing config file" in str(error) else str(error).splitlines()[0]
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.lstrip("-").startswith("config=")), "")
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("towerplus_config_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  keys = _leaf_keys(module.get_config(*filter(None, [arg])))
+  for a in argv:
+    key = a.lstrip("-").split("=", 1)[0].removeprefix("config.")
+    if a.lstrip("-").startswith("config.") and not any(k == key or k.startswith(key + ".") for k in keys):
+      leaves = {k: k.rsplit(".", 1)[-1] for k in keys}
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6) or [
+          k for k, leaf in leaves.items() if leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], leaves.values())]
+      hint = f"; did you mean {' or '.join('--config.' + k for k in close[:3])}?" if close else ""
+      return f"--config.{key}: no such key in {config_arg}{hint}"
+  return str(error).splitlines()[0]
+
+
+def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Dotted paths of every non-section key."""
+  out = []
+  for k, v in config.items():
+    out.extend(_leaf_keys(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + k])
+  return out
 
 
 if __name__ == "__main__":
   _F = _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -16,6 +16,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -38,18 +39,20 @@ def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -
   reference = jax.jit(lambda p, b: loss.reference_fn(nnx.merge(graphdef, p), b, config.loss))
   records = sources.open_source(setup_run.resolve_sources(config.data.train))
   batches = setup_run.dataset_fn(config, tokenizer)(config.data.train, False, config.train.global_batch_size)
-  tmp, n = out_path + ".tmp", 0
-  with open(tmp, "w", encoding="utf-8") as f, jax.set_mesh(mesh):
+  logps: dict[int, dict[str, float]] = {}
+  with jax.set_mesh(mesh):
     for batch in batches:
       out = jax.device_get(reference(params, sharding.shard_batch(batch, mesh)))
-      for row in range(int(batch["chosen_segment_ids"].any(axis=1).sum())):  # padded rows come last
-        record = {**records[n], **{k: float(v[row]) for k, v in out.items()}}
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        n += 1
-  if n != len(records):
-    raise RuntimeError(f"wrote {n} of {len(records)} records (are some preference records empty?)")
+      for row in np.flatnonzero(batch["chosen_segment_ids"].any(axis=1)):  # padding rows have no tokens
+        logps[int(batch["record_index"][row])] = {k: float(v[row]) for k, v in out.items()}
+  if len(logps) != len(records):
+    raise RuntimeError(f"computed {len(logps)} of {len(records)} records (are some preference records empty?)")
+  tmp = out_path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for i in range(len(records)):
+      f.write(json.dumps({**records[i], **logps[i]}, ensure_ascii=False) + "\n")
   os.replace(tmp, out_path)
-  return n
+  return len(records)
 
 
 def _define_flags() -> dict:

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from towerplus_jax import checkpoint, distributed, losses, sharding
 from towerplus_jax.convert import hf
-from towerplus_jax.data import pipeline, tokenizers
+from towerplus_jax.data import chat, pipeline, tokenizers
 from towerplus_jax.models import config as model_config, layout
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer
@@ -78,15 +78,71 @@ def _init_dir(init_from: str) -> tuple[str, str]:
   return kind, path
 
 
+def check_names(config: ml_collections.ConfigDict) -> None:
+  """The names a run resolves (model preset, init_from) fail with one clear line before anything is written."""
+  if config.init_from and config.init_from != "previous":  # previous: a chained stage (configs/tower_plus.py)
+    _init_dir(config.init_from)
+  else:
+    preset(config.model.preset)
+
+
+def _init_folders(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
+  """(init_from's tokenizer folder, its kind) or None for a random init."""
+  if not config.init_from:
+    return None
+  kind, path = _init_dir(config.init_from)
+  return (path if kind == "hf" else os.path.join(path, "tokenizer")), kind
+
+
+def resolve_template(config: ml_collections.ConfigDict) -> str:
+  """config.data.template, 'auto' resolved: the chat template of init_from's tokenizer folder when it has one, else
+  the model family's (gemma for Gemma, chatml for Qwen)."""
+  if config.data.template != "auto":
+    return config.data.template
+  found = _init_folders(config)
+  if found and hf.template_in(found[0]):
+    return hf.template_in(found[0])
+  if not found:
+    family = preset(config.model.preset).family
+  elif found[1] == "hf":
+    family = hf.config_from_hf(hf._read_json(os.path.join(found[0], "config.json"))).family
+  else:
+    family = model_config.load_json(os.path.dirname(found[0])).family
+  return "gemma" if family.startswith("gemma") else "chatml"
+
+
+def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig) -> None:
+  """Every tokenizer id must have a row in the model's embedding, and (chat data) the template's tokens must exist."""
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(
+        f"config.data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
+        f"({config.init_from or config.model.preset}) has {model_cfg.vocab_size} embedding rows: use the "
+        "checkpoint's own tokenizer (config.data.tokenizer=auto, or sp:PATH / hf:PATH)")
+  if data_kind(config) == "lm":
+    return
+  try:
+    chat.stop_ids(tokenizer, config.data.template)
+  except KeyError as e:
+    other = next(t for t in chat.TEMPLATES if t != config.data.template)
+    raise ValueError(f"config.data.template={config.data.template!r}: {e.args[0]}; set "
+                     f"config.data.template={other} (or auto)") from None
+
+
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
-  """config.data.tokenizer: 'sample' | 'sp:PATH' | 'hf:PATH' | 'auto' (from init_from's folder); a copy of its files
-  goes to WORKDIR/tokenizer so that export and evaluation find it."""
+  """config.data.tokenizer: 'sample' | 'sp:PATH' | 'hf:PATH' | 'auto' (init_from's folder; the sample tokenizer for
+  a random-init tiny preset); a copy of its files goes to WORKDIR/tokenizer so that export and evaluation find it.
+  Resolves config.data.template='auto' in place (the pipeline and rollouts read it)."""
+  config.data.template = resolve_template(config)
   spec = config.data.tokenizer
   if spec == "auto":
-    if not config.init_from:
-      raise ValueError("config.data.tokenizer='auto' needs config.init_from")
-    kind, path = _init_dir(config.init_from)
-    spec = tokenizer_spec(path if kind == "hf" else os.path.join(path, "tokenizer"))
+    found = _init_folders(config)
+    if found and any(os.path.exists(os.path.join(found[0], n)) for n in ("tokenizer.model", "tokenizer.json")):
+      spec = tokenizer_spec(found[0])
+    elif config.model.preset.startswith("tiny"):
+      spec = "sample"
+    else:
+      raise ValueError("config.data.tokenizer='auto' needs config.init_from (hf:DIR or ckpt:WORKDIR); with a random "
+                       "init set config.data.tokenizer=sample, sp:PATH or hf:PATH")
   if spec == "sample":
     tok_path = tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax"))
     spec = f"sp:{tok_path}"
@@ -102,6 +158,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     for name in hf.TOKENIZER_FILES:
       if name not in ("tokenizer.model", "tokenizer.json") and (src.parent / name).exists():
         (src.parent / name).copy(dst / name, overwrite=True)
+    hf.write_tokenizer_config(tok, config.data.template, str(dst))  # the run's chat template travels to an export
   return tok
 
 
@@ -189,10 +246,12 @@ def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, b
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   distributed.initialize()
+  check_names(config)
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = load_tokenizer(config, workdir)
   model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
   check_resume_layout(workdir, model_cfg)
+  check_vocab(config, tokenizer, model_cfg)
   if jax.process_index() == 0:
     model_config.save_json(model_cfg, workdir)
   loss = losses.get(config.loss.name)

@@ -1,25 +1,30 @@
-"""Config sections shared by every stage file in configs/: `base(arg, loss=..., kind=...)`; a stage edits what differs.
+"""Config sections shared by every stage file in configs/: `base(arg, loss=..., kind=...)`; a stage edits what differs
+and ends with `return finish(c, arg)`.
 
 `arg` is `PRESET[,runlocal]`: a model preset (`tiny`, `tiny_qwen3`, `gemma2_2b`, `qwen2_5_7b`, ...) and optionally
-`runlocal`, which shrinks steps/batch/length so any preset's pipeline can be smoke-tested on one machine.
+`runlocal`, which shrinks steps/batch/length so any preset's pipeline can be smoke-tested on one machine; `finish`
+applies it last, over whatever the stage set.
 """
 from __future__ import annotations
 
 import ml_collections
 
 from towerplus_jax import losses
+from towerplus_jax.models import config as model_config
 
 
 def parse_arg(arg: str) -> tuple[str, bool]:
+  """`PRESET[,runlocal]` -> (preset, runlocal); an unknown preset or flag fails here, before any run starts."""
   preset, *flags = (arg or "tiny").split(",")
   unknown = set(flags) - {"runlocal"}
   if unknown:
     raise ValueError(f"unknown config flags {sorted(unknown)}; the config argument is PRESET[,runlocal]")
+  model_config.preset(preset)
   return preset, "runlocal" in flags
 
 
 def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
-  preset, runlocal = parse_arg(arg)
+  preset, _ = parse_arg(arg)
   tiny = preset.startswith("tiny")
   c = ml_collections.ConfigDict()
   c.init_from = ""  # '' = random init; 'hf:DIR' = Hugging Face folder; 'ckpt:WORKDIR' = another stage's run
@@ -48,8 +53,8 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.data.train = ""  # comma-separated JSONL/ArrayRecord paths or globs, sample:NAME, tfds:NAME, seqio:TASK
   c.data.eval = ""  # held-out set in the same formats ('' = no eval)
   c.data.seq_len = 128 if tiny else 2048  # tokens per row
-  c.data.template = "chatml" if preset.startswith(("qwen", "tiny_qwen")) else "gemma"  # chat template
-  c.data.tokenizer = "sample" if tiny else "auto"  # sample | sp:PATH | hf:PATH | auto (= init_from's)
+  c.data.template = "auto"  # gemma | chatml | auto (= init_from's tokenizer folder's, else the model family's)
+  c.data.tokenizer = "auto"  # sample | sp:PATH | hf:PATH | auto (= init_from's; random-init tiny: sample)
   c.data.pack = True  # pack several examples per row (segment ids keep them apart)
   c.data.seed = 0  # shuffling seed
   c.data.max_prompt_len = 0  # rl/preference: longest prompt in tokens (0 = seq_len // 2)
@@ -82,9 +87,19 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.optimizer.mu_dtype = ""  # dtype of Adam's first moment: '' = the param dtype, 'bfloat16' halves its memory
 
   c.loss = losses.default_config(loss)  # name + every key the loss reads (see towerplus_jax/losses)
+  return c
 
-  if runlocal:
-    c.model.remat = "none"
-    c.data.seq_len = 256
-    c.train.update(steps=10, global_batch_size=2, eval_steps=2, log_every=1, checkpoint_every=5)
+
+def finish(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """The stage's last word: `runlocal` (if `arg` asks) shrinks steps, batch, lengths and rollouts of any preset."""
+  if not parse_arg(arg)[1]:
+    return c
+  c.model.remat = "none"
+  c.data.seq_len = 256
+  c.train.update(steps=10, global_batch_size=2, eval_steps=2, log_every=1, checkpoint_every=5)
+  if "rl" in c:
+    c.rl.update(num_generations=2, prompts_per_step=1, max_completion_len=32)
+    c.train.global_batch_size = c.rl.prompts_per_step * c.rl.num_generations
+    c.loss.max_completion_length = c.rl.max_completion_len
+    c.data.max_prompt_len = 128
   return c

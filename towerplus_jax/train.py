@@ -170,7 +170,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if ckpt.latest_step() != final:
       ckpt.save(final, nnx.to_pure_dict(state["params"]), _train_item(state), batches.get_state(), force=True)
     if run.eval_batches is not None:
-      last = {**last, **{f"eval/{k}": v for k, v in _evaluate(eval_step, state["params"], run).items()}}
+      final_eval = {f"eval/{k}": v for k, v in _evaluate(eval_step, state["params"], run).items()}
+      if not (tcfg.eval_every and final % tcfg.eval_every == 0):  # else the loop wrote this step's eval already
+        writer.write(final, final_eval)
+      last = {**last, **final_eval}
   finally:
     ckpt.close()
     writer.close()

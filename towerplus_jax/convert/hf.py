@@ -24,12 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 
 from towerplus_jax import checkpoint, sharding
+from towerplus_jax.data import chat
+from towerplus_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.layout import layer_slot
@@ -517,9 +520,8 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
     multihost_utils.sync_global_devices("save_hf")
 
 
-def _write_json(path: str, d: Mapping) -> None:
-  with open(path, "w") as f:
-    json.dump(d, f, indent=2)
+def _write_json(path: str | epath.Path, d: Mapping) -> None:
+  epath.Path(path).write_text(json.dumps(d, indent=2))
 
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
@@ -529,6 +531,41 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   for name in names:
     shutil.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
   return names
+
+
+def chat_token_ids(tokenizer: Tokenizer, template: str) -> dict[str, Any]:
+  """generation_config / config.json ids of a run's tokenizer: eos = the template's end-of-turn token, then eos
+  (transformers `generate` stops at either), its bos and pad."""
+  ids = {"eos_token_id": chat.stop_ids(tokenizer, template), "pad_token_id": tokenizer.pad_id}
+  return ids if tokenizer.bos_id is None else {"bos_token_id": tokenizer.bos_id, **ids}
+
+
+def write_tokenizer_config(tokenizer: Tokenizer, template: str, folder: str) -> None:
+  """`folder/tokenizer_config.json` with the run's special tokens and chat template, so that transformers'
+  AutoTokenizer + apply_chat_template work on an export. An existing file is kept, only a missing chat template
+  (and missing special tokens) added."""
+  path = epath.Path(folder) / "tokenizer_config.json"
+  config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+  if not config and isinstance(tokenizer, SentencePieceTokenizer):  # transformers adds a <mask> unless told not to
+    config.update(tokenizer_class="GemmaTokenizer", add_bos_token=False, add_eos_token=False, mask_token=None,
+                  unk_token=tokenizer.piece(tokenizer.unk_id))
+  for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+    if i is not None:
+      config.setdefault(name, tokenizer.piece(i))
+  if "chat_template" not in config and not (epath.Path(folder) / "chat_template.jinja").exists():
+    config["chat_template"] = chat.JINJA[template]
+    config.setdefault("extra_special_tokens", [chat.START_OF_TURN[template], chat.END_OF_TURN[template]])
+  _write_json(path, config)
+
+
+def template_in(folder: str) -> str | None:
+  """The chat template (chat.TEMPLATES) a tokenizer folder's Jinja template renders, by its end-of-turn token."""
+  text = ""
+  for name in ("tokenizer_config.json", "chat_template.jinja"):
+    if os.path.exists(os.path.join(folder, name)):
+      with open(os.path.join(folder, name), encoding="utf-8") as f:
+        text += f.read()
+  return next((t for t in chat.TEMPLATES if chat.END_OF_TURN[t] in text), None)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -553,8 +590,18 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
                                     nnx.to_pure_dict(sharding.state_shardings(abstract, mesh)))
   params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target, step)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
-  save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size,
-          tokenizer_dir=tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+  if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in ("tokenizer.model", "tokenizer.json")):
+    save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size)
+    return
+  from towerplus_jax import setup_run  # (imports this module)
+  tokenizer = setup_run.tokenizer_in(tokenizer_dir)
+  template = template_in(tokenizer_dir) or ("gemma" if cfg.is_gemma else "chatml")
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"{tokenizer_dir} has {tokenizer.vocab_size} ids, the model {cfg.vocab_size}")
+  save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
+          generation_config=chat_token_ids(tokenizer, template))
+  if jax.process_index() == 0:
+    write_tokenizer_config(tokenizer, template, out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -568,13 +615,16 @@ def main(argv: list[str] | None = None) -> None:
   exp.add_argument("--workdir", "--ckpt", dest="workdir", required=True, help="run workdir (or `import` output)")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   exp.add_argument("--out", required=True, help="output HF folder")
-  exp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
+  exp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
+                   help="weights dtype of the export (default bfloat16, as the published checkpoints)")
   exp.add_argument("--max_shard_size", default="5GB")
   args = parser.parse_args(argv)
   if args.command == "import":
     import_to_workdir(args.hf, args.out, args.param_dtype)
   else:
     export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    print(f"exported {args.workdir} to {args.out} in {args.dtype} (--dtype=float32 keeps full precision); "
+          "generation_config.json stops at the chat template's end-of-turn token")
 
 
 if __name__ == "__main__":

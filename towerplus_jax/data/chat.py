@@ -24,6 +24,23 @@ END_OF_TURN = {"gemma": "<end_of_turn>", "chatml": "<|im_end|>"}
 START_OF_TURN = {"gemma": "<start_of_turn>", "chatml": "<|im_start|>"}
 
 
+# The same templates in Hugging Face's Jinja form (tokenizer_config.json "chat_template" of an export).
+JINJA = {
+    "gemma": (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] + '\n\n' -%}"
+        "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}"
+        "{%- set loop_messages = messages -%}{%- endif -%}{{ bos_token }}"
+        "{%- for message in loop_messages -%}{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
+        "{{ '<start_of_turn>' + role + '\n' + ((prefix if loop.first else '') + message['content'] | trim) + "
+        "'<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}"
+        "{%- endif -%}"),
+    "chatml": (
+        "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
+        "{%- endif -%}"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
   """A run of the rendered chat: plain text, or one special token (`BOS` = the tokenizer's bos)."""

@@ -7,6 +7,7 @@ truncated translation — chosen by record index. Regenerate the shipped file wi
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -45,10 +46,17 @@ def render(records: Iterable[dict]) -> str:
   return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def main() -> None:
-  pairs = preference_pairs(read_jsonl(os.path.join(SAMPLE_DIR, "parallel.jsonl")))
-  with open(os.path.join(SAMPLE_DIR, "preferences.jsonl"), "w", encoding="utf-8") as f:
+def main(argv: list[str] | None = None) -> None:
+  """`python -m towerplus_jax.data.derive [--parallel=FILE] [--out=FILE]` (defaults: the shipped sample files)."""
+  parser = argparse.ArgumentParser(prog="python -m towerplus_jax.data.derive", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--parallel", default=os.path.join(SAMPLE_DIR, "parallel.jsonl"),
+                      help="parallel records {source, reference, src_lang, tgt_lang, tgt} to derive pairs from")
+  parser.add_argument("--out", default=os.path.join(SAMPLE_DIR, "preferences.jsonl"), help="preference JSONL written")
+  args = parser.parse_args(argv)
+  pairs = preference_pairs(read_jsonl(args.parallel))
+  with open(args.out, "w", encoding="utf-8") as f:
     f.write(render(pairs))
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@
   preference  {"prompt" (string or messages), "chosen", "rejected"}: `{chosen,rejected}_{inputs,targets,loss_mask,
               positions,segment_ids}` [B, T], right-padded, loss on the response only; float32 [B]
               `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
-              `max_prompt_len` tokens; responses are cut to fit the row.
+              `max_prompt_len` tokens; responses are cut to fit the row. int32 [B] `record_index` (the record's
+              position in the source).
   rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
               record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
               `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
@@ -98,7 +99,10 @@ class Encoder:
     if is_parallel(record) and (self.direction == "reverse" or (
         self.direction == "random" and np.random.default_rng([self.seed, index]).random() < 0.5)):
       record = reverse_parallel(record)
-    return getattr(self, f"_{self.kind}")(record)
+    example = getattr(self, f"_{self.kind}")(record)
+    if self.kind == "preference":
+      example["record_index"] = np.int32(index)  # position in the source: reference rows find their record by it
+    return example
 
   def _lm(self, record: dict) -> dict:
     tok = self.tokenizer
@@ -191,11 +195,12 @@ def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dic
 
 
 def _reference_logps(batch: dict) -> dict:
-  """Keep ref_*_logp when every real row has it; drop it when none has; else raise."""
+  """Keep ref_*_logp when every real row has it; drop it when none has; else raise. Padding rows (a last, partial
+  batch) count as neither."""
   rows_B = batch["chosen_segment_ids"].any(axis=1)
   for key in REFERENCE_KEYS:
     missing_B = np.isnan(batch[key]) & rows_B
-    if missing_B.all() or not rows_B.any():
+    if (missing_B == rows_B).all():
       del batch[key]
     elif missing_B.any():
       raise ValueError(f"some preference records have {key} and some do not; give it for all or none")

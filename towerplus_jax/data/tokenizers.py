@@ -36,6 +36,9 @@ class Tokenizer(Protocol):
   def token_id(self, piece: str) -> int:
     """Id of a special piece such as '<end_of_turn>'; KeyError when the vocabulary lacks it."""
 
+  def piece(self, token_id: int) -> str:
+    """The vocabulary entry of `token_id` (e.g. '<eos>')."""
+
 
 class SentencePieceTokenizer:
   """A SentencePiece model file (Gemma-style ids: pad 0, eos 1, bos 2)."""
@@ -47,6 +50,7 @@ class SentencePieceTokenizer:
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     self.eos_id = self._sp.eos_id()
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    self.unk_id = self._sp.unk_id()
     chat = [self._sp.PieceToId(p) for p in CHAT_SYMBOLS if self._sp.PieceToId(p) != self._sp.unk_id()]
     self._special = {i for i in (self.bos_id, self.eos_id, self.pad_id, *chat) if i is not None}
 
@@ -61,6 +65,9 @@ class SentencePieceTokenizer:
     if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i):
       raise KeyError(f"{self.path}: no token {piece!r} in the vocabulary")
     return i
+
+  def piece(self, token_id: int) -> str:
+    return self._sp.IdToPiece(token_id)
 
 
 class HFTokenizer:
@@ -104,6 +111,9 @@ class HFTokenizer:
     if i is None:
       raise KeyError(f"{self.path}: no token {piece!r} in the vocabulary")
     return i
+
+  def piece(self, token_id: int) -> str:
+    return self._tok.id_to_token(token_id)
 
 
 def _read_tokenizer_config(path: str) -> dict:

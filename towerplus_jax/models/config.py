@@ -6,6 +6,7 @@ the decoder in `transformer.py` reads only these flags, never the family name.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from typing import Literal
 
@@ -233,14 +234,20 @@ PRESETS = tuple(name for name in vars(ModelConfig) if name[0] != "_" and name.sp
                 ("gemma2", "gemma3", "qwen2", "qwen3"))
 
 
+FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
+
+
 def preset(name: str) -> ModelConfig:
   """`gemma2_2b`, `qwen2_5_7b`, ... or `tiny` / `tiny_<family>`."""
   if name == "tiny":
     return ModelConfig.tiny()
-  if name.startswith("tiny_"):
+  if name.startswith("tiny_") and name[len("tiny_"):] in FAMILIES:
     return ModelConfig.tiny(name[len("tiny_"):])
   if name not in PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)} or tiny_<family>")
+    known = sorted(PRESETS) + ["tiny"] + [f"tiny_{f}" for f in FAMILIES]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    raise ValueError(f"unknown model preset {name!r}; {hint}known presets: {', '.join(known)}")
   return getattr(ModelConfig, name)()
 
 

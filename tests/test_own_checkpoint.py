@@ -1,0 +1,56 @@
+"""README "your own checkpoint": an HF folder with its own SentencePiece tokenizer -> SFT -> export ->
+transformers chat generation that stops at the end of the turn."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+
+from configs import sft
+from towerplus_jax import setup_run, train
+from towerplus_jax.data import chat, tokenizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_hf_folder_sft_export_chat_stops(tiny_hf_model, tmp_path):
+  import torch
+  import transformers
+  folder = str(tmp_path / "my_gemma")
+  shutil.copytree(tiny_hf_model("gemma2", vocab_size=1024), folder)
+  sp_path = tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax"))
+  shutil.copy(sp_path, os.path.join(folder, "tokenizer.model"))  # the user's tokenizer
+  data = tmp_path / "sft.jsonl"
+  data.write_text("".join(json.dumps({"prompt": f"Say ok {i}", "completion": "ok"}) + "\n" for i in range(16)))
+
+  c = sft.get_config("tiny_gemma2")
+  c.init_from = f"hf:{folder}"
+  c.data.update(train=str(data), eval="", tokenizer="auto", seq_len=32, pack=False)
+  c.train.update(steps=40, global_batch_size=8, log_every=10, checkpoint_every=0)
+  c.optimizer.update(lr=1e-2, warmup_ratio=0.0)
+  workdir = str(tmp_path / "run")
+  train.train(c, workdir)
+  out = str(tmp_path / "export")
+  run = subprocess.run([sys.executable, "-m", "towerplus_jax.convert.hf", "export", f"--workdir={workdir}",
+                        f"--out={out}", "--dtype=float32"], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0 and "float32" in run.stdout, run.stderr[-2000:]
+
+  ours = setup_run.tokenizer_in(folder)
+  end_of_turn = ours.token_id("<end_of_turn>")
+  gen = json.load(open(os.path.join(out, "generation_config.json")))
+  assert gen["eos_token_id"][0] == end_of_turn and gen["pad_token_id"] == ours.pad_id
+  assert json.load(open(os.path.join(out, "config.json")))["eos_token_id"] == gen["eos_token_id"]
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  assert len(tok) == ours.vocab_size  # no extra <mask> past the model's vocabulary
+  messages = [{"role": "user", "content": "Say ok 3"}]
+  prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+  assert list(prompt) == chat.encode_chat(ours, "gemma", messages, add_generation_prompt=True)[0]
+  model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  generated = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+  assert generated[-1] == end_of_turn and len(generated) < 20, generated
+  assert tok.decode(generated, skip_special_tokens=True).strip() == "ok"
+  np.testing.assert_array_equal(generated, chat.encode_chat(ours, "gemma", messages + [
+      {"role": "assistant", "content": "ok"}])[0][len(prompt):-1])
