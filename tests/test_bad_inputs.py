@@ -142,3 +142,18 @@ def test_bad_test_set_record_is_named_before_decoding(tmp_path, bad, expected):
   path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
   with pytest.raises(ValueError, match="^" + re.escape(f"{path}:2: {expected}")):
     records.read_all(sources.open_source(str(path)), "test")
+
+
+def test_a_stopped_stage_stops_the_chain(tmp_path, monkeypatch):
+  """SIGTERM during CPT: the chain must not go on into SFT/WPO/GRPO built on an unfinished CPT."""
+  from towerplus_jax import checkpoint, train
+  ran = []
+
+  def fake_train(config, workdir):
+    ran.append(os.path.basename(workdir))
+    raise checkpoint.Stopped(3, config.train.steps, 15)
+
+  monkeypatch.setattr(train, "train", fake_train)
+  with pytest.raises(checkpoint.Stopped):
+    main.run(tower_plus.get_config("tiny"), str(tmp_path))
+  assert ran == ["cpt"]

@@ -47,7 +47,10 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
     return shard_batch(batch, mesh)
 
   monkeypatch.setattr(sharding, "shard_global_batch", sigterm_on_third_batch)
-  train.train(c, b)
+  with pytest.raises(checkpoint.Stopped, match=r"^stopped at step 3 of \d+ \(SIGTERM\); a checkpoint was saved: "
+                     r"rerun the same command to resume$") as stopped:
+    train.train(c, b)
+  assert stopped.value.exit_code == 143  # non-zero: tpu_run.sh retries, and the retry resumes
   monkeypatch.undo()
   ckpt = checkpoint.Checkpointer(os.path.join(b, "checkpoints"))
   assert ckpt.latest_step() == 3  # the SIGTERM'd run saved where it stopped

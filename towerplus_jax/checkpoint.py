@@ -87,12 +87,14 @@ class StopSignal:
 
   def __init__(self):
     self.event = threading.Event()
+    self.signum = signal.SIGTERM  # the signal seen (a stop agreed with other hosts counts as SIGTERM)
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame) -> None:
+    self.signum = signum
     self.event.set()
 
   @property
@@ -102,3 +104,13 @@ class StopSignal:
   def restore_handlers(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class Stopped(Exception):
+  """Training stopped on a signal at `step` of `total`, after saving a checkpoint there; rerun to resume. The exit
+  status is 128 + the signal number (143 for SIGTERM), so launchers that retry on failure resume the run."""
+
+  def __init__(self, step: int, total: int, signum: int):
+    super().__init__(f"stopped at step {step} of {total} ({signal.Signals(signum).name}); a checkpoint was saved: "
+                     "rerun the same command to resume")
+    self.step, self.total, self.exit_code = step, total, 128 + signum

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import sys
 
 import ml_collections
 from absl import app, flags, logging
@@ -65,13 +66,15 @@ def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
 
 
 def _check_names(config) -> None:
-  """Every stage's preset / init_from resolves, or one line and exit before anything is written."""
-  from towerplus_jax import setup_run
-  for stage in config.stages.values() if "stages" in config else [config]:
-    try:
+  """Every stage's preset / init_from resolves and its values are in range, or one line and exit before anything
+  is written."""
+  from towerplus_jax import config_check, setup_run
+  try:
+    for stage in config.stages.values() if "stages" in config else [config]:
       setup_run.check_names(stage)
-    except ValueError as e:
-      raise SystemExit(f"error: {e}") from None
+    config_check.check(config)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 
 
 def _append_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
@@ -118,12 +121,21 @@ def quiet_libraries() -> None:
 
 def main(argv):
   import jax
+
+  from towerplus_jax import checkpoint, run_lock
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   quiet_libraries()
   _check_names(_F["config"].value)
-  results = run(_F["config"].value, _F["workdir"].value)
+  try:
+    results = run(_F["config"].value, _F["workdir"].value)
+  except run_lock.WorkdirBusy as e:
+    raise SystemExit(f"error: {e}") from None
+  except checkpoint.Stopped as e:  # non-zero, so that a launcher retrying on failure resumes the run
+    logging.warning("%s", e)
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
   if jax.process_index() == 0:
     print(summary(results, _F["workdir"].value, _F["config"].value), flush=True)
 

@@ -17,6 +17,10 @@ import jax
 LOCK_NAME = ".lock"
 
 
+class WorkdirBusy(RuntimeError):
+  """Another run holds the workdir's lock."""
+
+
 @contextlib.contextmanager
 def hold(workdir: str) -> Iterator[None]:
   """Hold the workdir's lock; raise one clear line naming the holder when another run has it."""
@@ -30,7 +34,7 @@ def hold(workdir: str) -> Iterator[None]:
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "another process"
-      raise RuntimeError(f"workdir {workdir} is in use by another run ({holder}); stop it or choose another "
+      raise WorkdirBusy(f"workdir {workdir} is in use by another run ({holder}); stop it or choose another "
                          "--workdir") from None
     f.seek(0)
     f.truncate()

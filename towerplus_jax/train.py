@@ -112,7 +112,8 @@ def _to_host(tree) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Run (or resume) one stage in `workdir`; returns the last logged metrics."""
+  """Run (or resume) one stage in `workdir`; returns the last logged metrics. Raises `checkpoint.Stopped` when a
+  signal stopped it early (after saving a checkpoint)."""
   from towerplus_jax.setup_run import setup_run  # data/tokenizer stack: only needed for a real run
   run = setup_run(config, workdir)
   loss = losses.get(config.loss.name)
@@ -144,6 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   last: dict[str, float] = {}
   pending = None
   step = start
+  stopped = False
   try:
     for step in range(start, tcfg.steps):
       batch = next(batches)
@@ -161,6 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       ckpt.save(step + 1, nnx.to_pure_dict(state["params"]), _train_item(state), batches.get_state())
       if _stop_requested(stop, step + 1, tcfg.log_every):
         logging.warning("stop requested: saving a checkpoint at step %d and exiting", step + 1)
+        stopped = True
         break
     else:
       step = tcfg.steps - 1
@@ -169,6 +172,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     final = step + 1
     if ckpt.latest_step() != final:
       ckpt.save(final, nnx.to_pure_dict(state["params"]), _train_item(state), batches.get_state(), force=True)
+    if stopped:
+      raise checkpoint.Stopped(final, tcfg.steps, stop.signum)
     if run.eval_batches is not None:
       final_eval = {f"eval/{k}": v for k, v in _evaluate(eval_step, state["params"], run).items()}
       if not (tcfg.eval_every and final % tcfg.eval_every == 0):  # else the loop wrote this step's eval already
