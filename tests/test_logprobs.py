@@ -119,8 +119,9 @@ def test_reference_fns_match_full_logits(name):
 @pytest.mark.parametrize("name, family, sizes", [
     ("sft", "gemma2", {"fsdp": 4, "tensor": 2}),
     ("wpo", "qwen2", {"data": 2, "fsdp": 1, "tensor": 4})])
-def test_tensor_split_vocab_on_8_devices_matches_one_device(name, family, sizes):
-  """8 rows over the batch axes, the vocab over "tensor": each device runs 2 rows x 8 tokens in chunks of 6."""
+def test_split_vocab_on_8_devices_matches_one_device(name, family, sizes):
+  """8 rows over the batch axes, the vocab over "fsdp" x "tensor" (the fsdp group's hidden states gathered): each
+  device computes its vocab slice for its group's tokens in chunks of 6."""
   cfg = tiny(family)
   batch = make_batch(name, b=8)
   graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -136,8 +137,9 @@ def test_tensor_split_vocab_on_8_devices_matches_one_device(name, family, sizes)
   assert_close(loss, want_loss)
   assert_close(metrics, want_metrics)
   assert_close(grad, want_grad)
-  # The per-device chunk's logits: 6 tokens x this device's slice of the vocab (no full-vocab, no gathered batch).
-  assert f"f32[6,{V // sizes['tensor']}]" in hlo and f"f32[6,{V}]" not in hlo
+  # The per-device chunk's logits: 6 tokens x this device's slice of the vocab; never the full vocab.
+  split = sizes["fsdp"] * sizes["tensor"]
+  assert f"f32[6,{V // split}]" in hlo and f"f32[6,{V}]" not in hlo
 
 
 def test_chunked_train_step_needs_far_less_memory():

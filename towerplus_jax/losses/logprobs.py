@@ -7,10 +7,11 @@ arrays for the requested statistics (logits = softcap(h @ w) / temperature, p = 
   lse2     log Σ_v p(v)²                        (WPO's weight)
   entropy  −Σ_v p(v) log p(v)
   correct  1.0 where the target's logit is the largest (ties count as correct), else 0.0 (no gradient)
-`chunk` > 0: the tokens of each device are processed `chunk` at a time under `jax.checkpoint` inside a scan, so the
-forward and the backward pass hold one [chunk, V] block at a time (the last chunk padded). Under a mesh the kernel
-runs in a `jax.shard_map`: the batch stays split over the batch axes and, with "tensor" > 1, the vocab is split
-over "tensor" (local max / sums / target pick, combined by pmax / psum). `chunk` = 0: plain XLA on the full
+`chunk` > 0: the tokens are processed `chunk` at a time under `jax.checkpoint` inside a scan, so the forward and
+the backward pass hold one [chunk, V] block at a time (the last chunk padded). Under a mesh the kernel runs in a
+`jax.shard_map` with the vocab split over "fsdp" and "tensor" and the hidden states of each fsdp group gathered
+(`chunked_stats`): no device ever holds the whole output head (local max / sums / target pick, combined by
+pmax / psum). `chunk` = 0: plain XLA on the full
 logits from `model.logits` (the reference the kernel is tested against).
 """
 from __future__ import annotations
@@ -69,24 +70,45 @@ def full_stats(logits_BTV: jax.Array, targets_BT: jax.Array, want: Sequence[str]
 
 def chunked_stats(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *, softcap: float | None,
                   temperature: float, chunk: int, want: tuple[str, ...]) -> dict[str, jax.Array]:
-  """The statistics from hidden states and the output head, `chunk` tokens per device at a time."""
+  """The statistics from hidden states and the output head, `chunk` tokens at a time.
+
+  Under a mesh the head is never gathered: its vocab is split over "fsdp" and "tensor" (those that divide it), and
+  the hidden states of the fsdp group are gathered instead (B·T·D of them per device, far fewer than the head's
+  D·V at these sizes; the backward pass reduce-scatters them back), so each device computes its vocab slice of the
+  logits of every token of its group, combined by pmax / psum over the vocab axes."""
   local = functools.partial(_local_stats, softcap=softcap, temperature=temperature, chunk=chunk, want=want)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return local(h_BTD, w_DV, targets_BT, vocab_axis=None)
-  tensor = mesh.shape.get("tensor", 1)
-  vocab_axis = "tensor" if tensor > 1 and w_DV.shape[-1] % tensor == 0 else None
+    return local(h_BTD, w_DV, targets_BT, vocab_axes=(), gather_axes=())
   bspec = sharding.batch_spec(2, mesh, h_BTD.shape[0])[0]
-  kernel = jax.shard_map(functools.partial(local, vocab_axis=vocab_axis), mesh=mesh,
-                         in_specs=(P(bspec, None, None), P(None, vocab_axis), P(bspec, None)),
+  batch_axes = () if bspec is None else (bspec,) if isinstance(bspec, str) else tuple(bspec)
+  vocab_axes = _vocab_axes(mesh, w_DV.shape[-1])
+  gather_axes = tuple(a for a in batch_axes if a in vocab_axes)
+  kernel = jax.shard_map(functools.partial(local, vocab_axes=vocab_axes, gather_axes=gather_axes), mesh=mesh,
+                         in_specs=(P(bspec, None, None), P(None, vocab_axes or None), P(bspec, None)),
                          out_specs=P(bspec, None))
   return kernel(h_BTD, w_DV, targets_BT)
 
 
+def _vocab_axes(mesh, vocab: int) -> tuple[str, ...]:
+  """The mesh axes among ("fsdp", "tensor") that split the vocab (size > 1 and dividing it)."""
+  axes: list[str] = []
+  for axis in ("fsdp", "tensor"):
+    size = mesh.shape.get(axis, 1)
+    if size > 1 and vocab % (math.prod(mesh.shape[a] for a in axes) * size) == 0:
+      axes.append(axis)
+  return tuple(axes)
+
+
 def _local_stats(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *, softcap: float | None,
-                 temperature: float, chunk: int, want: tuple[str, ...], vocab_axis: str | None
-                 ) -> dict[str, jax.Array]:
-  """This device's tokens, flattened and split into equal chunks of at most `chunk` (zero-padded at the end)."""
+                 temperature: float, chunk: int, want: tuple[str, ...], vocab_axes: tuple[str, ...],
+                 gather_axes: tuple[str, ...]) -> dict[str, jax.Array]:
+  """This device's tokens (with `gather_axes`: those of its whole group along them), flattened and split into equal
+  chunks of at most `chunk` (zero-padded at the end); returns the statistics of this device's own rows."""
+  b_own = h_BTD.shape[0]
+  if gather_axes:
+    h_BTD = jax.lax.all_gather(h_BTD, gather_axes, axis=0, tiled=True)
+    targets_BT = jax.lax.all_gather(targets_BT, gather_axes, axis=0, tiled=True)
   b, t, d = h_BTD.shape
   n = b * t
   num_chunks = math.ceil(n / chunk)
@@ -95,27 +117,31 @@ def _local_stats(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *, so
   h_KCD = jnp.pad(h_BTD.reshape(n, d), ((0, pad), (0, 0))).reshape(num_chunks, size, d)
   targets_KC = jnp.pad(targets_BT.reshape(n), (0, pad)).reshape(num_chunks, size)
   block = jax.checkpoint(functools.partial(_block_stats, softcap=softcap, temperature=temperature, want=want,
-                                           vocab_axis=vocab_axis), prevent_cse=False)
+                                           vocab_axes=vocab_axes), prevent_cse=False)
   # The head enters the loop in float32, so its gradient is summed over the chunks in float32, not bf16.
   w32_DV = w_DV.astype(jnp.float32)
   _, stats_K = jax.lax.scan(lambda _, x: (None, block(x[0], w32_DV, x[1])), None, (h_KCD, targets_KC))
-  return {k: v.reshape(-1)[:n].reshape(b, t) for k, v in stats_K.items()}
+  stats = {k: v.reshape(-1)[:n].reshape(b, t) for k, v in stats_K.items()}
+  if gather_axes:
+    start = jax.lax.axis_index(gather_axes) * b_own
+    stats = {k: jax.lax.dynamic_slice_in_dim(v, start, b_own, axis=0) for k, v in stats.items()}
+  return stats
 
 
 def _block_stats(h_CD: jax.Array, w_DV: jax.Array, targets_C: jax.Array, *, softcap: float | None,
-                 temperature: float, want: tuple[str, ...], vocab_axis: str | None) -> dict[str, jax.Array]:
-  """Statistics of one chunk [C]; `w_DV` is float32 and, with `vocab_axis`, this device's slice of the vocab."""
-  psum = (lambda x: jax.lax.psum(x, vocab_axis)) if vocab_axis else (lambda x: x)
+                 temperature: float, want: tuple[str, ...], vocab_axes: tuple[str, ...]) -> dict[str, jax.Array]:
+  """Statistics of one chunk [C]; `w_DV` is float32 and, with `vocab_axes`, this device's slice of the vocab."""
+  psum = (lambda x: jax.lax.psum(x, vocab_axes)) if vocab_axes else (lambda x: x)
   logits_CV = (h_CD @ w_DV.astype(h_CD.dtype)).astype(jnp.float32)  # the matmul in the compute dtype, as model.logits
   if softcap is not None:
     logits_CV = jnp.tanh(logits_CV / softcap) * softcap
   if temperature != 1.0:
     logits_CV = logits_CV / temperature
   v_local = logits_CV.shape[-1]
-  offset = jax.lax.axis_index(vocab_axis) * v_local if vocab_axis else 0
+  offset = jax.lax.axis_index(vocab_axes) * v_local if vocab_axes else 0
   max_C = jax.lax.stop_gradient(jnp.max(logits_CV, axis=-1))
-  if vocab_axis:
-    max_C = jax.lax.pmax(max_C, vocab_axis)
+  if vocab_axes:
+    max_C = jax.lax.pmax(max_C, vocab_axes)
   shifted_CV = logits_CV - max_C[:, None]
   exp_CV = jnp.exp(shifted_CV)
   sum_C = psum(jnp.sum(exp_CV, axis=-1))
