@@ -31,12 +31,15 @@ def token_batch(cfg: ModelConfig, batch: int, seq: int) -> dict[str, np.ndarray]
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
 
 
-def ours_step(model: Transformer, batch: dict[str, np.ndarray], total_steps: int) -> Callable[[], None]:
+def ours_step(model: Transformer, batch: dict[str, np.ndarray], total_steps: int, logprob_chunk: int
+              ) -> Callable[[], None]:
   """One blocking call = one jitted train step (`train.make_step_fns`, donated state)."""
   mesh = sharding.make_mesh({}, jax.devices()[:1])
   graphdef, params = nnx.split(model)
   tx, lr = optim.make(ml_collections.ConfigDict(OPTIMIZER), total_steps)
-  fns = train.make_step_fns(graphdef, losses.get("lm"), losses.default_config("lm"), tx, lr, 1, False)
+  loss_cfg = losses.default_config("lm")
+  loss_cfg.logprob_chunk = logprob_chunk
+  fns = train.make_step_fns(graphdef, losses.get("lm"), loss_cfg, tx, lr, 1, False)
   step = jax.jit(fns.train, donate_argnums=0)
   with jax.set_mesh(mesh):
     state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
   parser.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 GPU)")
   parser.add_argument("--skip_hf", action="store_true", help="time our step only")
+  parser.add_argument("--logprob_chunk", type=int, default=0,
+                      help="loss.logprob_chunk: 0 = full logits (tiny presets' default), 512 = real presets'")
   args = parser.parse_args(argv)
   cfg = common.model_config(args)
   batch = token_batch(cfg, args.batch, args.seq)
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
   steps = {}
   if not args.skip_hf:  # exported before our step donates (frees) the initial weights
     steps["hf"] = hf_step(common.hf_twin(model, torch_device), cfg.dtype, batch)
-  steps["ours"] = ours_step(model, batch, args.steps + args.warmup)
+  steps["ours"] = ours_step(model, batch, args.steps + args.warmup, args.logprob_chunk)
   seconds = common.median_seconds(steps, args.steps, args.warmup)
   for name, s in seconds.items():
     tps = args.batch * args.seq / s

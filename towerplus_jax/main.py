@@ -130,8 +130,10 @@ def main(argv):
   _check_names(_F["config"].value)
   try:
     results = run(_F["config"].value, _F["workdir"].value)
-  except run_lock.WorkdirBusy as e:
-    raise SystemExit(f"error: {e}") from None
+  except (run_lock.WorkdirBusy, ValueError, FileNotFoundError, IsADirectoryError) as e:
+    # Bad input (data, tokenizer, checkpoint or HF folder): one line; the traceback only with --verbosity=1.
+    logging.debug("traceback of the error below", exc_info=True)
+    raise SystemExit(f"error: {str(e).strip().splitlines()[0]} (traceback: rerun with --verbosity=1)") from None
   except checkpoint.Stopped as e:  # non-zero, so that a launcher retrying on failure resumes the run
     logging.warning("%s", e)
     print(e, file=sys.stderr, flush=True)

@@ -58,7 +58,8 @@ def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: jax.Array | float
   with the last kept one are kept. No full-vocabulary sort: `lax.top_k` for the static k, else a bisection on the
   threshold."""
   if top_k > 0:
-    top_BK = jax.lax.top_k(logits_BV, top_k)[0]
+    # The barrier keeps XLA CPU from rewriting the TopK into a full sort when its result is fused onward (30x).
+    top_BK = jax.lax.optimization_barrier(jax.lax.top_k(logits_BV, top_k)[0])
     # Renormalise over every token >= the k-th value (ties included, as Hugging Face's TopKLogitsWarper keeps them).
     mass_B1 = jnp.sum(jnp.where(logits_BV >= top_BK[:, -1:], jnp.exp(logits_BV - top_BK[:, :1]), 0.0), axis=-1,
                       keepdims=True)
