@@ -1,5 +1,6 @@
 """Bad input gets one clear line naming the key (or file) before anything is written; a busy workdir is refused."""
 import os
+import shutil
 
 import pytest
 
@@ -157,3 +158,65 @@ def test_a_stopped_stage_stops_the_chain(tmp_path, monkeypatch):
   with pytest.raises(checkpoint.Stopped):
     main.run(tower_plus.get_config("tiny"), str(tmp_path))
   assert ran == ["cpt"]
+
+
+# ---------------------------------------------------------------- HF folders and exports: refuse, never delete
+def _copy_hf(folder, tmp_path, name="hf"):
+  dst = tmp_path / name
+  shutil.copytree(folder, dst)
+  return dst
+
+
+def test_export_never_deletes_what_it_did_not_write(tmp_path, tiny_hf_model):
+  from towerplus_jax.convert import hf
+  work = tmp_path / "work"
+  hf.import_to_workdir(tiny_hf_model("qwen2"), str(work))
+  before = sorted(p.relative_to(work) for p in work.rglob("*"))
+  with pytest.raises(SystemExit, match=r"^error: --out=.*work holds \['checkpoints', 'model_config.json'"):
+    hf.main(["export", f"--workdir={work}", f"--out={work}"])  # --out = the run's own workdir
+  with pytest.raises(SystemExit, match=r"which an export did not write"):
+    hf.main(["export", f"--workdir={work}", f"--out={work}", "--overwrite"])  # not even with --overwrite
+  assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+  out = tmp_path / "export"
+  hf.main(["export", f"--workdir={work}", f"--out={out}", "--dtype=float32"])
+  with pytest.raises(SystemExit, match=r"already holds an export; pass --overwrite"):
+    hf.main(["export", f"--workdir={work}", f"--out={out}"])
+  hf.main(["export", f"--workdir={work}", f"--out={out}", "--overwrite"])
+  assert (out / "config.json").exists()
+  with pytest.raises(SystemExit, match=r"^error: --out=.*work is not empty .*import into a new folder"):
+    hf.main(["import", f"--hf={tiny_hf_model('gemma2')}", f"--out={work}"])  # would turn qwen2 into gemma2
+  assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("config", "config.json: invalid JSON"),
+    ("index", "model.safetensors.index.json maps model.embed_tokens.weight to wrong.safetensors, which does not "
+              "hold it"),
+    ("int", "tensor model.norm.weight is int32, not floating-point weights"),
+    ("nan", "tensor model.norm.weight holds 1 NaN/Inf values"),
+])
+def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
+  import numpy as np
+  import safetensors.numpy
+  from towerplus_jax.convert import hf
+  folder = _copy_hf(tiny_hf_model("qwen2"), tmp_path)
+  weights = folder / "model.safetensors"
+  tensors = safetensors.numpy.load_file(str(weights))
+  if damage == "config":
+    (folder / "config.json").write_text('{"model_type": "qwen2",')
+  elif damage == "index":
+    safetensors.numpy.save_file({"x": np.zeros(2, np.float32)}, str(folder / "wrong.safetensors"))
+    weight_map = {k: "wrong.safetensors" if k == "model.embed_tokens.weight" else "model.safetensors" for k in tensors}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  else:
+    norm = tensors["model.norm.weight"]
+    if damage == "int":
+      tensors["model.norm.weight"] = norm.astype(np.int32)
+    else:
+      tensors["model.norm.weight"] = np.where(np.arange(norm.size) == 3, np.nan, norm).astype(norm.dtype)
+    safetensors.numpy.save_file(tensors, str(weights), metadata={"format": "pt"})
+  with pytest.raises(SystemExit) as e:
+    hf.main(["import", f"--hf={folder}", f"--out={tmp_path / 'run'}"])
+  assert str(e.value).startswith("error: ") and expected in str(e.value), str(e.value)
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "run").exists()

@@ -298,7 +298,10 @@ def _read_json(path: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found")
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: invalid JSON ({e}); is the folder's download complete?") from None
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -367,11 +370,31 @@ class _Source:
       # framework "flax" reads bfloat16 (numpy cannot); on the host, never through an accelerator
       with safe_open(self.files[k], framework="flax") as f, jax.default_device(_host_device()):
         x = np.asarray(f.get_tensor(self.names[k]))
+      if not np.isfinite(x).all():
+        raise ValueError(f"{self.files[k]}: tensor {self.names[k]} holds {np.size(x) - np.isfinite(x).sum()} "
+                         "NaN/Inf values; the checkpoint is corrupt")
       return self.layout.to_ours(x, self.shape)[index]
     if not self.stacked:
       return one(0, index)
     rows = range(len(self.names))[index[0] if index else slice(None)]
     return np.stack([one(k, index[1:]) for k in rows])
+
+
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
+                       "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8", "BOOL": "bool"}
+
+
+def _shape_and_dtype(file: str, name: str, hf_dir: str) -> tuple[tuple[int, ...], str]:
+  """Shape and dtype of tensor `name` in `file`, or one error naming the file the index sent us to."""
+  if not os.path.exists(file):
+    raise FileNotFoundError(f"{hf_dir}: {INDEX_FILE} lists {os.path.basename(file)} (for {name}), which is missing")
+  with safe_open(file, framework="numpy") as f:
+    if name not in f.keys():
+      raise ValueError(f"{hf_dir}: {INDEX_FILE} maps {name} to {os.path.basename(file)}, which does not hold it "
+                       "(the shard index does not match the shards)")
+    info = f.get_slice(name)
+    dtype = info.get_dtype()
+    return tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(dtype, dtype.lower())
 
 
 def hf_sources(hf_dir: str, cfg: ModelConfig, targets: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, _Source]:
@@ -396,8 +419,9 @@ def hf_sources(hf_dir: str, cfg: ModelConfig, targets: Mapping[str, jax.ShapeDty
     _, row, layout = table[names[0]]
     shape = targets[path].shape[1:] if row is not None else targets[path].shape
     for name in names:
-      with safe_open(weight_map[name], framework="flax") as f:
-        want, found = layout.hf_shape(shape), tuple(f.get_slice(name).get_shape())
+      want, found, dtype = layout.hf_shape(shape), *_shape_and_dtype(weight_map[name], name, hf_dir)
+      if not np.issubdtype(np.dtype(jnp.dtype(dtype)), np.floating):
+        raise ValueError(f"{weight_map[name]}: tensor {name} is {dtype}, not floating-point weights")
       if want != found:
         raise ValueError(f"{weight_map[name]}: tensor {name} has shape {found}, expected {want} ({path} {shape})")
     sources[path] = _Source(names, tuple(weight_map[n] for n in names), layout, row is not None, tuple(shape))
@@ -471,14 +495,37 @@ def _pure_params(params: nnx.Module | nnx.State | Mapping) -> Mapping:
   return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
 
 
+def _export_file(name: str) -> bool:
+  """Whether `name` is a file an HF export writes (and so one `overwrite` may replace)."""
+  return (name in TOKENIZER_FILES or name in ("config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE)
+          or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
+
+
+def check_export_target(out_dir: str, overwrite: bool) -> None:
+  """Refuse a non-empty `out_dir` unless `overwrite`, and even then unless it holds only an earlier export's files
+  (a run workdir, checkpoints or anything else is never deleted)."""
+  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+      raise FileExistsError(f"--out={out_dir} is a file, not a folder")
+    return
+  foreign = sorted(n for n in os.listdir(out_dir) if not _export_file(n))
+  if foreign:
+    raise FileExistsError(f"--out={out_dir} holds {foreign[:5]}, which an export did not write; choose an empty or "
+                          "new folder (nothing was changed)")
+  if not overwrite:
+    raise FileExistsError(f"--out={out_dir} already holds an export; pass --overwrite to replace it, or choose "
+                          "another folder (nothing was changed)")
+
+
 def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir: str, *, dtype: str = "bfloat16",
             max_shard_size: str | int = "5GB", tokenizer_dir: str | None = None,
-            generation_config: Mapping[str, Any] | None = None) -> None:
+            generation_config: Mapping[str, Any] | None = None, overwrite: bool = False) -> None:
   """Write an HF folder (config.json, safetensors shards + index, generation_config.json, tokenizer files).
 
   `params`: a model, its nnx.State or the pure dict. Tensors are gathered to the host one at a time; only process 0
-  writes, into `out_dir.tmp`, renamed to `out_dir` (replacing it) at the end. `generation_config` defaults to the
-  family's bos/eos/pad ids; its ids also go into config.json.
+  writes, into `out_dir.tmp`, renamed to `out_dir` at the end. A non-empty `out_dir` is refused unless `overwrite`
+  and it holds only an earlier export (`check_export_target`). `generation_config` defaults to the family's
+  bos/eos/pad ids; its ids also go into config.json.
   """
   flat = _flatten(_pure_params(params))
   leaves = {name: leaf for name, (_, leaf) in flat.items()}
@@ -492,6 +539,7 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
       f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
   writer = jax.process_index() == 0
   tmp = out_dir.rstrip("/") + ".tmp"
+  check_export_target(out_dir, overwrite)
   if writer:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -570,7 +618,11 @@ def template_in(folder: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def import_to_workdir(hf_dir: str, out_dir: str, param_dtype: str = "float32") -> ModelConfig:
-  """HF folder -> run-workdir layout: model_config.json, checkpoints/0/params (Orbax), tokenizer/."""
+  """HF folder -> run-workdir layout: model_config.json, checkpoints/0/params (Orbax), tokenizer/. `out_dir` must be
+  new or empty: an existing run is never overwritten."""
+  if os.path.isdir(out_dir) and os.listdir(out_dir):
+    raise FileExistsError(f"--out={out_dir} is not empty (it holds {sorted(os.listdir(out_dir))[:5]}); import into "
+                          "a new folder (nothing was changed)")
   mesh = sharding.make_mesh({"fsdp": -1})
   cfg, model = load_hf(hf_dir, mesh=mesh, overrides={"param_dtype": param_dtype})
   checkpoint.save_params(os.path.join(out_dir, "checkpoints"), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
@@ -581,8 +633,9 @@ def import_to_workdir(hf_dir: str, out_dir: str, param_dtype: str = "float32") -
 
 
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = "bfloat16",
-                   max_shard_size: str | int = "5GB") -> None:
+                   max_shard_size: str | int = "5GB", overwrite: bool = False) -> None:
   """A run workdir's (latest or given) checkpoint -> HF folder, tokenizer taken from `<workdir>/tokenizer`."""
+  check_export_target(out_dir, overwrite)  # before the (long) restore
   cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({"fsdp": -1})
   abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
@@ -591,7 +644,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
   params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target, step)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
   if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in ("tokenizer.model", "tokenizer.json")):
-    save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size)
+    save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     return
   from towerplus_jax import setup_run  # (imports this module)
   tokenizer = setup_run.tokenizer_in(tokenizer_dir)
@@ -599,7 +652,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"{tokenizer_dir} has {tokenizer.vocab_size} ids, the model {cfg.vocab_size}")
   save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,
-          generation_config=chat_token_ids(tokenizer, template))
+          generation_config=chat_token_ids(tokenizer, template), overwrite=overwrite)
   if jax.process_index() == 0:
     write_tokenizer_config(tokenizer, template, out_dir)
 
@@ -618,11 +671,17 @@ def main(argv: list[str] | None = None) -> None:
   exp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                    help="weights dtype of the export (default bfloat16, as the published checkpoints)")
   exp.add_argument("--max_shard_size", default="5GB")
+  exp.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (only that)")
   args = parser.parse_args(argv)
-  if args.command == "import":
-    import_to_workdir(args.hf, args.out, args.param_dtype)
-  else:
-    export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size)
+  try:
+    if args.command == "import":
+      import_to_workdir(args.hf, args.out, args.param_dtype)
+    else:
+      export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite)
+  except (FileExistsError, FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: {e}") from None
+  if args.command == "export":
     print(f"exported {args.workdir} to {args.out} in {args.dtype} (--dtype=float32 keeps full precision); "
           "generation_config.json stops at the chat template's end-of-turn token")
 
