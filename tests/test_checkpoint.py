@@ -1,4 +1,5 @@
 """Checkpointer: params + train state + data (grain iterator state as JSON) round-trip, keep-N, restore onto another mesh, SIGTERM flag."""
+import json
 import os
 import signal
 
@@ -101,3 +102,63 @@ def test_resume_with_another_layer_layout_is_named(tmp_path):
   setup_run.check_resume_layout(str(tmp_path), cfg)
   with pytest.raises(ValueError, match=r"model.scan_layers=False; resume it with --config.model.scan_layers=False"):
     setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
+
+
+def _saved_steps(directory, steps=(1, 2, 3)):
+  ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=5, save_every=1, async_save=False)
+  for s in steps:
+    ckpt.save(s, {"w": jnp.full((64,), float(s))}, {"step": jnp.asarray(s)}, {"rollouts": s})
+  ckpt.close()
+  return jax.ShapeDtypeStruct((64,), jnp.float32), jax.ShapeDtypeStruct((), jnp.int32)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_step(tmp_path, damage):
+  w, step = _saved_steps(tmp_path)
+  data_files = [p for p in (tmp_path / "3" / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+  for p in data_files:
+    if damage == "truncate":
+      p.write_bytes(p.read_bytes()[:7])
+    else:
+      p.unlink()
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=5, save_every=1)
+  restored, out = ckpt.restore_latest({"w": w}, {"step": step}, data=True)
+  assert restored == 2 and out["data"]["rollouts"] == 2 and float(out["params"]["w"][0]) == 2.0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2", "3.unreadable"]  # set aside, not deleted
+  assert ckpt.latest_step() == 2
+  ckpt.save(3, {"w": jnp.full((64,), 9.0)}, {"step": jnp.asarray(3)}, {"rollouts": 3}, force=True)  # step 3 again
+  ckpt.close()
+
+
+def test_no_restorable_step_raises_naming_the_folder_and_renames_nothing(tmp_path):
+  _saved_steps(tmp_path, steps=(1, 2))
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=5)
+  wrong = jax.ShapeDtypeStruct((65,), jnp.float32)  # e.g. the model changed: no step fits
+  with pytest.raises(ValueError, match=rf"^{tmp_path}: no checkpoint restores \(steps \[2, 1\]\); step 2: "):
+    ckpt.restore_latest({"w": wrong})
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+def test_a_save_killed_midway_is_never_restored(tmp_path):
+  """Orbax writes a step into a temporary folder and renames it when complete: a kill -9 leaves only the tmp."""
+  w, step = _saved_steps(tmp_path, steps=(1,))
+  partial = tmp_path / "2.orbax-checkpoint-tmp-1763900000000000"
+  (partial / "params").mkdir(parents=True)
+  (partial / "params" / "manifest.ocdbt").write_bytes(b"\0\1")
+  ckpt = checkpoint.Checkpointer(str(tmp_path), max_to_keep=5)
+  restored, _ = ckpt.restore_latest({"w": w}, {"step": step})
+  ckpt.close()
+  assert restored == 1
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+  """After a kill -9 the run resumes from its last checkpoint: the rows logged past it are dropped, not repeated."""
+  from towerplus_jax import metrics_writer
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (10, 20, 30, 40)))
+  writer = metrics_writer.MetricsWriter(str(tmp_path), 100, 0.0, resume_step=20)
+  writer.write(30, {"loss": 0.25})
+  writer.close()
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(10, 1.0), (20, 2.0), (30, 0.25)]

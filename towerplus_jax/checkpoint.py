@@ -14,7 +14,9 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -47,6 +49,40 @@ class Checkpointer:
     if data:
       items["data"] = ocp.args.JsonRestore()
     return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+
+  def restore_latest(self, abstract_params: Any, abstract_train: Any = None, data: bool = False
+                     ) -> tuple[int, dict] | None:
+    """(step, items) of the newest readable checkpoint, None when there is none.
+
+    A step that fails to restore while an older one restores (a truncated or deleted file in the newest save) is
+    set aside as `<step>.unreadable`, with a warning; when no step restores (e.g. the model changed) nothing is
+    renamed and the first error is raised, naming the folder."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed: list[tuple[int, str]] = []
+    for step in steps:
+      try:
+        out = self.restore(step, abstract_params, abstract_train, data)
+      except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many types for a damaged file)
+        failed.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0][:300]))
+        continue
+      if failed:
+        self._set_aside(failed, step)
+      return step, out
+    if failed:
+      raise ValueError(f"{self.manager.directory}: no checkpoint restores (steps {steps}); step {failed[0][0]}: "
+                       f"{failed[0][1]}")
+    return None
+
+  def _set_aside(self, failed: list[tuple[int, str]], restored: int) -> None:
+    for step, reason in failed:
+      logging.warning("checkpoint step %d in %s is unreadable (%s): set aside as %d.unreadable, resuming from step "
+                      "%d", step, self.manager.directory, reason, step, restored)
+      if jax.process_index() == 0:
+        folder = epath.Path(self.manager.directory) / str(step)
+        folder.rename(folder.parent / f"{step}.unreadable")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("unreadable checkpoints set aside")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

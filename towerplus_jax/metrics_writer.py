@@ -8,6 +8,7 @@ import time
 
 import jax
 from absl import logging
+from etils import epath
 
 from towerplus_jax import storage
 
@@ -25,10 +26,28 @@ def peak_flops_per_device() -> float | None:
   return None
 
 
+def drop_rows_after(path: str, step: int) -> int:
+  """Remove the rows of a metrics.jsonl with "step" > `step` (rewritten in place); returns how many went."""
+  file = epath.Path(path)
+  if not file.exists():
+    return 0
+  lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
+  kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+  if len(kept) < len(lines):
+    tmp = file.parent / (file.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(file)  # atomic on a local disk: the file is never half-written
+    logging.info("%s: dropped %d rows logged after step %d (the run resumes from there)", path,
+                 len(lines) - len(kept), step)
+  return len(lines) - len(kept)
+
+
 class MetricsWriter:
   """Writes only on process 0. `write(step, metrics)` appends one JSON line and TensorBoard scalars."""
 
-  def __init__(self, workdir: str, total_steps: int, flops_per_token: float):
+  def __init__(self, workdir: str, total_steps: int, flops_per_token: float, resume_step: int | None = None):
+    """`resume_step`: the run resumes from this checkpoint step, so rows logged after it by the interrupted run
+    (which a kill lost with their checkpoint) are dropped from metrics.jsonl before the re-run logs them again."""
     self.enabled = jax.process_index() == 0
     self.total_steps, self.flops_per_token = total_steps, flops_per_token
     self.peak = peak_flops_per_device()
@@ -36,6 +55,8 @@ class MetricsWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter
       self.jsonl = os.path.join(workdir, "metrics.jsonl")
+      if resume_step is not None:
+        drop_rows_after(self.jsonl, resume_step)
       self.tb_dir = os.path.join(workdir, "tensorboard")
       # TensorBoard event files are written locally and copied to cloud storage after each write.
       self.tb_local = self.tb_dir if storage.is_local(workdir) else tempfile.mkdtemp(prefix="tensorboard")

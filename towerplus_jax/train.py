@@ -136,11 +136,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints,
                                  save_every=tcfg.checkpoint_every, async_save=tcfg.async_checkpoint)
   batches = run.batches(lambda: nnx.merge(graphdef, state["params"]))
-  start = ckpt.latest_step() or 0
+  start, state = _restore(ckpt, state, batches)
   if start:
-    state = _restore(ckpt, start, state, batches)
     logging.info("resumed from %s at step %d", ckpt.manager.directory, start)
-  writer = MetricsWriter(workdir, tcfg.steps, flops_per_token(run.model_cfg, config.data.seq_len))
+  writer = MetricsWriter(workdir, tcfg.steps, flops_per_token(run.model_cfg, config.data.seq_len), resume_step=start)
   stop = checkpoint.StopSignal()
   last: dict[str, float] = {}
   pending = None
@@ -198,17 +197,21 @@ def _train_item(state: State) -> dict:
   return {"opt_state": state["opt_state"], "step": state["step"], "rng": state["rng"]}
 
 
-def _restore(ckpt: checkpoint.Checkpointer, step: int, state: State, batches) -> State:
+def _restore(ckpt: checkpoint.Checkpointer, state: State, batches) -> tuple[int, State]:
+  """(step, state) of the newest readable checkpoint, or (0, `state`) for a new run."""
   shardings = jax.tree.map(lambda x: x.sharding, state)
   abstract_params = checkpoint.abstract_like(nnx.to_pure_dict(state["params"]),
                                              nnx.to_pure_dict(shardings["params"]))
   train_item = _train_item(state)
   abstract_train = checkpoint.abstract_like(train_item, _train_item(shardings))
-  out = ckpt.restore(step, abstract_params, abstract_train, data=True)
+  found = ckpt.restore_latest(abstract_params, abstract_train, data=True)
+  if found is None:
+    return 0, state
+  step, out = found
   batches.set_state(out["data"])
   params = state["params"]
   nnx.replace_by_pure_dict(params, out["params"])
-  return {"params": params, **out["train"]}
+  return step, {"params": params, **out["train"]}
 
 
 def _evaluate(eval_step, params, run) -> dict[str, float]:
