@@ -16,7 +16,7 @@ def rl_section(tiny: bool) -> ml_collections.ConfigDict:
   rl.prompts_per_step = 4 if tiny else 32  # prompts per rollout (rows per step = prompts_per_step · G)
   rl.iterations = 1  # μ: optimizer steps per rollout batch (old log-probs stored when > 1)
   rl.max_completion_len = 24 if tiny else 512  # new tokens per completion
-  rl.temperature = 1.0  # sampling temperature (the loss uses the same one)
+  rl.temperature = 1.0  # sampling temperature (loss.temperature is the same field)
   rl.top_k = 0  # 0 = off
   rl.top_p = 1.0  # 1 = off
   rl.scale_rewards = True  # divide advantages by the group std (False = Dr.GRPO)
@@ -34,9 +34,10 @@ def get_config(arg: str = "tiny"):
   c.data.eval = ""
   c.data.pack = False
   c.data.max_prompt_len = 96 if tiny else 1024
-  c.train.global_batch_size = c.rl.prompts_per_step * c.rl.num_generations
-  c.loss.max_completion_length = c.rl.max_completion_len
-  c.loss.temperature = c.rl.temperature
+  # Field references, not copies: `--config.rl.temperature=0.7` alone also changes the loss's ratio temperature.
+  c.train.global_batch_size = c.rl.get_ref("prompts_per_step") * c.rl.get_ref("num_generations")
+  c.loss.max_completion_length = c.rl.get_ref("max_completion_len")
+  c.loss.temperature = c.rl.get_ref("temperature")
   c.loss.beta = 0.0 if tiny else 0.04  # k3 KL weight (0 = no reference model in memory)
   c.loss.epsilon_high = 0.28  # DAPO clip-higher
   c.optimizer.warmup_ratio = 0.0

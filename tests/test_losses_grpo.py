@@ -169,3 +169,22 @@ def test_micro_batches_with_global_denominator_equal_full_batch(mode):
   for key, value in full_metrics.items():
     np.testing.assert_allclose(sum(float(p[1][key]) for p in parts), float(value), rtol=1e-5, atol=1e-8,
                                err_msg=key)
+
+
+def test_rl_overrides_on_the_command_line_reach_the_loss_and_batch():
+  """One source of truth: `--config.rl.temperature` alone sets the temperature the loss's ratio uses."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  program = ("import json, sys\nfrom absl import flags\nfrom ml_collections import config_flags\n"
+             "config = config_flags.DEFINE_config_file('config', None, lock_config=True)\nflags.FLAGS(sys.argv)\n"
+             "c = config.value\nprint(json.dumps([c.loss.temperature, c.loss.max_completion_length, "
+             "c.train.global_batch_size, c.rl.prompts_per_step]))")
+  out = subprocess.run([sys.executable, "-c", program, "--config=configs/grpo.py:tiny", "--config.rl.temperature=0.7",
+                        "--config.rl.max_completion_len=16", "--config.rl.num_generations=2"],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  temperature, max_len, batch, prompts = json.loads(out.stdout.strip().splitlines()[-1])
+  assert (temperature, max_len, batch) == (0.7, 16, 2 * prompts)

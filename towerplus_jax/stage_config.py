@@ -102,8 +102,6 @@ def finish(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
   c.data.seq_len = 256
   c.train.update(steps=10, global_batch_size=2, eval_steps=2, log_every=1, checkpoint_every=5)
   if "rl" in c:
-    c.rl.update(num_generations=2, prompts_per_step=1, max_completion_len=32)
-    c.train.global_batch_size = c.rl.prompts_per_step * c.rl.num_generations
-    c.loss.max_completion_length = c.rl.max_completion_len
+    c.rl.update(num_generations=2, prompts_per_step=1, max_completion_len=32)  # batch and loss follow (references)
     c.data.max_prompt_len = 128
   return c
