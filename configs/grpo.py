@@ -20,6 +20,7 @@ def rl_section(tiny: bool) -> ml_collections.ConfigDict:
   rl.top_k = 0  # 0 = off
   rl.top_p = 1.0  # 1 = off
   rl.scale_rewards = True  # divide advantages by the group std (False = Dr.GRPO)
+  rl.std_ddof = 1  # group std: 1 = Bessel-corrected (TRL, Tunix), 0 = population std
   rl.mask_truncated = False  # drop completions that hit max_completion_len from the loss
   rl.rewards = ("chrf", "rules", "format")  # names in towerplus_jax.rl.rewards or dotted paths pkg.mod:fn
   rl.reward_weights = (1.0, 1.0, 0.2)  # one weight per reward function

@@ -128,3 +128,22 @@ def test_combine_weights_and_none():
 def test_column_length_mismatch():
   with pytest.raises(ValueError, match="'reference' has 1 values for 2 completions"):
     rewards.chrf_reward(["p", "q"], ["a", "b"], reference=["a"])
+
+
+def test_unscorable_completion_is_nan_and_leaves_its_group():
+  """Every reward function says None -> total NaN (TRL); the group's mean/std skip it and its advantage is 0."""
+  from towerplus_jax.rl import rollout
+  combined = rewards.combine([rewards.chrf_reward, rewards.exact_answer_reward])
+  total, _ = combined(["p"] * 4, ["a", "b", "c", "d"], reference=["a", None, "c", "x"], answer=[None, None, None, None])
+  assert np.isnan(total[1]) and np.isfinite(total[[0, 2, 3]]).all()
+  group = np.array([1.0, np.nan, 0.0, 0.5, 2.0, 2.0, 2.0, 2.0])
+  for ddof in (0, 1):
+    adv, std = rollout.group_advantages(group, 4, scale_std=True, ddof=ddof)
+    scored = np.array([1.0, 0.0, 0.5])
+    want_std = scored.std(ddof=ddof)
+    np.testing.assert_allclose(std, [want_std, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(adv[:4], [(1.0 - 0.5) / (want_std + 1e-4), 0.0, -0.5 / (want_std + 1e-4), 0.0],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(adv[4:], 0.0)
+  adv, _ = rollout.group_advantages(np.array([3.0, np.nan, np.nan, np.nan]), 4, ddof=1)
+  np.testing.assert_array_equal(adv, 0.0)  # one scorable completion: no spread to learn from

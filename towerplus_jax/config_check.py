@@ -43,6 +43,7 @@ RULES: tuple[Rule, ...] = (
     ("rl.temperature", *_POSITIVE),
     ("rl.top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
     ("rl.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
+    ("rl.std_ddof", lambda v: v in (0, 1), "must be 0 (population std) or 1 (Bessel-corrected, as TRL)"),
 )
 
 

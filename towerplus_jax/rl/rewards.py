@@ -224,7 +224,8 @@ def _names(fns: Sequence[RewardFn]) -> list[str]:
 
 def combine(fns: Sequence[RewardFn], weights: Sequence[float] | None = None) -> CombinedFn:
   """`combined(prompts, completions, **cols) -> (total[N], {fn name: values[N]})`: total = Σ_k w_k r_k with None
-  counted as 0; the per-function values keep None as NaN (so their means skip non-applicable samples)."""
+  counted as 0, and NaN where every function returned None (unscorable: it leaves its group's statistics, as in
+  TRL); the per-function values keep None as NaN (so their means skip non-applicable samples)."""
   weights = [1.0] * len(fns) if weights is None else list(weights)
   if len(weights) != len(fns) or not fns:
     raise ValueError(f"combine: {len(fns)} reward functions and {len(weights)} weights (need as many, at least one)")
@@ -240,6 +241,7 @@ def combine(fns: Sequence[RewardFn], weights: Sequence[float] | None = None) -> 
       r_N = np.array([np.nan if v is None else float(v) for v in values], np.float64)
       per_fn[name] = r_N
       total_N += w * np.nan_to_num(r_N, nan=0.0)
-    return total_N, per_fn
+    unscorable_N = np.all(np.isnan(np.stack(list(per_fn.values()))), axis=0)
+    return np.where(unscorable_N, np.nan, total_N), per_fn
 
   return combined

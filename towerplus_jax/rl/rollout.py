@@ -29,14 +29,23 @@ from towerplus_jax.data import chat
 from towerplus_jax.rl import rewards, sampler
 
 
-def group_advantages(rewards_N: np.ndarray, group: int, scale_std: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """A = (R - mean_group) / (std_group + 1e-4) (or no std scaling, Dr.GRPO); also each group's std."""
-  r_GN = rewards_N.reshape(-1, group)
-  std = r_GN.std(axis=1, keepdims=True)
-  adv = r_GN - r_GN.mean(axis=1, keepdims=True)
+def group_advantages(rewards_N: np.ndarray, group: int, scale_std: bool = True, ddof: int = 1
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """A = (R - mean_group) / (std_group + 1e-4) (or no std scaling, Dr.GRPO); also each group's std.
+
+  `ddof` = 1: the Bessel-corrected std, as TRL and Tunix (0: the population std). Unscorable completions (NaN
+  reward) leave their group's mean and std and get advantage 0; a group with fewer than ddof + 1 scorable ones has
+  std 0."""
+  r_GN = rewards_N.reshape(-1, group).astype(np.float64)
+  scored_GN = ~np.isnan(r_GN)
+  n_G1 = scored_GN.sum(axis=1, keepdims=True)
+  mean_G1 = np.where(scored_GN, r_GN, 0.0).sum(axis=1, keepdims=True) / np.maximum(n_G1, 1)
+  sq_G1 = np.where(scored_GN, (r_GN - mean_G1) ** 2, 0.0).sum(axis=1, keepdims=True)
+  std_G1 = np.where(n_G1 > ddof, np.sqrt(sq_G1 / np.maximum(n_G1 - ddof, 1)), 0.0)
+  adv = np.where(scored_GN, r_GN - mean_G1, 0.0)
   if scale_std:
-    adv = adv / (std + 1e-4)
-  return adv.reshape(-1).astype(np.float32), std[:, 0]
+    adv = adv / (std_G1 + 1e-4)
+  return adv.reshape(-1).astype(np.float32), std_G1[:, 0]
 
 
 def training_rows(prompt_tokens_BP: np.ndarray, prompt_lengths_B: np.ndarray, completion_BC: np.ndarray,
@@ -116,12 +125,15 @@ class RolloutBatches:
     columns = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {"prompt"})}
     prompt_texts = [r.get("prompt", "") for r in rows]
     total, per_fn = self.reward_fn(prompt_texts, texts, **columns)
-    adv, group_std = group_advantages(np.asarray(total, np.float32), g, cfg.scale_rewards)
+    adv, group_std = group_advantages(np.asarray(total, np.float32), g, cfg.scale_rewards, cfg.std_ddof)
     keep = np.where(truncated & cfg.mask_truncated, 0.0, 1.0).astype(np.float32)
     logps = logps if cfg.iterations > 1 else None
     batch = training_rows(prompt_tokens, prompt_lengths, tokens, lengths, logps, keep, self.tokenizer.pad_id)
     batch["advantages"] = adv
-    self.metrics = {"reward/mean": float(np.mean(total)), "reward/std": float(np.std(total)),
+    scored = total[~np.isnan(total)]
+    self.metrics = {"reward/mean": float(scored.mean()) if scored.size else float("nan"),
+                    "reward/std": float(scored.std()) if scored.size else float("nan"),
+                    "reward/unscorable_frac": float(1.0 - scored.size / total.size),
                     "frac_reward_zero_std": float(np.mean(group_std < 1e-6)),
                     "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                     "completions/max_length": float(lengths.max()),
