@@ -43,7 +43,7 @@ def test_run_files_on_the_bucket(bucket):
   model_config.save_json(cfg, "gs://bucket/run")
   assert model_config.load_json("gs://bucket/run") == cfg
 
-  config = ml_collections.ConfigDict({"init_from": "", "data": {"tokenizer": "sample"}})
+  config = ml_collections.ConfigDict({"init_from": "", "data": {"tokenizer": "sample", "template": "gemma"}})
   tok = setup_run.load_tokenizer(config, "gs://bucket/run")
   assert (bucket / "run" / "tokenizer" / "tokenizer.model").exists()
   assert setup_run.tokenizer_in("gs://bucket/run/tokenizer").encode("hello") == tok.encode("hello")
@@ -55,3 +55,20 @@ def test_run_files_on_the_bucket(bucket):
   rows = [json.loads(line) for line in (bucket / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [r["loss"] for r in rows] == [2.0, 1.0]
   assert any(p.name.startswith("events.out.tfevents") for p in (bucket / "run" / "tensorboard").iterdir())
+
+
+def test_hf_export_to_the_bucket(bucket, tmp_path, tiny_hf_model):
+  """A run's HF export goes to a gs:// folder (staged locally: safetensors writes files); a second export there is
+  refused without --overwrite, and replaces the first with it."""
+  from towerplus_jax.convert import hf
+  work = tmp_path / "work"
+  hf.import_to_workdir(tiny_hf_model("qwen2"), str(work))
+  hf.export_workdir(str(work), "gs://bucket/export", dtype="float32")
+  names = sorted(p.name for p in (bucket / "export").iterdir())
+  assert {"config.json", "generation_config.json", "model.safetensors"} <= set(names)
+  with pytest.raises(FileExistsError, match="already holds an export"):
+    hf.export_workdir(str(work), "gs://bucket/export")
+  hf.export_workdir(str(work), "gs://bucket/export", overwrite=True)
+  assert sorted(p.name for p in (bucket / "export").iterdir()) == names
+  cfg, _ = hf.load_hf(str(bucket / "export"))
+  assert cfg.family == "qwen2"

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 
-from towerplus_jax import checkpoint, sharding
+from towerplus_jax import checkpoint, sharding, storage
 from towerplus_jax.data import chat
 from towerplus_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from towerplus_jax.models import config as model_config
@@ -420,7 +421,7 @@ def hf_sources(hf_dir: str, cfg: ModelConfig, targets: Mapping[str, jax.ShapeDty
     shape = targets[path].shape[1:] if row is not None else targets[path].shape
     for name in names:
       want, found, dtype = layout.hf_shape(shape), *_shape_and_dtype(weight_map[name], name, hf_dir)
-      if not np.issubdtype(np.dtype(jnp.dtype(dtype)), np.floating):
+      if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
         raise ValueError(f"{weight_map[name]}: tensor {name} is {dtype}, not floating-point weights")
       if want != found:
         raise ValueError(f"{weight_map[name]}: tensor {name} has shape {found}, expected {want} ({path} {shape})")
@@ -504,11 +505,13 @@ def _export_file(name: str) -> bool:
 def check_export_target(out_dir: str, overwrite: bool) -> None:
   """Refuse a non-empty `out_dir` unless `overwrite`, and even then unless it holds only an earlier export's files
   (a run workdir, checkpoints or anything else is never deleted)."""
-  if not os.path.isdir(out_dir) or not os.listdir(out_dir):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-      raise FileExistsError(f"--out={out_dir} is a file, not a folder")
+  out = epath.Path(out_dir)
+  if out.exists() and not out.is_dir():
+    raise FileExistsError(f"--out={out_dir} is a file, not a folder")
+  names = [p.name for p in out.iterdir()] if out.exists() else []
+  if not names:
     return
-  foreign = sorted(n for n in os.listdir(out_dir) if not _export_file(n))
+  foreign = sorted(n for n in names if not _export_file(n))
   if foreign:
     raise FileExistsError(f"--out={out_dir} holds {foreign[:5]}, which an export did not write; choose an empty or "
                           "new folder (nothing was changed)")
@@ -538,9 +541,11 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
   files = [SINGLE_FILE] if len(groups) == 1 else [
       f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors" for k in range(len(groups))]
   writer = jax.process_index() == 0
-  tmp = out_dir.rstrip("/") + ".tmp"
   check_export_target(out_dir, overwrite)
-  if writer:
+  remote = not storage.is_local(out_dir)
+  tmp = ""
+  if writer:  # safetensors writes local files: a cloud export is staged on local disk and copied up at the end
+    tmp = os.path.join(tempfile.mkdtemp(prefix="hf_export"), "out") if remote else out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
   for file, names in zip(files, groups):
@@ -562,8 +567,14 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
                   {"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map})
     if tokenizer_dir:
       copy_tokenizer_files(tokenizer_dir, tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    if remote:
+      for stale in epath.Path(out_dir).glob("*") if epath.Path(out_dir).exists() else ():
+        stale.unlink()  # an earlier export's files only (check_export_target)
+      storage.mirror(tmp, out_dir)
+      shutil.rmtree(os.path.dirname(tmp))
+    else:
+      shutil.rmtree(out_dir, ignore_errors=True)
+      os.replace(tmp, out_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("save_hf")
 
@@ -574,10 +585,11 @@ def _write_json(path: str | epath.Path, d: Mapping) -> None:
 
 def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
   """Copy the tokenizer files present in `src_dir`; returns their names."""
-  names = [n for n in TOKENIZER_FILES if os.path.exists(os.path.join(src_dir, n))]
-  os.makedirs(dst_dir, exist_ok=True)
+  src, dst = epath.Path(src_dir), epath.Path(dst_dir)
+  names = [n for n in TOKENIZER_FILES if (src / n).exists()]
+  dst.mkdir(parents=True, exist_ok=True)
   for name in names:
-    shutil.copy(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+    (src / name).copy(dst / name, overwrite=True)
   return names
 
 
@@ -610,9 +622,8 @@ def template_in(folder: str) -> str | None:
   """The chat template (chat.TEMPLATES) a tokenizer folder's Jinja template renders, by its end-of-turn token."""
   text = ""
   for name in ("tokenizer_config.json", "chat_template.jinja"):
-    if os.path.exists(os.path.join(folder, name)):
-      with open(os.path.join(folder, name), encoding="utf-8") as f:
-        text += f.read()
+    if (epath.Path(folder) / name).exists():
+      text += (epath.Path(folder) / name).read_text(encoding="utf-8")
   return next((t for t in chat.TEMPLATES if chat.END_OF_TURN[t] in text), None)
 
 
@@ -643,7 +654,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
                                     nnx.to_pure_dict(sharding.state_shardings(abstract, mesh)))
   params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target, step)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
-  if not any(os.path.exists(os.path.join(tokenizer_dir, n)) for n in ("tokenizer.model", "tokenizer.json")):
+  if not any((epath.Path(tokenizer_dir) / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
     save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     return
   from towerplus_jax import setup_run  # (imports this module)
