@@ -98,7 +98,9 @@ def test_resume_with_another_layer_layout_is_named(tmp_path):
   cfg = ModelConfig.tiny("qwen3")
   model_config.save_json(cfg, str(tmp_path))
   setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))  # no checkpoints yet: a fresh start
-  os.makedirs(tmp_path / "checkpoints")
+  os.makedirs(tmp_path / "checkpoints")  # created before the first save: a run that died before step 1
+  setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
+  os.makedirs(tmp_path / "checkpoints" / "3")
   setup_run.check_resume_layout(str(tmp_path), cfg)
   with pytest.raises(ValueError, match=r"model.scan_layers=False; resume it with --config.model.scan_layers=False"):
     setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
@@ -153,10 +155,11 @@ def test_a_save_killed_midway_is_never_restored(tmp_path):
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
-  """After a kill -9 the run resumes from its last checkpoint: the rows logged past it are dropped, not repeated."""
+  """After a kill -9 the run resumes from its last checkpoint: the rows logged past it (a torn one too) are dropped."""
   from towerplus_jax import metrics_writer
   path = tmp_path / "metrics.jsonl"
-  path.write_text("".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (10, 20, 30, 40)))
+  rows = "".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (10, 20, 30, 40))
+  path.write_text(rows + '{"step": 50, "lo')  # the kill tore the last row mid-write
   writer = metrics_writer.MetricsWriter(str(tmp_path), 100, 0.0, resume_step=20)
   writer.write(30, {"loss": 0.25})
   writer.close()

@@ -61,7 +61,7 @@ TARGETS = (
     Target("wpo gemma2_2b + reference, 1 pair/device, v5e-8", "configs/wpo.py:gemma2_2b", 8, "fsdp=8", 15,
            ("--config.train.global_batch_size=8",)),
     Target("grpo gemma2_2b + reference, 1 row/device, v5e-8", "configs/grpo.py:gemma2_2b", 8, "fsdp=8", 15,
-           ("--config.train.global_batch_size=8", "--config.data.max_prompt_len=1536",
+           ("--config.rl.prompts_per_step=1", "--config.rl.num_generations=8", "--config.data.max_prompt_len=1536",
             "--config.rl.max_completion_len=512")),
     Target("sft gemma2_9b, 1 row/device, v5e-16", "configs/sft.py:gemma2_9b", 16, "fsdp=16", 15,
            ("--config.train.global_batch_size=16",)),
@@ -131,7 +131,7 @@ def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global batch as sharded shapes (split over the batch axes, as `sharding.shard_batch` does)."""
+  """The global batch as sharded shapes (split over the batch axes, as `sharding.shard_global_batch` does)."""
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, sharding.batch_spec(len(shape), mesh,
                                                                                               shape[0])))
           for k, (shape, dt) in batch_fields(config).items()}
@@ -226,6 +226,8 @@ def sweep(targets: tuple[Target, ...] = TARGETS, timeout_s: float = 3600) -> boo
       row = json.loads(lines[-1]) if out.returncode in (0, 1) and lines else None
     except subprocess.TimeoutExpired:
       out, row = None, None
+    except json.JSONDecodeError:  # the target crashed (exit 1 of an uncaught error): its stderr says why
+      row = None
     if row is None:
       reason = "timed out" if out is None else (out.stderr.strip().splitlines() or ["no output"])[-1]
       print(f"| {t.name} | `{' '.join(t.argv())}` | failed: {reason} | {t.budget_gib:g} | | no |", flush=True)

@@ -1,10 +1,10 @@
-"""Orbax checkpoints of a training run: params, optimizer state + step + RNG, and the grain iterator.
+"""Orbax checkpoints of a training run: params, optimizer state + step + RNG, and the batch source's state.
 
 Layout: `<dir>/<step>/{params,train,data}`. `params` alone is a complete model checkpoint (what the HF importer and
-`init_from` read); `train` holds {"opt_state", "step", "rng"}; `data` the batch source's state as JSON (the grain iterator state of
-the global stream, plus GRPO's rollout counter), written once by process 0 and the same for any host count, so a
-run resumes on another number of hosts. Saves are async and
-atomic (Orbax writes to a temporary folder and renames), so a checkpoint is never half-written.
+`init_from` read); `train` holds {"opt_state", "step", "rng"}; `data` the batch source's state as JSON (the grain
+iterator state of the global stream, plus GRPO's rollout counter), written once by process 0 and the same for any
+host count, so a run resumes on another number of hosts. Saves are async and atomic (Orbax writes to a temporary
+folder and renames), so a checkpoint is never half-written.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -60,10 +61,13 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     failed: list[tuple[int, str]] = []
     for step in steps:
+      out, reason = None, ""
       try:
         out = self.restore(step, abstract_params, abstract_train, data)
       except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many types for a damaged file)
-        failed.append((step, (str(e).strip().splitlines() or [type(e).__name__])[0][:300]))
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+      if not _all_processes(out is not None):  # hosts agree on the step, or all move on
+        failed.append((step, reason or "unreadable on another host"))
         continue
       if failed:
         self._set_aside(failed, step)
@@ -140,6 +144,13 @@ class StopSignal:
   def restore_handlers(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process (a collective in multi-host runs)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
 
 
 class Stopped(Exception):

@@ -28,10 +28,6 @@ from towerplus_jax.models import config as model_config
 from towerplus_jax.rl import sampler
 
 
-def default_template(cfg: model_config.ModelConfig) -> str:
-  return "gemma" if cfg.is_gemma else "chatml"
-
-
 def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None = None, mesh=None):
   """(model, tokenizer, template) from a run folder's checkpoint or an HF folder."""
   mesh = mesh or sharding.make_mesh({"fsdp": -1})
@@ -42,7 +38,8 @@ def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None
     cfg = model_config.load_json(workdir)
     model = setup_run.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"), step)
     folder = os.path.join(workdir, "tokenizer")
-  return model, setup_run.tokenizer_in(folder), default_template(cfg)
+  # The template the run trained with (saved with its tokenizer), else the family's.
+  return model, setup_run.tokenizer_in(folder), hf.template_in(folder) or chat.family_template(cfg.family)
 
 
 def translate(model: nnx.Module, tokenizer, template: str, records: Sequence[dict], *, max_new_tokens: int = 256,

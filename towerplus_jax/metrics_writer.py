@@ -26,13 +26,21 @@ def peak_flops_per_device() -> float | None:
   return None
 
 
+def _step_of(line: str) -> float:
+  """A metrics row's step; a row torn by a kill mid-write counts as after every step (it is dropped)."""
+  try:
+    return json.loads(line).get("step", 0) if line.strip() else 0
+  except json.JSONDecodeError:
+    return float("inf")
+
+
 def drop_rows_after(path: str, step: int) -> int:
   """Remove the rows of a metrics.jsonl with "step" > `step` (rewritten in place); returns how many went."""
   file = epath.Path(path)
   if not file.exists():
     return 0
   lines = file.read_text(encoding="utf-8").splitlines(keepends=True)
-  kept = [line for line in lines if not line.strip() or json.loads(line).get("step", 0) <= step]
+  kept = [line for line in lines if _step_of(line) <= step]
   if len(kept) < len(lines):
     tmp = file.parent / (file.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")

@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from towerplus_jax import checkpoint, distributed, losses, sharding
@@ -108,7 +109,7 @@ def resolve_template(config: ml_collections.ConfigDict) -> str:
     family = hf.config_from_hf(hf._read_json(os.path.join(found[0], "config.json"))).family
   else:
     family = model_config.load_json(os.path.dirname(found[0])).family
-  return "gemma" if family.startswith("gemma") else "chatml"
+  return chat.family_template(family)
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig) -> None:
@@ -136,7 +137,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   spec = config.data.tokenizer
   if spec == "auto":
     found = _init_folders(config)
-    if found and any(os.path.exists(os.path.join(found[0], n)) for n in ("tokenizer.model", "tokenizer.json")):
+    if found and any((epath.Path(found[0]) / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
       spec = tokenizer_spec(found[0])
     elif config.model.preset.startswith("tiny"):
       spec = "sample"
@@ -209,8 +210,10 @@ def restore_model(cfg: ModelConfig, mesh: Mesh, ckpt_dir: str, step: int | None 
 
 def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
   """A run resumed in `workdir` must keep its checkpoints' layer layout (train state is restored as saved)."""
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.path.exists(
-      os.path.join(workdir, "model_config.json")):
+  folder = epath.Path(workdir)
+  steps = folder / "checkpoints"
+  if not (folder / "model_config.json").exists() or not (
+      steps.exists() and any(p.name.isdigit() for p in steps.iterdir())):
     return
   saved = model_config.load_json(workdir).scan_layers
   if saved != cfg.scan_layers:
@@ -252,6 +255,8 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   model_cfg, model = load_model(config, mesh, tokenizer.vocab_size)
   check_resume_layout(workdir, model_cfg)
   check_vocab(config, tokenizer, model_cfg)
+  if jax.process_count() > 1:  # every host has read the old model_config.json before process 0 rewrites it
+    multihost_utils.sync_global_devices("resume layout checked")
   if jax.process_index() == 0:
     model_config.save_json(model_cfg, workdir)
   loss = losses.get(config.loss.name)

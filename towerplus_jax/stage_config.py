@@ -100,8 +100,10 @@ def finish(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
     return c
   c.model.remat = "none"
   c.data.seq_len = 256
-  c.train.update(steps=10, global_batch_size=2, eval_steps=2, log_every=1, checkpoint_every=5)
-  if "rl" in c:
-    c.rl.update(num_generations=2, prompts_per_step=1, max_completion_len=32)  # batch and loss follow (references)
+  c.train.update(steps=10, eval_steps=2, log_every=1, checkpoint_every=5)
+  if "rl" in c:  # the batch and the loss's completion length follow (field references)
+    c.rl.update(num_generations=2, prompts_per_step=1, max_completion_len=32)
+  else:
+    c.train.global_batch_size = 2
     c.data.max_prompt_len = 128
   return c

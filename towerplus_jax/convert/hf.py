@@ -364,21 +364,27 @@ class _Source:
   layout: Layout
   stacked: bool  # one HF tensor per row of our leading (layers) axis
   shape: tuple[int, ...]  # our shape of one row (stacked) or of the whole parameter
+  # Tensors read so far (our layout), so that the per-device reads of one parameter read each file once;
+  # `_place` empties it when the parameter is placed.
+  cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
-  def read(self, index: tuple[slice, ...] = ()) -> np.ndarray:
-    """The parameter (or the `index` part of it) in our layout; a stacked one reads only the rows it needs."""
-    def one(k: int, index: tuple) -> np.ndarray:
+  def _tensor(self, k: int) -> np.ndarray:
+    if k not in self.cache:
       # framework "flax" reads bfloat16 (numpy cannot); on the host, never through an accelerator
       with safe_open(self.files[k], framework="flax") as f, jax.default_device(_host_device()):
         x = np.asarray(f.get_tensor(self.names[k]))
       if not np.isfinite(x).all():
         raise ValueError(f"{self.files[k]}: tensor {self.names[k]} holds {np.size(x) - np.isfinite(x).sum()} "
                          "NaN/Inf values; the checkpoint is corrupt")
-      return self.layout.to_ours(x, self.shape)[index]
+      self.cache[k] = self.layout.to_ours(x, self.shape)
+    return self.cache[k]
+
+  def read(self, index: tuple[slice, ...] = ()) -> np.ndarray:
+    """The parameter (or the `index` part of it) in our layout; a stacked one reads only the rows it needs."""
     if not self.stacked:
-      return one(0, index)
+      return self._tensor(0)[index]
     rows = range(len(self.names))[index[0] if index else slice(None)]
-    return np.stack([one(k, index[1:]) for k in rows])
+    return np.stack([self._tensor(k)[index[1:]] for k in rows])
 
 
 _SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I8": "int8",
@@ -438,10 +444,13 @@ def _host_device() -> jax.Device | None:
 
 def _place(source: _Source, target: jax.ShapeDtypeStruct, target_sharding: Sharding | None) -> jax.Array:
   """One parameter onto its sharding (else the default device), each device reading only its part."""
-  if target_sharding is None:
-    return jnp.asarray(source.read().astype(target.dtype))
-  return jax.make_array_from_callback(target.shape, target_sharding,
-                                      lambda index: source.read(index).astype(target.dtype))
+  try:
+    if target_sharding is None:
+      return jnp.asarray(source.read().astype(target.dtype))
+    return jax.make_array_from_callback(target.shape, target_sharding,
+                                        lambda index: source.read(index).astype(target.dtype))
+  finally:
+    source.cache.clear()
 
 
 def load_hf(hf_dir: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sharding.RULES,
@@ -659,7 +668,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
     return
   from towerplus_jax import setup_run  # (imports this module)
   tokenizer = setup_run.tokenizer_in(tokenizer_dir)
-  template = template_in(tokenizer_dir) or ("gemma" if cfg.is_gemma else "chatml")
+  template = template_in(tokenizer_dir) or chat.family_template(cfg.family)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"{tokenizer_dir} has {tokenizer.vocab_size} ids, the model {cfg.vocab_size}")
   save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, tokenizer_dir=tokenizer_dir,

@@ -167,6 +167,11 @@ def _special_id(tokenizer: Tokenizer, template: str, piece: str) -> int:
     raise ValueError(f"the {template} chat template needs the token {piece!r}, which the tokenizer lacks") from None
 
 
+def family_template(family: str) -> str:
+  """The chat template a model family ships with: gemma for Gemma, chatml for Qwen."""
+  return "gemma" if family.startswith("gemma") else "chatml"
+
+
 def stop_ids(tokenizer: Tokenizer, template: str) -> list[int]:
   """Ids that end an assistant turn: the template's end-of-turn token and eos."""
   if template not in TEMPLATES:

@@ -238,13 +238,13 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
 
   encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len, translation_direction, seed)
   ds = grain.MapDataset.source(source).map_with_index(_located(source, encode))
-  records, prefetch = len(ds), 4 * batch_size
+  num_records, prefetch = len(ds), 4 * batch_size
   if shuffle:
     ds = ds.shuffle(seed)
   if repeat:
     ds = ds.repeat()
   if kind == "rl":  # 2 epochs' worth dropped in a row (+ prefetch reordering) with none kept: no prompt fits
-    ds = ds.filter(PromptFits(max_prompt_len, 2 * records + prefetch))
+    ds = ds.filter(PromptFits(max_prompt_len, 2 * num_records + prefetch))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
   if kind == "rl":

@@ -117,7 +117,8 @@ def _prefill(model: Transformer, tokens_BP: jax.Array, lengths_B: jax.Array, cac
   return logits_B1V[:, 0], cache
 
 
-def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, opts: _Options) -> tuple[jax.Array, jax.Array | None]:
+def _pick(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, opts: _Options
+          ) -> tuple[jax.Array, jax.Array | None]:
   """Next token per row and its log-prob under the temperature-scaled (untruncated) distribution."""
   scaled_BV = logits_BV / temperature
   if opts.greedy:
