@@ -4,8 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from fake_lm import FakeLM, np_log_softmax
-from towerplus_jax import losses
+from test_train_step import opt_cfg
+from towerplus_jax import losses, optim, train
 from towerplus_jax.losses import grpo
 
 B, T, V, PROMPT = 4, 7, 6, 2
@@ -54,6 +57,14 @@ def np_aggregate(x, mask, mode, max_len):
   return ((x * mask).sum(-1) / max_len).mean()
 
 
+def np_metric(x, mask, mode):
+  """Token mean (token_mean), else the mean of per-sequence token means over the rows that have tokens."""
+  if mode == "token_mean":
+    return (x * mask).sum() / mask.sum()
+  has = mask.sum(-1) > 0
+  return ((x * mask).sum(-1)[has] / mask.sum(-1)[has]).mean()
+
+
 def np_reference(table, batch, mode, beta, eps_low, eps_high):
   logp, logp_all = np_logps(table, batch)
   old = batch.get("old_logps", logp)
@@ -63,11 +74,10 @@ def np_reference(table, batch, mode, beta, eps_low, eps_high):
   kl = np.exp(delta) - delta - 1
   per_token = -np.minimum(ratio * adv, np.clip(ratio, 1 - eps_low, 1 + eps_high) * adv) + beta * kl
   m = batch["loss_mask"]
-  metric_mode = "token_mean" if mode == "token_mean" else "seq_mean_token_mean"
   low = (ratio < 1 - eps_low) & (adv < 0)
   high = (ratio > 1 + eps_high) & (adv > 0)
   ent = -(np.exp(logp_all) * logp_all).sum(-1)
-  metric = lambda x: np_aggregate(x.astype(np.float64), m, metric_mode, T - PROMPT)
+  metric = lambda x: np_metric(x.astype(np.float64), m, mode)
   loss = np_aggregate(per_token, m, mode, T - PROMPT)
   return low, high, {"loss": loss, "kl": metric(kl), "entropy": metric(ent), "clip_ratio/low_mean": metric(low),
                      "clip_ratio/high_mean": metric(high), "clip_ratio/region_mean": metric(low | high)}
@@ -161,14 +171,32 @@ def test_micro_batches_with_global_denominator_equal_full_batch(mode):
     return loss, metrics, np.asarray(grad)
 
   full_loss, full_metrics, full_grad = run(batch)
-  denom = losses.denominator("grpo", batch, c)
-  parts = [run({**{k: v[s] for k, v in batch.items()}, "loss_denominator": denom})
+  counts = losses.global_counts(losses.get("grpo"), batch, c)
+  parts = [run({**{k: v[s] for k, v in batch.items()}, **counts})
            for s in (slice(0, 1), slice(1, B))]
   np.testing.assert_allclose(sum(float(p[0]) for p in parts), float(full_loss), rtol=1e-5)
   np.testing.assert_allclose(sum(p[2] for p in parts), full_grad, rtol=1e-4, atol=1e-8)
   for key, value in full_metrics.items():
     np.testing.assert_allclose(sum(float(p[1][key]) for p in parts), float(value), rtol=1e-5, atol=1e-8,
                                err_msg=key)
+
+
+@pytest.mark.parametrize("micro", (1, 2))
+def test_train_step_seq_mean_metrics_average_rows_with_tokens(micro):
+  """Through the trainer (global counts in every micro-batch): the masked row 3 does not dilute the metrics."""
+  table, batch = make_batch(1)
+  mode = "seq_mean_token_mean"
+  c = cfg(aggregation=mode, beta=0.04, epsilon_high=0.28)
+  graphdef, params = nnx.split(FakeLM(table))
+  tx, lr = optim.make(opt_cfg(), 10)
+  fns = train.make_step_fns(graphdef, losses.get("grpo"), c, tx, lr, micro, False)
+  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+           "rng": jax.random.key_data(jax.random.key(0))}
+  _, metrics = jax.jit(fns.train)(state, None, batch)
+  _, _, want = np_reference(table, batch, mode, 0.04, 0.2, 0.28)
+  assert batch["loss_mask"][3].sum() == 0 and want["entropy"] > 0
+  for key, value in want.items():
+    np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-5, atol=1e-7, err_msg=key)
 
 
 def test_rl_overrides_on_the_command_line_reach_the_loss_and_batch():

@@ -62,7 +62,7 @@ def make_step_fns(graphdef: nnx.GraphDef, loss: losses.Loss, loss_cfg: ml_collec
 
   def train_step(state: State, ref_params, batch: dict) -> tuple[State, dict]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    batch = {**batch, "loss_denominator": loss.count_fn(batch, loss_cfg)}
+    batch = {**batch, **losses.global_counts(loss, batch, loss_cfg)}
     params = state["params"]
     if micro_batches == 1:
       grads, metrics = micro_step(params, ref_params, batch, rng)
@@ -88,7 +88,7 @@ def make_step_fns(graphdef: nnx.GraphDef, loss: losses.Loss, loss_cfg: ml_collec
     return new_state, metrics
 
   def eval_step(params, ref_params, batch: dict) -> dict:
-    batch = add_reference(ref_params, {**batch, "loss_denominator": loss.count_fn(batch, loss_cfg)})
+    batch = add_reference(ref_params, {**batch, **losses.global_counts(loss, batch, loss_cfg)})
     value, metrics = loss.fn(nnx.merge(graphdef, params), batch, jax.random.key(0), loss_cfg)
     return {"loss": value, **metrics, "objective": value, "weight": batch["loss_denominator"]}
 

@@ -2,7 +2,8 @@
 
 A loss is `fn(model, batch, rng, cfg) -> (loss, metrics)`; `cfg` is the config's `loss` section (keys absent from
 it take the defaults of `default_config(name)`). The trainer puts `loss_denominator = count_fn(global_batch, cfg)`
-in every micro-batch, so the micro-batch losses and metrics add up to global-batch means (see `common`).
+in every micro-batch, with the loss's `extra_counts(global_batch, cfg)` (further global denominators, e.g. GRPO's
+rows with loss tokens), so the micro-batch losses and metrics add up to global-batch means (see `common`).
 When `needs_reference(cfg)` and the batch lacks `reference_keys`, the trainer adds
 `reference_fn(ref_model, batch, cfg)` (a frozen reference model, no gradient) to the batch.
 """
@@ -18,6 +19,7 @@ LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, ml_collections.Confi
                   tuple[jax.Array, dict[str, jax.Array]]]
 CountFn = Callable[[Mapping[str, jax.Array], ml_collections.ConfigDict], jax.Array]
 ReferenceFn = Callable[[Any, Mapping[str, jax.Array], ml_collections.ConfigDict], dict[str, jax.Array]]
+CountsFn = Callable[[Mapping[str, jax.Array], ml_collections.ConfigDict], dict[str, jax.Array]]
 
 
 class Loss(NamedTuple):
@@ -28,6 +30,7 @@ class Loss(NamedTuple):
   reference_fn: ReferenceFn | None = None
   reference_keys: tuple[str, ...] = ()  # batch keys that reference_fn returns
   needs_reference: Callable[[ml_collections.ConfigDict], bool] = lambda cfg: False
+  extra_counts: CountsFn = lambda batch, cfg: {}  # further named counts of a global batch (metric denominators)
 
 
 _REGISTRY: dict[str, Loss] = {}
@@ -35,13 +38,14 @@ _REGISTRY: dict[str, Loss] = {}
 
 def register(name: str, *, count_fn: CountFn, defaults: Mapping[str, Any], reference_fn: ReferenceFn | None = None,
              reference_keys: tuple[str, ...] = (),
-             needs_reference: Callable[[ml_collections.ConfigDict], bool] = lambda cfg: False
-             ) -> Callable[[LossFn], LossFn]:
+             needs_reference: Callable[[ml_collections.ConfigDict], bool] = lambda cfg: False,
+             extra_counts: CountsFn = lambda batch, cfg: {}) -> Callable[[LossFn], LossFn]:
   """Decorator registering `fn` under `name`."""
   def wrap(fn: LossFn) -> LossFn:
     if name in _REGISTRY:
       raise ValueError(f"loss '{name}' is already registered")
-    _REGISTRY[name] = Loss(name, fn, count_fn, dict(defaults), reference_fn, reference_keys, needs_reference)
+    _REGISTRY[name] = Loss(name, fn, count_fn, dict(defaults), reference_fn, reference_keys, needs_reference,
+                           extra_counts)
     return fn
   return wrap
 
@@ -64,6 +68,12 @@ def default_config(name: str) -> ml_collections.ConfigDict:
 def denominator(name: str, batch: Mapping[str, jax.Array], cfg: ml_collections.ConfigDict | None) -> jax.Array:
   """`loss_denominator` of a (global) batch for loss `name`."""
   return get(name).count_fn(batch, cfg)
+
+
+def global_counts(loss: Loss, batch: Mapping[str, jax.Array], cfg: ml_collections.ConfigDict | None
+                  ) -> dict[str, jax.Array]:
+  """What the trainer adds to every micro-batch of a global batch: `loss_denominator` and the loss's extra counts."""
+  return {"loss_denominator": loss.count_fn(batch, cfg), **loss.extra_counts(batch, cfg)}
 
 
 from towerplus_jax.losses import grpo, lm, preference  # noqa: E402,F401  (register the losses)

@@ -54,6 +54,7 @@ def row_mask(batch: Batch, prefix: str = "") -> jax.Array:
   return jnp.any(segment_ids_BT > 0, axis=-1).astype(jnp.float32)
 
 
-def denominator(batch: Batch, own_count: jax.Array) -> jax.Array:
-  """The global `loss_denominator` when the batch carries it, else this micro-batch's count; at least 1."""
-  return jnp.maximum(jnp.asarray(batch.get("loss_denominator", own_count), jnp.float32), 1.0)
+def denominator(batch: Batch, own_count: jax.Array, key: str = "loss_denominator") -> jax.Array:
+  """The global count `key` (`loss_denominator` or a loss's extra count) when the batch carries it, else this
+  micro-batch's own count; at least 1."""
+  return jnp.maximum(jnp.asarray(batch.get(key, own_count), jnp.float32), 1.0)

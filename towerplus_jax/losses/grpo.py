@@ -13,8 +13,10 @@ Aggregation (loss_denominator: completion tokens of the global batch for token_m
   token_mean: Σ_tokens ℓ / denominator;  seq_mean_token_mean: Σ_seq mean_t ℓ / denominator;
   seq_mean_token_sum_norm: Σ_seq (Σ_t ℓ / max_completion_length) / denominator.
 Metrics: loss, kl (when the batch has ref_logps), entropy, clip_ratio/{low,high,region}_mean (TRL's
-definitions). They are token means over the global batch with token_mean, else means over sequences of
-per-sequence token means; either way sums / loss_denominator, so they add across micro-batches.
+definitions). They are token means over the global batch with token_mean (sums / loss_denominator), else means of
+per-sequence token means over the sequences that have loss tokens (sums / `rows_with_tokens`, the global count the
+trainer adds through `extra_counts`: masked truncated rows do not dilute them); either way they add across
+micro-batches.
 """
 from __future__ import annotations
 
@@ -49,6 +51,12 @@ def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> 
   return jnp.sum(common.row_mask(batch))
 
 
+def extra_counts(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> dict[str, jax.Array]:
+  """The metrics' denominator in the seq-mean modes: rows with at least one loss token."""
+  del cfg
+  return {"rows_with_tokens": jnp.sum(jnp.any(jnp.asarray(batch["loss_mask"]) > 0, axis=-1).astype(jnp.float32))}
+
+
 def k3_kl(ref_logp_BT: jax.Array, logp_BT: jax.Array) -> jax.Array:
   """Per-token k3 estimator of KL(π || π_ref): exp(ref − logp) − (ref − logp) − 1 (>= 0, 0 when equal)."""
   delta_BT = ref_logp_BT - logp_BT
@@ -76,7 +84,7 @@ def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDi
 
 
 @register("grpo", count_fn=count, defaults=DEFAULTS, reference_fn=reference_logps, reference_keys=REFERENCE_KEYS,
-          needs_reference=lambda cfg: _config(cfg).beta != 0)
+          needs_reference=lambda cfg: _config(cfg).beta != 0, extra_counts=extra_counts)
 def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clipped surrogate (PPO-style, per token) with group-relative advantages and optional k3 KL."""
@@ -104,9 +112,12 @@ def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.Co
   rows_B = common.row_mask(batch)
   denom = common.denominator(batch, count(batch, c))
   loss = aggregate(per_token_BT, mask_BT, rows_B, c.aggregation, c.max_completion_length, denom)
-  metric_mode = "token_mean" if c.aggregation == "token_mean" else "seq_mean_token_mean"
+  metric_mode, metric_denom = "token_mean", denom
+  if c.aggregation != "token_mean":
+    metric_mode = "seq_mean_token_mean"
+    metric_denom = common.denominator(batch, extra_counts(batch)["rows_with_tokens"], "rows_with_tokens")
   mean = lambda x_BT: aggregate(jax.lax.stop_gradient(x_BT).astype(jnp.float32), mask_BT, rows_B, metric_mode,
-                                c.max_completion_length, denom)
+                                c.max_completion_length, metric_denom)
   low_BT = (ratio_BT < 1.0 - c.epsilon_low) & (adv_B1 < 0)
   high_BT = (ratio_BT > 1.0 + c.epsilon_high) & (adv_B1 > 0)
   metrics = {
