@@ -79,7 +79,8 @@ def np_reference(table, batch, mode, beta, eps_low, eps_high):
   ent = -(np.exp(logp_all) * logp_all).sum(-1)
   metric = lambda x: np_metric(x.astype(np.float64), m, mode)
   loss = np_aggregate(per_token, m, mode, T - PROMPT)
-  return low, high, {"loss": loss, "kl": metric(kl), "entropy": metric(ent), "clip_ratio/low_mean": metric(low),
+  return low, high, {"loss": loss, "kl": metric(kl), "entropy": metric(ent), "ratio/mean": metric(ratio),
+                     "clip_ratio/low_mean": metric(low),
                      "clip_ratio/high_mean": metric(high), "clip_ratio/region_mean": metric(low | high)}
 
 

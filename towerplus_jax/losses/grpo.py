@@ -2,7 +2,8 @@
 
 Batch: int32 [B, T] `inputs`, `targets`, `positions`, `segment_ids`; float32 [B, T] `loss_mask` (completion
 tokens; zero for masked truncated completions); float32 [B] `advantages`; optional float32 [B, T] `old_logps`
-(sampling policy; absent -> stop_gradient of the current log-probs, ratio exactly 1) and `ref_logps`
+(the policy before this rollout's first update, by `policy_logps`; absent -> stop_gradient of the current
+log-probs, ratio exactly 1) and `ref_logps`
 (`reference_fn` computes them; required when beta != 0). All log-probs use logits / temperature.
 Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,
 aggregation = 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm', max_completion_length = 0
@@ -12,8 +13,8 @@ aggregation = 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm', 
 Aggregation (loss_denominator: completion tokens of the global batch for token_mean, else its sequences):
   token_mean: Σ_tokens ℓ / denominator;  seq_mean_token_mean: Σ_seq mean_t ℓ / denominator;
   seq_mean_token_sum_norm: Σ_seq (Σ_t ℓ / max_completion_length) / denominator.
-Metrics: loss, kl (when the batch has ref_logps), entropy, clip_ratio/{low,high,region}_mean (TRL's
-definitions). They are token means over the global batch with token_mean (sums / loss_denominator), else means of
+Metrics: loss, kl (when the batch has ref_logps), entropy, ratio/mean (r_t), clip_ratio/{low,high,region}_mean
+(TRL's definitions). They are token means over the global batch with token_mean (sums / loss_denominator), else means of
 per-sequence token means over the sequences that have loss tokens (sums / `rows_with_tokens`, the global count the
 trainer adds through `extra_counts`: masked truncated rows do not dilute them); either way they add across
 micro-batches.
@@ -75,12 +76,18 @@ def aggregate(x_BT: jax.Array, mask_BT: jax.Array, rows_B: jax.Array, mode: str,
   return jnp.sum(per_seq_B * rows_B) / denom
 
 
+def policy_logps(model, batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> jax.Array:
+  """Per-token log-probs [B, T] of `model` as the loss computes them (its kernel, logits / temperature), without
+  gradient: the reference's, and with μ > 1 the old policy's (the rollout source calls it before the first update)."""
+  c = _config(cfg)
+  logp_BT = logprobs.token_stats(model, batch, chunk=c.logprob_chunk, temperature=c.temperature)["logp"]
+  return jax.lax.stop_gradient(logp_BT)
+
+
 def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDict | None = None
                     ) -> dict[str, jax.Array]:
   """Per-token reference log-probs [B, T] (logits / temperature)."""
-  c = _config(cfg)
-  logp_BT = logprobs.token_stats(ref_model, batch, chunk=c.logprob_chunk, temperature=c.temperature)["logp"]
-  return {"ref_logps": jax.lax.stop_gradient(logp_BT)}
+  return {"ref_logps": policy_logps(ref_model, batch, cfg)}
 
 
 @register("grpo", count_fn=count, defaults=DEFAULTS, reference_fn=reference_logps, reference_keys=REFERENCE_KEYS,
@@ -123,6 +130,7 @@ def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.Co
   metrics = {
       "loss": jax.lax.stop_gradient(loss),
       "entropy": mean(stats["entropy"]),
+      "ratio/mean": mean(ratio_BT),
       "clip_ratio/low_mean": mean(low_BT),
       "clip_ratio/high_mean": mean(high_BT),
       "clip_ratio/region_mean": mean(low_BT | high_BT),

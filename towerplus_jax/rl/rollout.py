@@ -3,17 +3,24 @@
 Each rollout: a batch of prompts, G sampled completions per prompt with the current policy (KV-cache sampler),
 rewards (weighted sum of verifiable reward functions), group-normalised advantages, and training rows
 prompt+completion with a completion-only loss mask. The same rollout batch is yielded `rl.iterations` (μ) times;
-for μ > 1 it carries the sampling policy's log-probs (`old_logps`) so the clipped ratio is meaningful.
+for μ > 1 the 2nd..μth carry the old policy's log-probs (`old_logps`) so the clipped ratio is meaningful. As TRL
+and verl, they come from a training forward pass of the policy before the rollout's first update (the loss's kernel
+and temperature, the batch sharded as for training), not from the sampler (bf16 KV-cache decode differs from the full
+forward); the mean gap to the sampler's is logged. The first yield carries none: its old policy is the current one,
+so its ratio is exactly 1, as with μ = 1 (the train step compiles once for each batch layout).
 
 Multi-host: every host gets the same global prompt batch; each samples only the rows its devices hold, the
 completions are gathered onto every host, and rewards, group advantages (each prompt's G completions form one
 group of the global batch), metrics and logged samples are computed from the global rollout, identically on every
 host (reward functions run on every host: a costly reward model would want splitting). The sampling key of
 rollout k is fold_in(key(seed + 1), k) and k is saved with the data state, so a resumed run samples as the
-uninterrupted one would (except that a resume inside one rollout's μ iterations draws a fresh rollout).
+uninterrupted one would; a rollout batch with updates left (μ > 1) is saved in the data state too, so a resume
+inside a rollout's μ iterations trains on the same batch.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 from collections.abc import Callable
@@ -26,6 +33,7 @@ from jax.experimental import multihost_utils
 
 from towerplus_jax import sharding, storage
 from towerplus_jax.data import chat
+from towerplus_jax.losses import grpo
 from towerplus_jax.rl import rewards, sampler
 
 
@@ -74,6 +82,18 @@ def training_rows(prompt_tokens_BP: np.ndarray, prompt_lengths_B: np.ndarray, co
   return rows
 
 
+def _encode(batch: dict[str, np.ndarray]) -> str:
+  """A batch as compressed .npz bytes in base64 (exact; fits the checkpoint's JSON data state)."""
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **batch)
+  return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _decode(text: str) -> dict[str, np.ndarray]:
+  with np.load(io.BytesIO(base64.b64decode(text))) as npz:
+    return {k: npz[k] for k in npz.files}
+
+
 class RolloutBatches:
   """Iterator of global GRPO training batches; get_state/set_state (prompt iterator + rollout count) are what
   checkpoints save."""
@@ -91,6 +111,8 @@ class RolloutBatches:
       raise ValueError(f"rl.prompts_per_step * rl.num_generations = {rows} rollout rows cannot be shared by "
                        f"{jax.process_count()} hosts: make it a multiple of {jax.process_count()}")
     self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.loss_cfg = config.loss
+    self._logps_fn: Callable | None = None
     self.buffer: list[dict] = []
     self.metrics: dict[str, float] = {}
     self.rollouts = 0
@@ -99,18 +121,43 @@ class RolloutBatches:
     return dict(self.metrics)
 
   def get_state(self) -> dict:
-    return {"iterator": self.data_iter.get_state(), "rollouts": self.rollouts}
+    """Prompt iterator, rollout count and, between a rollout's μ updates (as the loop saves: after a step), the
+    rollout batch still to train on with its metrics; the same on every host (each holds the global batch)."""
+    state = {"iterator": self.data_iter.get_state(), "rollouts": self.rollouts}
+    if self.buffer:
+      state["pending"] = {"left": len(self.buffer), "batch": _encode(self.buffer[0]), "metrics": self.metrics}
+    return state
 
   def set_state(self, state: dict) -> None:
     self.data_iter.set_state(state["iterator"])
     self.rollouts = int(state["rollouts"])
-    self.buffer = []
+    pending = state.get("pending")
+    self.buffer = [_decode(pending["batch"])] * int(pending["left"]) if pending else []
+    self.metrics = dict(pending["metrics"]) if pending else {}
 
   def __next__(self) -> dict[str, np.ndarray]:
     if not self.buffer:
       batch = self._rollout()
-      self.buffer = [batch] * self.cfg.iterations
+      self.buffer = [batch]
+      if self.cfg.iterations > 1:  # the first update's old policy is the current one: old = current, ratio 1
+        later = self._with_training_logps(batch)
+        self.buffer = [later] * (self.cfg.iterations - 1) + [{k: v for k, v in batch.items() if k != "old_logps"}]
     return self.buffer.pop()
+
+  def _with_training_logps(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`batch` with `old_logps` from the current policy's training forward pass (jitted, no gradient, on every
+    host the global [B, T] array); the sampler's log-probs it replaces give the gap metric."""
+    graphdef, params = nnx.split(self.policy())
+    if self._logps_fn is None:
+      self._logps_fn = jax.jit(lambda p, b: grpo.policy_logps(nnx.merge(graphdef, p), b, self.loss_cfg))
+    keys = ("inputs", "targets", "positions", "segment_ids")
+    with jax.set_mesh(self.mesh):
+      logp_BT = self._logps_fn(params, sharding.shard_global_batch({k: batch[k] for k in keys}, self.mesh))
+    logp_BT = np.asarray(multihost_utils.process_allgather(logp_BT, tiled=True), np.float32)
+    on_BT = batch["loss_mask"] > 0
+    gap = np.abs(logp_BT - batch["old_logps"])[on_BT]
+    self.metrics["old_logps/sampler_gap_mean"] = float(gap.mean()) if gap.size else 0.0
+    return {**batch, "old_logps": logp_BT}
 
   def _rollout(self) -> dict[str, np.ndarray]:
     cfg, g = self.cfg, self.cfg.num_generations
