@@ -126,14 +126,15 @@ def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
     fields["advantages"] = ((b,), jnp.float32)
     if config.rl.iterations > 1:
       fields["old_logps"] = ((b, t), jnp.float32)
+      fields["old_is_current"] = ((), jnp.int32)
     return fields
   raise ValueError(f"config.data.kind={kind!r}: the AOT check knows lm, sft, preference and rl")
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch as sharded shapes (split over the batch axes, as `sharding.shard_global_batch` does)."""
-  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, sharding.batch_spec(len(shape), mesh,
-                                                                                              shape[0])))
+  spec = lambda shape: sharding.batch_spec(len(shape), mesh, shape[0]) if shape else P()
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec(shape)))
           for k, (shape, dt) in batch_fields(config).items()}
 
 

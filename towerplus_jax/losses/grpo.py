@@ -3,8 +3,9 @@
 Batch: int32 [B, T] `inputs`, `targets`, `positions`, `segment_ids`; float32 [B, T] `loss_mask` (completion
 tokens; zero for masked truncated completions); float32 [B] `advantages`; optional float32 [B, T] `old_logps`
 (the policy before this rollout's first update, by `policy_logps`; absent -> stop_gradient of the current
-log-probs, ratio exactly 1) and `ref_logps`
-(`reference_fn` computes them; required when beta != 0). All log-probs use logits / temperature.
+log-probs, ratio exactly 1) with optional int32 [] `old_is_current` (1: the same as absent, for a rollout's first
+update without a second batch layout to compile), and `ref_logps` (`reference_fn` computes them; required when
+beta != 0). All log-probs use logits / temperature.
 Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,
 aggregation = 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm', max_completion_length = 0
 (the normaliser of 'seq_mean_token_sum_norm', required there); logprob_chunk (see common.DEFAULTS).
@@ -106,6 +107,8 @@ def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.Co
                                want=("logp", "entropy"))
   logp_BT = stats["logp"]
   old_BT = batch["old_logps"] if "old_logps" in batch else jax.lax.stop_gradient(logp_BT)
+  if "old_is_current" in batch:  # a rollout's first update: its old policy is the current one
+    old_BT = jnp.where(batch["old_is_current"] > 0, jax.lax.stop_gradient(logp_BT), old_BT)
   ratio_BT = jnp.exp(jnp.where(on_BT, logp_BT - old_BT, 0.0))  # masked before exp: no inf/NaN from padding
   adv_B1 = batch["advantages"].astype(jnp.float32)[:, None]
   clipped_BT = jnp.clip(ratio_BT, 1.0 - c.epsilon_low, 1.0 + c.epsilon_high)

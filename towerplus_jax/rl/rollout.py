@@ -6,8 +6,9 @@ prompt+completion with a completion-only loss mask. The same rollout batch is yi
 for μ > 1 the 2nd..μth carry the old policy's log-probs (`old_logps`) so the clipped ratio is meaningful. As TRL
 and verl, they come from a training forward pass of the policy before the rollout's first update (the loss's kernel
 and temperature, the batch sharded as for training), not from the sampler (bf16 KV-cache decode differs from the full
-forward); the mean gap to the sampler's is logged. The first yield carries none: its old policy is the current one,
-so its ratio is exactly 1, as with μ = 1 (the train step compiles once for each batch layout).
+forward); the mean gap to the sampler's is logged. The first yield is marked `old_is_current`: its old policy is the
+current one, so the loss takes the current log-probs (ratio exactly 1, as with μ = 1) and not the separate pass's,
+which may differ in the last bits (another compiled program).
 
 Multi-host: every host gets the same global prompt batch; each samples only the rows its devices hold, the
 completions are gathered onto every host, and rewards, group advantages (each prompt's G completions form one
@@ -139,9 +140,10 @@ class RolloutBatches:
     if not self.buffer:
       batch = self._rollout()
       self.buffer = [batch]
-      if self.cfg.iterations > 1:  # the first update's old policy is the current one: old = current, ratio 1
+      if self.cfg.iterations > 1:
         later = self._with_training_logps(batch)
-        self.buffer = [later] * (self.cfg.iterations - 1) + [{k: v for k, v in batch.items() if k != "old_logps"}]
+        self.buffer = [{**later, "old_is_current": np.int32(0)}] * (self.cfg.iterations - 1)
+        self.buffer.append({**later, "old_is_current": np.int32(1)})
     return self.buffer.pop()
 
   def _with_training_logps(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
