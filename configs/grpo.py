@@ -14,7 +14,7 @@ def rl_section(tiny: bool) -> ml_collections.ConfigDict:
   rl = ml_collections.ConfigDict()
   rl.num_generations = 4 if tiny else 8  # G completions per prompt
   rl.prompts_per_step = 4 if tiny else 32  # prompts per rollout (rows per step = prompts_per_step · G)
-  rl.iterations = 1  # μ: optimizer steps per rollout batch (old log-probs stored when > 1)
+  rl.iterations = 1  # μ: optimizer steps per rollout batch (> 1: old log-probs by a training forward pass)
   rl.max_completion_len = 24 if tiny else 512  # new tokens per completion
   rl.temperature = 1.0  # sampling temperature (loss.temperature is the same field)
   rl.top_k = 0  # 0 = off

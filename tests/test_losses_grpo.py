@@ -118,6 +118,20 @@ def test_ratio_one_without_old_logps_is_policy_gradient():
                              np.asarray(jax.grad(pg)(jnp.asarray(table))), rtol=1e-5, atol=1e-8)
 
 
+def test_old_is_current_takes_the_current_logps():
+  """A rollout's first update (old_is_current = 1) ignores old_logps: loss, metrics and gradient as without them."""
+  table, batch = make_batch()
+  fn = lambda b: jax.value_and_grad(lambda t: losses.get("grpo").fn(FakeLM(t), b, None, cfg()), has_aux=True)(
+      jnp.asarray(table))
+  without = fn({k: v for k, v in batch.items() if k != "old_logps"})
+  for flag, want in ((1, without), (0, fn(batch))):
+    got = fn({**batch, "old_is_current": np.int32(flag)})
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    for key, value in want[0][1].items():
+      assert float(got[0][1][key]) == float(value), (flag, key)
+  assert float(without[0][1]["ratio/mean"]) == 1.0 and float(fn(batch)[0][1]["ratio/mean"]) != 1.0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_std_group_leaves_only_kl(mode):
   table, batch = make_batch()

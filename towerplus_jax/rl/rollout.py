@@ -3,9 +3,9 @@
 Each rollout: a batch of prompts, G sampled completions per prompt with the current policy (KV-cache sampler),
 rewards (weighted sum of verifiable reward functions), group-normalised advantages, and training rows
 prompt+completion with a completion-only loss mask. The same rollout batch is yielded `rl.iterations` (μ) times;
-for μ > 1 the 2nd..μth carry the old policy's log-probs (`old_logps`) so the clipped ratio is meaningful. As TRL
-and verl, they come from a training forward pass of the policy before the rollout's first update (the loss's kernel
-and temperature, the batch sharded as for training), not from the sampler (bf16 KV-cache decode differs from the full
+for μ > 1 it carries the old policy's log-probs (`old_logps`) so the clipped ratio is meaningful. As TRL and verl,
+they come from a training forward pass of the policy before the rollout's first update (the loss's kernel and
+temperature, the batch sharded as for training), not from the sampler (bf16 KV-cache decode differs from the full
 forward); the mean gap to the sampler's is logged. The first yield is marked `old_is_current`: its old policy is the
 current one, so the loss takes the current log-probs (ratio exactly 1, as with μ = 1) and not the separate pass's,
 which may differ in the last bits (another compiled program).
@@ -15,8 +15,8 @@ completions are gathered onto every host, and rewards, group advantages (each pr
 group of the global batch), metrics and logged samples are computed from the global rollout, identically on every
 host (reward functions run on every host: a costly reward model would want splitting). The sampling key of
 rollout k is fold_in(key(seed + 1), k) and k is saved with the data state, so a resumed run samples as the
-uninterrupted one would; a rollout batch with updates left (μ > 1) is saved in the data state too, so a resume
-inside a rollout's μ iterations trains on the same batch.
+uninterrupted one would; a rollout batch with updates left (μ > 1) is saved in the data state too (the same on
+every host), so a resume inside a rollout's μ iterations trains on the same batch.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from towerplus_jax import sharding, storage
 from towerplus_jax.data import chat
@@ -96,8 +97,8 @@ def _decode(text: str) -> dict[str, np.ndarray]:
 
 
 class RolloutBatches:
-  """Iterator of global GRPO training batches; get_state/set_state (prompt iterator + rollout count) are what
-  checkpoints save."""
+  """Iterator of global GRPO training batches; get_state/set_state (prompt iterator, rollout count, a rollout batch
+  with updates left) are what checkpoints save."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer, dataset, policy: Callable[[], nnx.Module],
                mesh, workdir: str):
@@ -138,24 +139,24 @@ class RolloutBatches:
 
   def __next__(self) -> dict[str, np.ndarray]:
     if not self.buffer:
-      batch = self._rollout()
+      batch, mu = self._rollout(), self.cfg.iterations
       self.buffer = [batch]
-      if self.cfg.iterations > 1:
-        later = self._with_training_logps(batch)
-        self.buffer = [{**later, "old_is_current": np.int32(0)}] * (self.cfg.iterations - 1)
-        self.buffer.append({**later, "old_is_current": np.int32(1)})
+      if mu > 1:
+        later = {**self._with_training_logps(batch), "old_is_current": np.int32(0)}
+        self.buffer = [later] * (mu - 1) + [{**later, "old_is_current": np.int32(1)}]
     return self.buffer.pop()
 
   def _with_training_logps(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`batch` with `old_logps` from the current policy's training forward pass (jitted, no gradient, on every
     host the global [B, T] array); the sampler's log-probs it replaces give the gap metric."""
     graphdef, params = nnx.split(self.policy())
-    if self._logps_fn is None:
-      self._logps_fn = jax.jit(lambda p, b: grpo.policy_logps(nnx.merge(graphdef, p), b, self.loss_cfg))
+    if self._logps_fn is None:  # replicated output: every host reads the whole [B, T]
+      self._logps_fn = jax.jit(lambda p, b: grpo.policy_logps(nnx.merge(graphdef, p), b, self.loss_cfg),
+                               out_shardings=NamedSharding(self.mesh, P()))
     keys = ("inputs", "targets", "positions", "segment_ids")
     with jax.set_mesh(self.mesh):
       logp_BT = self._logps_fn(params, sharding.shard_global_batch({k: batch[k] for k in keys}, self.mesh))
-    logp_BT = np.asarray(multihost_utils.process_allgather(logp_BT, tiled=True), np.float32)
+    logp_BT = np.asarray(logp_BT, np.float32)
     on_BT = batch["loss_mask"] > 0
     gap = np.abs(logp_BT - batch["old_logps"])[on_BT]
     self.metrics["old_logps/sampler_gap_mean"] = float(gap.mean()) if gap.size else 0.0
