@@ -30,22 +30,36 @@ def test_grpo_raises_mean_reward_on_copy_task(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_grpo_samples_as_the_uninterrupted_run(tmp_path):
-  """The rollout counter (hence the sampling key) and the prompt iterator come back from the checkpoint."""
+def test_mu2_first_ratio_is_one_and_resumed_grpo_is_the_uninterrupted_run(tmp_path):
+  """μ = 2 in bf16: the first update on each rollout has every ratio exactly 1 (old log-probs from the training
+  forward pass), though the sampler's decode log-probs differ. A run resumed at step 1, between rollout 0's two
+  updates, trains on the same rollout batch, then samples rollout 1 as the uninterrupted run (rollout counter,
+  hence the sampling key, and prompt iterator from the checkpoint) and ends with its parameters."""
   c = grpo.get_config("tiny")
+  c.model.dtype = "bfloat16"
   c.data.train = "sample:copy"
-  c.rl.update(rewards=("chrf",), reward_weights=(1.0,), max_completion_len=8, num_generations=2, prompts_per_step=4)
-  c.train.update(steps=4, global_batch_size=8, log_every=1, checkpoint_every=2, keep_checkpoints=5)
-  c.loss.max_completion_length = 8
+  c.rl.update(rewards=("chrf",), reward_weights=(1.0,), max_completion_len=8, num_generations=2, prompts_per_step=4,
+              iterations=2)
+  c.train.update(steps=4, log_every=1, checkpoint_every=1, keep_checkpoints=5)
+  c.optimizer.lr = 1e-2
   full, resumed = tmp_path / "full", tmp_path / "resumed"
   train.train(c, str(full))
+  rows = [json.loads(l) for l in open(full / "metrics.jsonl")]
+  for first, second in zip(rows[0::2], rows[1::2]):
+    assert first["ratio/mean"] == 1.0 and first["clip_ratio/region_mean"] == 0.0, first
+    assert first["old_logps/sampler_gap_mean"] > 1e-4, first  # the sampler's log-probs would not give ratio 1
+    assert second["ratio/mean"] != 1.0, second
+
   shutil.copytree(full, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "4")
+  for step in (2, 3, 4):
+    shutil.rmtree(resumed / "checkpoints" / str(step))
   samples = [json.loads(l) for l in open(full / "samples.jsonl")]
-  (resumed / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples if s["rollout"] < 2))
+  (resumed / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples if s["rollout"] < 1))
   train.train(c, str(resumed))
   assert [json.loads(l) for l in open(resumed / "samples.jsonl")] == samples
-
+  again = [json.loads(l) for l in open(resumed / "metrics.jsonl")]
+  keys = [k for k in rows[1] if k.startswith(("reward/", "ratio/", "clip_ratio/", "loss", "old_logps/"))]
+  assert [[r[k] for k in keys] for r in again[1:]] == [[r[k] for k in keys] for r in rows[1:]]
   for x, y in zip(final_params(full), final_params(resumed)):
     np.testing.assert_array_equal(x, y)
 
@@ -54,32 +68,3 @@ def final_params(workdir):
   model = setup_run.restore_model(model_config.load_json(str(workdir)), sharding.make_mesh({}, jax.devices()[:1]),
                                   str(workdir / "checkpoints"))
   return jax.tree.leaves(jax.device_get(nnx.to_pure_dict(nnx.state(model))))
-
-
-
-@pytest.mark.slow
-def test_mu2_first_ratio_is_one_and_a_resume_inside_a_rollout_is_bit_exact(tmp_path):
-  """μ = 2 in bf16: the first update on each rollout has every ratio exactly 1 (old log-probs from the training
-  forward pass), though the sampler's decode log-probs differ; a run resumed at step 1 (between the rollout's two
-  updates) trains on the same rollout batch and ends with the uninterrupted run's parameters."""
-  c = grpo.get_config("tiny")
-  c.model.dtype = "bfloat16"
-  c.data.train = "sample:copy"
-  c.rl.update(rewards=("chrf",), reward_weights=(1.0,), max_completion_len=8, num_generations=2, prompts_per_step=4,
-              iterations=2)
-  c.train.update(steps=2, log_every=1, checkpoint_every=1)
-  c.optimizer.lr = 1e-2
-  full, resumed = tmp_path / "full", tmp_path / "resumed"
-  train.train(c, str(full))
-  first, second = rows = [json.loads(l) for l in open(full / "metrics.jsonl")]
-  assert first["ratio/mean"] == 1.0 and first["clip_ratio/region_mean"] == 0.0, first
-  assert first["old_logps/sampler_gap_mean"] > 1e-4, first  # the sampler's log-probs would not give ratio 1
-  assert second["ratio/mean"] != 1.0, second
-
-  shutil.copytree(full, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "2")
-  train.train(c, str(resumed))
-  assert (resumed / "samples.jsonl").read_text() == (full / "samples.jsonl").read_text()  # no fresh rollout
-  assert [json.loads(l) for l in open(resumed / "metrics.jsonl")][-1]["reward/mean"] == rows[-1]["reward/mean"]
-  for x, y in zip(final_params(full), final_params(resumed)):
-    np.testing.assert_array_equal(x, y)
