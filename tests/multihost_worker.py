@@ -28,6 +28,7 @@ def stages_config() -> ml_collections.ConfigDict:
   grpo = c.stages.grpo
   grpo.rl.update(prompts_per_step=4, num_generations=4, max_completion_len=8)
   grpo.loss.max_completion_length = 8
+  grpo.rl.iterations = 2  # μ > 1: old log-probs by a training forward pass, replicated onto every process
   grpo.train.global_batch_size = 16
   grpo.data.max_prompt_len = 56
   return c

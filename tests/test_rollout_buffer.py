@@ -32,7 +32,7 @@ def _source(table, batch, iterations):
   src.cfg = ml_collections.ConfigDict({"iterations": iterations})
   src.loss_cfg, src.policy, src.data_iter = cfg(), lambda: FakeLM(table), _Prompts()
   src.mesh = sharding.make_mesh({}, jax.devices()[:1])
-  src._logps_fn, src.buffer, src.metrics, src.rollouts = None, [], {}, 0
+  src._logps_fn, src._encoded, src.buffer, src.metrics, src.rollouts = None, None, [], {}, 0
 
   def sample_once():
     if batch is None:

@@ -116,6 +116,7 @@ class RolloutBatches:
     self.loss_cfg = config.loss
     self._logps_fn: Callable | None = None
     self.buffer: list[dict] = []
+    self._encoded: str | None = None  # the buffered batch for the data state
     self.metrics: dict[str, float] = {}
     self.rollouts = 0
 
@@ -127,7 +128,9 @@ class RolloutBatches:
     rollout batch still to train on with its metrics; the same on every host (each holds the global batch)."""
     state = {"iterator": self.data_iter.get_state(), "rollouts": self.rollouts}
     if self.buffer:
-      state["pending"] = {"left": len(self.buffer), "batch": _encode(self.buffer[0]), "metrics": self.metrics}
+      if self._encoded is None:  # once per rollout, not at every step's get_state
+        self._encoded = _encode(self.buffer[0])
+      state["pending"] = {"left": len(self.buffer), "batch": self._encoded, "metrics": self.metrics}
     return state
 
   def set_state(self, state: dict) -> None:
@@ -135,12 +138,13 @@ class RolloutBatches:
     self.rollouts = int(state["rollouts"])
     pending = state.get("pending")
     self.buffer = [_decode(pending["batch"])] * int(pending["left"]) if pending else []
+    self._encoded = pending["batch"] if pending else None
     self.metrics = dict(pending["metrics"]) if pending else {}
 
   def __next__(self) -> dict[str, np.ndarray]:
     if not self.buffer:
       batch, mu = self._rollout(), self.cfg.iterations
-      self.buffer = [batch]
+      self.buffer, self._encoded = [batch], None
       if mu > 1:
         later = {**self._with_training_logps(batch), "old_is_current": np.int32(0)}
         self.buffer = [later] * (mu - 1) + [{**later, "old_is_current": np.int32(1)}]
