@@ -79,3 +79,13 @@ def test_new_memory_defaults_cut_a_mid_size_step_by_a_large_factor():
 
   new, old = total(False), total(True)
   assert old > 5 * new, (old / 2 ** 30, new / 2 ** 30)  # measured: 9.2 GiB -> 1.4 GiB
+
+
+def test_grpo_with_iterations_compiles_the_old_logps_layout():
+  """μ > 1 batches carry old_logps [B, T] and the scalar old_is_current (replicated), as the rollout source yields."""
+  from configs import grpo
+  config = grpo.get_config("tiny")
+  config.rl.iterations = 2
+  batch = aot.abstract_batch(config, sharding.make_mesh({"fsdp": -1}))
+  assert batch["old_logps"].shape == batch["inputs"].shape and batch["old_logps"].dtype == "float32"
+  assert batch["old_is_current"].shape == () and batch["old_is_current"].sharding.spec == jax.sharding.PartitionSpec()
