@@ -241,8 +241,8 @@ def sample_global(model: Transformer, prompt_tokens_RP, prompt_lengths_R, *, mes
     return sample(model, prompt_tokens_RP, prompt_lengths_R, **options)
   rows = sharding.process_rows(mesh, len(prompt_tokens_RP))
   out = sample(model, np.asarray(prompt_tokens_RP)[rows], np.asarray(prompt_lengths_R)[rows], mesh=mesh, **options)
-  fields = [f.name for f in dataclasses.fields(out) if getattr(out, f.name) is not None]
-  return dataclasses.replace(out, **dict(zip(fields, sharding.gather_rows(rows, [getattr(out, f) for f in fields]))))
+  local = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if getattr(out, f.name) is not None}
+  return dataclasses.replace(out, **dict(zip(local, sharding.gather_rows(rows, list(local.values())))))
 
 
 def _model_mesh(model: nnx.Module) -> Mesh | None:
