@@ -1,8 +1,11 @@
 """Child of tests/test_multihost.py: `python tests/multihost_worker.py JOBS_JSON` runs each job {"config": NAME,
-"workdir": DIR} in this process's JAX layout (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); process
-0 writes DIR/results.json. The configs are shared with the single-process reference runs of the test."""
+"workdir": DIR} (or {"heldout": STAGE_DIR, "data": JSONL}: the end-of-stage held-out evaluation) in this process's
+JAX layout (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); process 0 writes DIR/results.json, with
+the rows each process scored (GRPO rewards) or decoded (held-out) per call. The configs and counters are shared with
+the single-process reference runs of the test."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,6 +13,37 @@ import sys
 import ml_collections
 
 from configs import sft, tower_plus
+
+SCORED: list[int] = []  # completions per call of the `count_rows` reward on this process
+DECODED: list[int] = []  # prompt rows per sampler.sample call on this process (inside `count_decoded_rows`)
+
+
+def count_rows(prompts, completions, **columns) -> list[None]:
+  """A reward (weight 0, every value None: it changes nothing) that records how many completions it was given."""
+  SCORED.append(len(completions))
+  return [None] * len(completions)
+
+
+@contextlib.contextmanager
+def count_decoded_rows():
+  """Record the prompt rows of every sampler.sample call in DECODED."""
+  from towerplus_jax.rl import sampler
+  sample = sampler.sample
+
+  def counted(model, prompt_tokens_BP, *args, **kwargs):
+    DECODED.append(len(prompt_tokens_BP))
+    return sample(model, prompt_tokens_BP, *args, **kwargs)
+
+  sampler.sample = counted
+  try:
+    yield
+  finally:
+    sampler.sample = sample
+
+
+def heldout_config(data: str) -> ml_collections.ConfigDict:
+  """What main's end-of-stage held-out evaluation reads from a chain config."""
+  return ml_collections.ConfigDict({"eval_data": data, "eval_max_new_tokens": 8})
 
 
 def stages_config() -> ml_collections.ConfigDict:
@@ -26,7 +60,9 @@ def stages_config() -> ml_collections.ConfigDict:
   c.stages.sft.train.steps = 4
   c.stages.wpo.data.max_prompt_len = 32
   grpo = c.stages.grpo
-  grpo.rl.update(prompts_per_step=4, num_generations=4, max_completion_len=8)
+  grpo.rl.update(prompts_per_step=4, num_generations=4, max_completion_len=8,
+                 rewards=(*grpo.rl.rewards, "multihost_worker:count_rows"),
+                 reward_weights=(*grpo.rl.reward_weights, 0.0))
   grpo.loss.max_completion_length = 8
   grpo.rl.iterations = 2  # μ > 1: old log-probs by a training forward pass, replicated onto every process
   grpo.train.global_batch_size = 16
@@ -61,7 +97,22 @@ def die_or_wait(process_id: int) -> None:
   multihost_utils.sync_global_devices("never completes")
 
 
+def gathered(counts: list[int]) -> list[list[int]]:
+  """[process][call] counts of every process."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(counts, np.int64))).tolist()
+
+
+def run_heldout(stage_dir: str, data: str) -> dict:
+  from towerplus_jax import main
+  with count_decoded_rows():
+    scores = main._held_out_scores(heldout_config(data), stage_dir)
+  return {"heldout": scores, "decoded_rows": gathered(DECODED)}
+
+
 def main_(jobs: list[dict]) -> None:
+  sys.modules["multihost_worker"] = sys.modules["__main__"]  # the reward "multihost_worker:count_rows" counts here
   from towerplus_jax import distributed
   distributed.initialize()
   import jax
@@ -70,9 +121,15 @@ def main_(jobs: list[dict]) -> None:
     if "die" in job:
       die_or_wait(job["die"])
       continue
-    results = run_job(job["config"], job["workdir"])
+    if "heldout" in job:
+      workdir, results = job["heldout"], run_heldout(job["heldout"], job["data"])
+    else:
+      SCORED.clear()
+      workdir, results = job["workdir"], run_job(job["config"], job["workdir"])
+      if SCORED:  # a GRPO stage ran
+        results["reward_rows"] = gathered(SCORED)
     if jax.process_index() == 0:
-      with open(os.path.join(job["workdir"], "results.json"), "w") as f:
+      with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, default=float)
 
 

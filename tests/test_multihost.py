@@ -1,8 +1,8 @@
 """Real multi-process runs (2 processes x 4 CPU devices over a localhost coordinator, gloo collectives) against the
 same runs in this process (1 x 8 devices): the same model, metrics, samples and checkpoints whatever the host count.
 
-One 2-process launch covers SFT -> WPO -> GRPO and a resume of a 1-process checkpoint; a second (through
-launch/local_run.sh --processes=2) covers SIGTERM to one process. Children run in their own process group and are
+One 2-process launch covers SFT -> WPO -> GRPO, a resume of a 1-process checkpoint and the end-of-stage held-out
+evaluation; a second (through launch/local_run.sh --processes=2) covers SIGTERM to one process. Children run in their own process group and are
 always killed at the end.
 """
 from __future__ import annotations
@@ -99,18 +99,29 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """{"one": 1-process stages, "two": 2-process stages, "one_to_two": 1-process SFT step-2 checkpoint continued by
-  2 processes, "two_to_one": the reverse}."""
+  2 processes, "two_to_one": the reverse, "heldout_two": the 1-process GRPO checkpoint evaluated by 2 processes
+  (one/grpo/eval: by 1 process)}, with the rows each process scored / decoded per call."""
   tmp = tmp_path_factory.mktemp("multihost")
   one, two = tmp / "one", tmp / "two"
+  multihost_worker.SCORED.clear()
   one_results = main.run(multihost_worker.stages_config(), str(one))
+  one_scored = list(multihost_worker.SCORED)
   shutil.copytree(one / "sft", tmp / "one_to_two")
   keep_until(tmp / "one_to_two", 2)
-  run_processes([{"config": "stages", "workdir": str(two)}, {"config": "sft", "workdir": str(tmp / "one_to_two")}],
-                tmp)
+  shutil.copytree(one / "grpo", tmp / "heldout_two")
+  heldout = tmp / "heldout.jsonl"  # 20 segments: a full 16-row batch and one with filler rows
+  heldout.write_text("".join(open(setup_run.resolve_sources("sample:test")[0]).readlines()[:20]))
+  multihost_worker.DECODED.clear()
+  with multihost_worker.count_decoded_rows():
+    one_heldout = main._held_out_scores(multihost_worker.heldout_config(str(heldout)), str(one / "grpo"))
+  run_processes([{"config": "stages", "workdir": str(two)}, {"config": "sft", "workdir": str(tmp / "one_to_two")},
+                 {"heldout": str(tmp / "heldout_two"), "data": str(heldout)}], tmp)
   shutil.copytree(two / "sft", tmp / "two_to_one")
   keep_until(tmp / "two_to_one", 2)
   train.train(multihost_worker.sft_config(), str(tmp / "two_to_one"))
-  return {"dir": tmp, "one_results": one_results, "two_results": json.loads((two / "results.json").read_text())}
+  return {"dir": tmp, "one_results": one_results, "two_results": json.loads((two / "results.json").read_text()),
+          "one_scored": one_scored, "one_heldout": one_heldout, "one_decoded": list(multihost_worker.DECODED),
+          "two_heldout": json.loads((tmp / "heldout_two" / "results.json").read_text())}
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -133,6 +144,26 @@ def test_grpo_rollouts_are_global(runs):
   assert read_jsonl(tmp / "two" / "grpo" / "samples.jsonl") == read_jsonl(tmp / "one" / "grpo" / "samples.jsonl")
   for key in [k for k in runs["one_results"]["grpo"] if k.startswith(("reward", "completions/"))]:
     np.testing.assert_allclose(runs["two_results"]["grpo"][key], runs["one_results"]["grpo"][key], rtol=1e-5)
+
+
+def test_each_host_scores_only_its_rollout_rows(runs):
+  """Every reward call on a host got half of the global rollout (the other half was scored by the other host)."""
+  one, two = runs["one_scored"], runs["two_results"]["reward_rows"]
+  assert one and all(n == 16 for n in one)  # prompts_per_step x num_generations
+  assert two == [[n // 2 for n in one]] * 2
+
+
+def test_held_out_decoding_is_split_across_hosts(runs):
+  """Both hosts make the same sampler calls, each decoding half of every global batch; texts and scores equal one
+  process's."""
+  tmp, one = runs["dir"], runs["one_decoded"]
+  assert one == [16, 16]  # 20 segments in 16-row batches
+  assert runs["two_heldout"]["decoded_rows"] == [[n // 2 for n in one]] * 2
+  assert runs["two_heldout"]["heldout"] == runs["one_heldout"]
+  eval_one, eval_two = tmp / "one" / "grpo" / "eval", tmp / "heldout_two" / "eval"
+  assert read_jsonl(eval_two / "hypotheses.jsonl") == read_jsonl(eval_one / "hypotheses.jsonl")
+  assert any(r["hypothesis"] for r in read_jsonl(eval_one / "hypotheses.jsonl"))
+  assert json.loads((eval_two / "report.json").read_text()) == json.loads((eval_one / "report.json").read_text())
 
 
 @pytest.mark.parametrize("handover", ["one_to_two", "two_to_one"])

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -142,6 +143,22 @@ def process_rows(mesh: Mesh, global_b: int) -> np.ndarray:
   rows = {i for index in spec.addressable_devices_indices_map((global_b,)).values()
           for i in range(*index[0].indices(global_b))}
   return np.asarray(sorted(rows), np.int64)
+
+
+def gather_rows(rows_R: np.ndarray, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+  """The inverse of taking this host's `process_rows`: each host passes its rows (global indices `rows_R`, the same
+  count on every host) of some arrays; every host gets the arrays of all rows in global order. Bit-exact for any
+  dtype (sent as bytes: no float64 -> float32 round trip)."""
+  arrays = [np.ascontiguousarray(x) for x in arrays]
+  if jax.process_count() > 1:
+    as_bytes = [x.reshape(len(rows_R), -1).view(np.uint8) for x in (np.asarray(rows_R, np.int64), *arrays)]
+    gathered = multihost_utils.process_allgather(as_bytes, tiled=True)
+    rows_R, *arrays = [np.asarray(g).view(x.dtype).reshape(-1, *x.shape[1:])
+                       for g, x in zip(gathered, (np.asarray(rows_R, np.int64), *arrays))]
+  out = [np.empty_like(x) for x in arrays]
+  for dst, x in zip(out, arrays):
+    dst[rows_R] = x
+  return out
 
 
 def shard_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -10,10 +10,10 @@ forward); the mean gap to the sampler's is logged. The first yield is marked `ol
 current one, so the loss takes the current log-probs (ratio exactly 1, as with μ = 1) and not the separate pass's,
 which may differ in the last bits (another compiled program).
 
-Multi-host: every host gets the same global prompt batch; each samples only the rows its devices hold, the
-completions are gathered onto every host, and rewards, group advantages (each prompt's G completions form one
-group of the global batch), metrics and logged samples are computed from the global rollout, identically on every
-host (reward functions run on every host: a costly reward model would want splitting). The sampling key of
+Multi-host: every host gets the same global prompt batch; each samples and scores only the rows its devices hold
+(a costly reward model runs once per row, not once per host), the completions and scores are gathered onto every
+host, and group advantages (each prompt's G completions form one group of the global batch), metrics and logged
+samples are computed from the global rollout, identically on every host. The sampling key of
 rollout k is fold_in(key(seed + 1), k) and k is saved with the data state, so a resumed run samples as the
 uninterrupted one would; a rollout batch with updates left (μ > 1) is saved in the data state too (the same on
 every host), so a resume inside a rollout's μ iterations trains on the same batch.
@@ -30,7 +30,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from towerplus_jax import sharding, storage
@@ -178,7 +177,7 @@ class RolloutBatches:
     rows = [r for r in records for _ in range(g)]
     columns = {k: [r.get(k) for r in rows] for k in sorted({k for r in rows for k in r} - {"prompt"})}
     prompt_texts = [r.get("prompt", "") for r in rows]
-    total, per_fn = self.reward_fn(prompt_texts, texts, **columns)
+    total, per_fn = self._score(prompt_texts, texts, columns)
     adv, group_std = group_advantages(np.asarray(total, np.float32), g, cfg.scale_rewards, cfg.std_ddof)
     keep = np.where(truncated & cfg.mask_truncated, 0.0, 1.0).astype(np.float32)
     logps = logps if cfg.iterations > 1 else None
@@ -198,24 +197,28 @@ class RolloutBatches:
     return batch
 
   def _sample(self, prompt_tokens_RP: np.ndarray, prompt_lengths_R: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Completions of all R rollout rows on every host: each host samples the rows its devices hold (one global
-    batch, one key), then the hosts exchange their rows."""
+    """Completions of all R rollout rows on every host (each host samples the rows its devices hold)."""
     cfg = self.cfg
-    rows = sharding.process_rows(self.mesh, len(prompt_tokens_RP))
     with jax.set_mesh(self.mesh):
-      out = sampler.sample(self.policy(), prompt_tokens_RP[rows], prompt_lengths_R[rows],
-                           max_new_tokens=cfg.max_completion_len, rng=jax.random.fold_in(self.rng, self.rollouts),
-                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=self.stop_ids,
-                           pad_id=self.tokenizer.pad_id)
-    local = (rows, out.tokens, out.lengths, out.logprobs, out.truncated)
-    if jax.process_count() == 1:
-      return tuple(np.asarray(x) for x in local[1:])
-    gathered = [np.asarray(x) for x in multihost_utils.process_allgather(local)]
-    order = gathered[0].reshape(-1)
-    merged = [np.empty_like(x.reshape(-1, *x.shape[2:])) for x in gathered[1:]]
-    for dst, x in zip(merged, gathered[1:]):
-      dst[order] = x.reshape(-1, *x.shape[2:])
-    return tuple(merged)
+      out = sampler.sample_global(self.policy(), prompt_tokens_RP, prompt_lengths_R, mesh=self.mesh,
+                                  max_new_tokens=cfg.max_completion_len,
+                                  rng=jax.random.fold_in(self.rng, self.rollouts), temperature=cfg.temperature,
+                                  top_k=cfg.top_k, top_p=cfg.top_p, stop_ids=self.stop_ids,
+                                  pad_id=self.tokenizer.pad_id)
+    return out.tokens, out.lengths, out.logprobs, out.truncated
+
+  def _score(self, prompts: list[str], completions: list[str], columns: dict[str, list]
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rewards of all rows on every host: each host scores only the rows its devices hold (a costly reward runs once
+    per row, not once per host), then the hosts exchange the scores (None as NaN)."""
+    rows = sharding.process_rows(self.mesh, len(completions))
+
+    def mine(values: list) -> list:
+      return [values[i] for i in rows]
+
+    total, per_fn = self.reward_fn(mine(prompts), mine(completions), **{k: mine(v) for k, v in columns.items()})
+    total, *values = sharding.gather_rows(rows, [total, *per_fn.values()])
+    return total, dict(zip(per_fn, values))
 
   def _log_samples(self, prompts: list[str], completions: list[str], total: np.ndarray, n: int = 4) -> None:
     if jax.process_index() != 0:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -231,6 +232,27 @@ def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_to
   return SampleOutput(tokens, lengths, logprobs if return_logprobs else None, truncated)
 
 
+def sample_global(model: Transformer, prompt_tokens_RP, prompt_lengths_R, *, mesh: Mesh | None = None,
+                  **options) -> SampleOutput:
+  """`sample` of one global batch of R rows that every host holds whole: each host samples only the rows its devices
+  hold (the same call and shapes on every host, one key), then every host gets all R rows back in order."""
+  mesh = _active_mesh(mesh)
+  if mesh is None:
+    return sample(model, prompt_tokens_RP, prompt_lengths_R, **options)
+  rows = sharding.process_rows(mesh, len(prompt_tokens_RP))
+  out = sample(model, np.asarray(prompt_tokens_RP)[rows], np.asarray(prompt_lengths_R)[rows], mesh=mesh, **options)
+  local = {f.name: getattr(out, f.name) for f in dataclasses.fields(out) if getattr(out, f.name) is not None}
+  return dataclasses.replace(out, **dict(zip(local, sharding.gather_rows(rows, list(local.values())))))
+
+
+def _model_mesh(model: nnx.Module) -> Mesh | None:
+  """The mesh the model's parameters are laid out on (None when they are not on a mesh)."""
+  for x in jax.tree.leaves(nnx.state(model)):
+    if isinstance(getattr(x, "sharding", None), NamedSharding):
+      return x.sharding.mesh
+  return None
+
+
 def _to_host(x: jax.Array, mesh: Mesh | None) -> np.ndarray:
   """This host's rows of a batch-sharded global array."""
   if mesh is None or jax.process_count() == 1:
@@ -249,8 +271,10 @@ def generate_text(model: Transformer, tokenizer, template: str | None, prompts: 
   """Completions of `prompts` (user strings or chat message lists) through the chat `template`, greedy by default.
 
   With `template=None` prompts must be plain strings, encoded as they are and stopped at `tokenizer.eos_id`.
-  Batches are padded to `batch_size` rows and a power-of-two prompt length, so an evaluation compiles only a few
-  times. The text stops before the first stop token.
+  Batches are padded to `batch_size` rows (rounded up to a multiple of the mesh's batch shards) and a power-of-two
+  prompt length, so an evaluation compiles only a few times. On a mesh (`mesh`, the one set by `jax.set_mesh`, else
+  the model's) spanning several hosts, every host passes every prompt, decodes only the rows its devices hold and
+  gets all texts back: the same texts as one host. The text stops before the first stop token.
   """
   if template is None:
     if not all(isinstance(p, str) for p in prompts):
@@ -264,6 +288,10 @@ def generate_text(model: Transformer, tokenizer, template: str | None, prompts: 
   empty = [i for i, ids in enumerate(encoded) if not ids]
   if empty:
     raise ValueError(f"generate_text: prompts {empty[:8]} encode to no tokens")
+  mesh = _active_mesh(mesh) or _model_mesh(model)
+  if mesh is not None:
+    shards = math.prod(mesh.shape[a] for a in sharding.BATCH)
+    batch_size = -(-batch_size // shards) * shards
   rng, texts = jax.random.key(seed), []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
@@ -271,9 +299,9 @@ def generate_text(model: Transformer, tokenizer, template: str | None, prompts: 
     lengths_B = np.ones((batch_size,), np.int32)  # filler rows: one pad token
     for i, ids in enumerate(chunk):
       tokens_BP[i, :len(ids)], lengths_B[i] = ids, len(ids)
-    out = sample(model, tokens_BP, lengths_B, max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, start),
-                 temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops, pad_id=tokenizer.pad_id,
-                 greedy=greedy, return_logprobs=False, mesh=mesh)
+    out = sample_global(model, tokens_BP, lengths_B, max_new_tokens=max_new_tokens,
+                        rng=jax.random.fold_in(rng, start), temperature=temperature, top_k=top_k, top_p=top_p,
+                        stop_ids=stops, pad_id=tokenizer.pad_id, greedy=greedy, return_logprobs=False, mesh=mesh)
     for i in range(len(chunk)):
       ids = out.tokens[i, :out.lengths[i]].tolist()
       texts.append(tokenizer.decode(ids if out.truncated[i] else ids[:-1]))
