@@ -220,3 +220,48 @@ def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
   assert str(e.value).startswith("error: ") and expected in str(e.value), str(e.value)
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- rows too short for the data: counted in the metrics
+LONG = "word " * 400  # longer than any row below, whatever the tokenizer
+
+
+@pytest.mark.parametrize("kind,pack,records", [
+    ("lm", True, [{"text": "short"}, {"text": LONG}, {"text": "tiny"}, {"text": LONG}, {"text": "x"}]),
+    ("lm", False, [{"text": LONG}, {"text": "short"}, {"text": "tiny"}]),
+    ("sft", True, [{"prompt": LONG, "completion": "ok"}, {"prompt": "hi", "completion": "ok"},
+                   {"prompt": "hi", "completion": LONG}]),
+    ("preference", False, [{"prompt": LONG, "chosen": "a", "rejected": "b"},  # prompt > max_prompt_len
+                           {"prompt": "p", "chosen": LONG, "rejected": "b"},  # response past the row
+                           {"prompt": "p", "chosen": "a", "rejected": "b"}]),
+])
+def test_truncated_examples_are_counted_exactly(tmp_path, kind, pack, records):
+  path = tmp_path / "data.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  ds = pipeline.make_dataset(kind, str(path), CharTokenizer(), seq_len=32, batch_size=2, template="gemma", seed=0,
+                             repeat=False, pack=pack, max_prompt_len=20)
+  counts = pipeline.DataCounts()
+  for batch in ds:
+    assert {"num_examples", "num_truncated"} & set(counts.take(batch)) == set()
+  long = sum(LONG in json.dumps(r) for r in records)
+  assert counts.metrics() == {"data/truncated": long, "data/truncated_frac": long / len(records)}
+  assert counts.metrics() == {}  # a window per call
+
+
+def test_truncations_reach_the_metrics_with_a_warning(tmp_path, caplog):
+  """A preference run over 4 records, 2 with prompts longer than max_prompt_len: each step's batch of 4 is one
+  epoch, so each row says exactly 2 truncated."""
+  from configs import wpo
+  from towerplus_jax import train
+  records = [{"prompt": LONG if i in (1, 2) else f"Say {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(4)]
+  path = tmp_path / "prefs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  c = wpo.get_config("tiny")
+  c.data.update(train=str(path), seq_len=64)
+  c.train.update(steps=2, global_batch_size=4, log_every=1, checkpoint_every=0)
+  train.train(c, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["data/truncated"], r["data/truncated_frac"]) for r in rows] == [(1, 2, 0.5), (2, 2, 0.5)]
+  warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+  assert warnings[0].startswith("data: 2 example(s) so far did not fit a row of 64 tokens and were cut (prompts keep "
+                                "their last data.max_prompt_len tokens"), warnings

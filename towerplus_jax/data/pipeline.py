@@ -11,6 +11,9 @@
               `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
               `max_prompt_len` tokens; responses are cut to fit the row. int32 [B] `record_index` (the record's
               position in the source).
+  All but rl also carry int32 [B] `num_examples` / `num_truncated`: the examples whose start is in each row and how
+  many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than max_prompt_len or
+  prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics (`DataCounts`).
   rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
               record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
               `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
@@ -125,17 +128,19 @@ class Encoder:
   def _preference(self, record: dict) -> dict:
     prompt = chat.as_messages(record["prompt"], "user")
     prompt_ids, _ = chat.encode_chat(self.tokenizer, self.template, prompt, add_generation_prompt=True)
-    example = {}
+    example, cut = {}, len(prompt_ids) > self.max_prompt_len
     for side in SIDES:
       ids, mask = chat.encode_chat(self.tokenizer, self.template, prompt + chat.as_messages(record[side], "assistant"))
       if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError(f"'{side}' must be assistant turns that continue the prompt")
       response, response_mask = ids[len(prompt_ids):], mask[len(prompt_ids):]
       kept = prompt_ids[-self.max_prompt_len:]
+      cut |= len(kept) + len(response) > self.seq_len + 1
       ids = (kept + response)[:self.seq_len + 1]
       mask = ([0] * len(kept) + response_mask)[:self.seq_len + 1]
       row = packing.pad_row(packing.shifted_example(ids, mask), self.seq_len)
       example.update({f"{side}_{k}": v for k, v in row.items()})
+    example.update(num_examples=np.int32(1), num_truncated=np.int32(cut))
     for key in REFERENCE_KEYS:
       value = record.get(key)
       example[key] = np.float32("nan" if value is None else value)
@@ -192,6 +197,52 @@ def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dic
     tokens_BP[i, :len(e["prompt_tokens"])] = e["prompt_tokens"]
   return {"records": [e["record"] for e in examples], "prompt_tokens": tokens_BP,
           "prompt_lengths": np.asarray([len(e["prompt_tokens"]) for e in examples], np.int32)}
+
+
+def _example_counts(batch: dict) -> dict:
+  """Packed/padded rows: the per-token `example_start` marks -> per-row `num_examples` / `num_truncated`."""
+  start_BT = batch.pop(packing.START)
+  return {**batch, "num_examples": (start_BT > 0).sum(1, dtype=np.int32),
+          "num_truncated": (start_BT == 2).sum(1, dtype=np.int32)}
+
+
+class DataCounts:
+  """The examples truncated to fit their rows, counted on the batches the trainer consumes (so exact whatever grain
+  prefetches, and global: every host builds the whole global batch). `take` pops the count keys (module docstring)
+  and warns when truncations first appear (then at 2, 4, 8, ...); `metrics` gives the counts since its last call."""
+
+  def __init__(self):
+    self.examples = self.truncated = self.total = 0
+
+  def take(self, batch: dict) -> dict:
+    if "num_truncated" not in batch:
+      return batch
+    batch = dict(batch)
+    self.examples += int(batch.pop("num_examples").sum())
+    n = int(batch.pop("num_truncated").sum())
+    self.truncated += n
+    before, self.total = self.total, self.total + n
+    if before.bit_length() < self.total.bit_length():  # passed 1, 2, 4, 8, ...
+      logging.warning("data: %d example(s) so far did not fit a row of %d tokens and were cut (%s)", self.total,
+                      _row_len(batch), _FIX["chosen_inputs" in batch])
+    return batch
+
+  def metrics(self) -> dict[str, float]:
+    """data/truncated (examples) and data/truncated_frac since the last call; {} when no counted batch came."""
+    if not self.examples:
+      return {}
+    out = {"data/truncated": float(self.truncated), "data/truncated_frac": self.truncated / self.examples}
+    self.examples = self.truncated = 0
+    return out
+
+
+_FIX = {False: "split into row-sized pieces that lose their context: raise data.seq_len or shorten those records",
+        True: "prompts keep their last data.max_prompt_len tokens, responses are cut at the row's end: raise "
+              "data.max_prompt_len / data.seq_len or shorten those records"}
+
+
+def _row_len(batch: dict) -> int:
+  return batch["chosen_inputs" if "chosen_inputs" in batch else "inputs"].shape[1]
 
 
 def _reference_logps(batch: dict) -> dict:
@@ -254,4 +305,4 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
     it = (packing.pack(it, seq_len, max(batch_size, MIN_PACKING_BINS), seed, shuffle_bins=shuffle) if pack
           else packing.pad(it, seq_len))
   batched = it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
-  return batched.map(_reference_logps) if kind == "preference" else batched
+  return batched.map(_reference_logps if kind == "preference" else _example_counts)
