@@ -265,3 +265,50 @@ def test_truncations_reach_the_metrics_with_a_warning(tmp_path, caplog):
   warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
   assert warnings[0].startswith("data: 2 example(s) so far did not fit a row of 64 tokens and were cut (prompts keep "
                                 "their last data.max_prompt_len tokens"), warnings
+
+
+# ---------------------------------------------------------------- a full disk while saving: one line, nothing lost
+FULL_DISK_AT_STEP_4 = """
+import errno, os, runpy
+from etils import epath
+cls = type(epath.Path("/"))
+write_text = cls.write_text
+def full_disk(self, *args, **kwargs):  # the JSON item of the step-4 save hits a full disk
+  if f"{os.sep}4.orbax-checkpoint-tmp{os.sep}data" in str(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+  return write_text(self, *args, **kwargs)
+cls.write_text = full_disk
+runpy.run_module("towerplus_jax.main", run_name="__main__")
+"""
+
+
+def test_full_disk_while_saving_is_one_line_and_the_rerun_resumes(tmp_path, caplog):
+  import logging
+  import subprocess
+  import sys
+  from towerplus_jax import checkpoint
+  workdir = tmp_path / "run"
+  overrides = {"data.seq_len": 64, "data.eval": "", "train.steps": 4, "train.global_batch_size": 4,
+               "train.checkpoint_every": 2}  # step 4, the last, fails: its error surfaces when the run ends
+  out = subprocess.run(
+      [sys.executable, "-c", FULL_DISK_AT_STEP_4, "--config=configs/sft.py:tiny", f"--workdir={workdir}",
+       *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  ckpts = workdir / "checkpoints"
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: no space left on device while saving checkpoint step 4 to {ckpts}; free space and rerun to resume "
+      "from step 2"), out.stderr[-3000:]
+  assert sorted(os.listdir(ckpts)) == ["2", "4.orbax-checkpoint-tmp"]  # the failed save never committed
+  ckpt = checkpoint.Checkpointer(str(ckpts))
+  assert ckpt.latest_step() == 2  # the partial save is not a step
+  ckpt.close()
+  config = sft.get_config("tiny")
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  caplog.set_level(logging.INFO, logger="absl")
+  main.run(config, str(workdir))
+  assert any(r.getMessage() == f"resumed from {ckpts} at step 2" for r in caplog.records)
+  assert sorted(os.listdir(ckpts)) == ["2", "4"]  # the partial save's folder was removed
