@@ -135,6 +135,12 @@ def test_empty_file_or_directory_is_named(tmp_path, make, expected):
     ({"source": "Hi", "src_lang": "English", "tgt_lang": "German"}, "field 'reference' is missing"),
     ({"source": "Hi", "reference": None, "src_lang": "English", "tgt_lang": "German"}, "field 'reference' must be"),
     ({"source": "Hi", "reference": "Hallo", "tgt_lang": "German"}, "field 'src_lang' (a language name) or 'src'"),
+    ({"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "dee"},
+     "field 'tgt': unknown language code 'dee': did you mean 'de'? Use an ISO 639-1 code"),
+    ({"source": "Hi", "reference": "Hallo", "src": "English", "tgt": "de"},
+     "field 'src': unknown language code 'English': Use an ISO 639-1 code such as 'pt' or 'pt-BR' (see "
+     "towerplus_jax/data/languages.py) (a language name goes in 'src_lang')"),
+    ({"source": "Hi", "reference": "Hallo", "src": "en", "tgt": 7}, "field 'tgt' must be a string, got int 7"),
 ])
 def test_bad_test_set_record_is_named_before_decoding(tmp_path, bad, expected):
   from towerplus_jax.data import records, sources
@@ -265,6 +271,38 @@ def test_truncations_reach_the_metrics_with_a_warning(tmp_path, caplog):
   warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
   assert warnings[0].startswith("data: 2 example(s) so far did not fit a row of 64 tokens and were cut (prompts keep "
                                 "their last data.max_prompt_len tokens"), warnings
+
+
+def test_language_codes_and_names():
+  """Codes are checked (variants as Tower writes them, any region of a known language); names are free text."""
+  from towerplus_jax.data import chat, languages
+  assert [languages.canonical(c) for c in ("pt_br", "PT-pt", "zh-tw", "es-latam", "de-AT", "zh-Hant", "jpn")] == [
+      "pt-BR", "pt-PT", "zh-TW", "es-LATAM", "de", "zh", "ja"]
+  assert languages.name("pt-BR") == "Portuguese (Brazil)" and languages.name("zh_CN") == "Chinese (Simplified)"
+  assert languages.code_of_name("Portuguese (Portugal)") == "pt" and languages.code_of_name("Klingon") is None
+  with pytest.raises(ValueError, match=r"^unknown language code 'pt-'|^unknown language code 'ptt': did you mean "):
+    languages.canonical("ptt")
+  # a record with codes only gets the names in its prompt; a record's own names win
+  assert chat.translation_request({"source": "Hi", "src": "en", "tgt": "pt-BR"}) == chat.translation_prompt(
+      "English", "Portuguese (Brazil)", "Hi")
+  assert chat.translation_request({"source": "Hi", "src": "en", "tgt": "pt", "src_lang": "English",
+                                   "tgt_lang": "European Portuguese"}).startswith("Translate the following English "
+                                                                                 "source text to European Portuguese")
+
+
+def test_evaluate_cli_refuses_an_unknown_code_before_loading(tmp_path):
+  import subprocess
+  import sys
+  path = tmp_path / "test.jsonl"
+  path.write_text(json.dumps({"source": "Hi", "reference": "Olá", "src": "en", "tgt": "pt-BR"}) + "\n" +
+                  json.dumps({"source": "Hi", "reference": "Olá", "src": "en", "tgt": "pt-BRR"}) + "\n" +
+                  json.dumps({"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "xx"}) + "\n")
+  out = subprocess.run([sys.executable, "-m", "towerplus_jax.evaluate", f"--hf={tmp_path / 'no_model'}",
+                        f"--data={path}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(  # pt-BRR is Portuguese of region "BRR"; xx is no language
+      f"error: {path}:3: field 'tgt': unknown language code 'xx': "), out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- a full disk while saving: one line, nothing lost
