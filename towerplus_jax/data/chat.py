@@ -59,11 +59,18 @@ def translation_prompt(src_lang_name: str, tgt_lang_name: str, source: str) -> s
 def translation_request(record: Mapping) -> str:
   """The Tower+ prompt of a parallel record (languages by `src_lang`/`tgt_lang` names, else named from the
   `src`/`tgt` codes), preceded by its IF-MT rules (if any) as instructions."""
-  src, tgt = (record.get(f"{side}_lang") or languages.name(record[side]) for side in ("src", "tgt"))
-  prompt = translation_prompt(src, tgt, record["source"])
+  prompt = translation_prompt(_language(record, "src"), _language(record, "tgt"), record["source"])
   if record.get("rules"):
     prompt = f"{rules.describe(record['rules'])}\n{prompt}"
   return prompt
+
+
+def _language(record: Mapping, side: str) -> str:
+  if record.get(f"{side}_lang"):
+    return record[f"{side}_lang"]
+  if record.get(side):
+    return languages.name(record[side])
+  raise KeyError(f"{side}_lang")
 
 
 def to_messages(record: Mapping | Sequence[Mapping]) -> list[dict]:

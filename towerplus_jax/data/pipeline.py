@@ -17,7 +17,7 @@
   rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
               record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
               `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
-              [B]. Prompts longer than P are dropped with a counted warning.
+              [B], `num_dropped` (int): prompts longer than P dropped while filling this batch (also logged).
 
 Records are shuffled per epoch from `seed` and repeated for training; `iter(dataset)` is a grain DatasetIterator
 whose get_state/set_state resume exactly. Without repeat the last batch is padded with empty rows (segment_ids 0)
@@ -161,13 +161,19 @@ class PromptFits:
 
   def __init__(self, max_len: int, give_up_after: int):
     self.max_len, self.give_up_after = max_len, give_up_after
-    self.dropped = self.kept = 0
+    self.dropped = self.kept = self.pending = 0
+
+  def take_pending(self) -> int:
+    """Prompts dropped since the last call (the batch being built: the filter runs on the consuming thread)."""
+    n, self.pending = self.pending, 0
+    return n
 
   def __call__(self, example: dict) -> bool:
     if len(example["prompt_tokens"]) <= self.max_len:
       self.kept += 1
       return True
     self.dropped += 1
+    self.pending += 1
     if not self.kept and self.dropped >= self.give_up_after:
       raise ValueError(f"rl data: every prompt is longer than max_prompt_len={self.max_len} tokens")
     if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...
@@ -191,12 +197,13 @@ def _located(source: RecordSource, encode: Encoder):
   return fn
 
 
-def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dict:
+def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int, fits: PromptFits) -> dict:
   tokens_BP = np.full((len(examples), max_prompt_len), pad_id, np.int32)
   for i, e in enumerate(examples):
     tokens_BP[i, :len(e["prompt_tokens"])] = e["prompt_tokens"]
   return {"records": [e["record"] for e in examples], "prompt_tokens": tokens_BP,
-          "prompt_lengths": np.asarray([len(e["prompt_tokens"]) for e in examples], np.int32)}
+          "prompt_lengths": np.asarray([len(e["prompt_tokens"]) for e in examples], np.int32),
+          "num_dropped": fits.take_pending()}
 
 
 def _example_counts(batch: dict) -> dict:
@@ -294,13 +301,12 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
     ds = ds.shuffle(seed)
   if repeat:
     ds = ds.repeat()
-  if kind == "rl":  # 2 epochs' worth dropped in a row (+ prefetch reordering) with none kept: no prompt fits
-    ds = ds.filter(PromptFits(max_prompt_len, 2 * num_records + prefetch))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
-  if kind == "rl":
-    return it.batch(batch_size, batch_fn=functools.partial(_rl_batch, max_prompt_len=max_prompt_len,
-                                                           pad_id=tokenizer.pad_id))
+  if kind == "rl":  # filtered after the prefetch, so its count is the batch's; 2 epochs dropped in a row, none kept
+    fits = PromptFits(max_prompt_len, 2 * num_records)
+    return it.filter(fits).batch(batch_size, batch_fn=functools.partial(
+        _rl_batch, max_prompt_len=max_prompt_len, pad_id=tokenizer.pad_id, fits=fits))
   if kind in ("lm", "sft"):
     it = (packing.pack(it, seq_len, max(batch_size, MIN_PACKING_BINS), seed, shuffle_bins=shuffle) if pack
           else packing.pad(it, seq_len))
