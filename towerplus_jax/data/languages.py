@@ -1,13 +1,14 @@
 """Language codes of translation records (`src` / `tgt`) and the English names the Tower+ prompt uses.
 
 Known: the Tower+ languages with the variants Tower uses (pt-PT / pt-BR, zh-CN / zh-TW, es-LATAM, nb / nn) and the
-other common ISO 639-1 codes. Codes are case-insensitive and '_' is '-' ("pt_br" = "pt-BR"); a region or script
-of a known language ("de-AT", "zh-Hant") is that language. An unknown language is refused with the closest codes.
+other common ISO 639-1 codes. Codes are case-insensitive and '_' is '-' ("pt_br" = "pt-BR"); a region (2 letters
+or 3 digits) or script (4 letters) of a known language ("de-AT", "es-419", "zh-Hant") is that language. An unknown language is refused with the closest codes.
 Names (`src_lang` / `tgt_lang`) are free text ("Portuguese (Portugal)") and are not checked.
 """
 from __future__ import annotations
 
 import difflib
+import re
 
 NAMES = {
     # Tower+ (Rei et al. 2025)
@@ -40,11 +41,11 @@ def canonical(code: str) -> str:
   """The registry's spelling of `code` ("pt_br" -> "pt-BR", "de-AT" -> "de", "jpn" -> "ja"); ValueError naming the
   closest known codes when its language is unknown."""
   key = _key(code)
-  primary = key.split("-")[0]
-  primary = ALIASES.get(primary, primary)
   if key in _BY_KEY:
     return _BY_KEY[key]
-  if primary in _BY_KEY:
+  primary, *subtags = key.split("-")
+  primary = ALIASES.get(primary, primary)
+  if primary in _BY_KEY and all(re.fullmatch(r"[a-z]{2}|[a-z]{4}|\d{3}", t) for t in subtags):  # region, script
     return primary
   close = difflib.get_close_matches(key, list(_BY_KEY), n=3, cutoff=0.5)
   hint = f"did you mean {' or '.join(repr(_BY_KEY[c]) for c in close)}? " if close else ""
