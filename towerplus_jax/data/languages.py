@@ -2,8 +2,9 @@
 
 Known: the Tower+ languages with the variants Tower uses (pt-PT / pt-BR, zh-CN / zh-TW, es-LATAM, nb / nn) and the
 other common ISO 639-1 codes. Codes are case-insensitive and '_' is '-' ("pt_br" = "pt-BR"); a region (2 letters
-or 3 digits) or script (4 letters) of a known language ("de-AT", "es-419", "zh-Hant") is that language. An unknown language is refused with the closest codes.
-Names (`src_lang` / `tgt_lang`) are free text ("Portuguese (Portugal)") and are not checked.
+or 3 digits) or script (4 letters) of a known language ("de-AT", "es-419", "zh-Hant") is that language. Anything
+else is refused, naming the closest codes. Names (`src_lang` / `tgt_lang`) are free text ("Portuguese (Portugal)")
+and are not checked.
 """
 from __future__ import annotations
 

@@ -51,8 +51,8 @@ def pack(dataset: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
          shuffle_bins: bool = True) -> grain.IterDataset:
   """Rows of `seq_len` tokens packed best-fit from `num_bins` open bins (emitted when an example fits none)."""
   packed = grain.experimental.BestFitPackIterDataset(
-      split_long(dataset, seq_len), length_struct={k: seq_len for k in (*SEQUENCE_KEYS, START)}, num_packing_bins=num_bins,
-      seed=seed, shuffle_bins=shuffle_bins)
+      split_long(dataset, seq_len), length_struct={k: seq_len for k in (*SEQUENCE_KEYS, START)},
+      num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins)
   return packed.map(_rename)
 
 
