@@ -77,6 +77,19 @@ def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
     pass
 
 
+def test_verbosity_1_shows_the_traceback_the_error_line_points_to(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, "-m", "towerplus_jax.main", "--config=configs/sft.py:tiny", f"--workdir={tmp_path / 'w'}",
+       f"--config.data.train={tmp_path / 'missing.jsonl'}", "--verbosity=1"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr, out.stderr[-2000:]
+  assert f"error: data file {tmp_path / 'missing.jsonl'} does not exist (traceback: rerun with --verbosity=1)" in (
+      out.stderr)
+
+
 # ---------------------------------------------------------------- data records: file:line + the field + what to do
 import json  # noqa: E402
 import re  # noqa: E402

@@ -130,7 +130,8 @@ def main(argv):
   from towerplus_jax import checkpoint, run_lock
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  if logging.get_verbosity() < logging.INFO:  # progress lines by default; --verbosity=1 (tracebacks) stays
+    logging.set_verbosity(logging.INFO)
   quiet_libraries()
   _check_names(_F["config"].value)
   try:
