@@ -48,7 +48,7 @@ def canonical(code: str) -> str:
   primary = ALIASES.get(primary, primary)
   if primary in _BY_KEY and all(re.fullmatch(r"[a-z]{2}|[a-z]{4}|\d{3}", t) for t in subtags):  # region, script
     return primary
-  close = difflib.get_close_matches(key, list(_BY_KEY), n=3, cutoff=0.5)
+  close = difflib.get_close_matches(key, list(_BY_KEY), n=3, cutoff=0.6)
   hint = f"did you mean {' or '.join(repr(_BY_KEY[c]) for c in close)}? " if close else ""
   raise ValueError(f"unknown language code {code!r}: {hint}Use an ISO 639-1 code such as 'pt' or 'pt-BR' (see "
                    "towerplus_jax/data/languages.py)")
