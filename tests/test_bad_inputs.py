@@ -77,6 +77,19 @@ def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
     pass
 
 
+def test_verbosity_1_shows_the_traceback_the_error_line_points_to(tmp_path):
+  import subprocess
+  import sys
+  out = subprocess.run(
+      [sys.executable, "-m", "towerplus_jax.main", "--config=configs/sft.py:tiny", f"--workdir={tmp_path / 'w'}",
+       f"--config.data.train={tmp_path / 'missing.jsonl'}", "--verbosity=1"],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr, out.stderr[-2000:]
+  assert f"error: data file {tmp_path / 'missing.jsonl'} does not exist (traceback: rerun with --verbosity=1)" in (
+      out.stderr)
+
+
 # ---------------------------------------------------------------- data records: file:line + the field + what to do
 import json  # noqa: E402
 import re  # noqa: E402
@@ -135,6 +148,12 @@ def test_empty_file_or_directory_is_named(tmp_path, make, expected):
     ({"source": "Hi", "src_lang": "English", "tgt_lang": "German"}, "field 'reference' is missing"),
     ({"source": "Hi", "reference": None, "src_lang": "English", "tgt_lang": "German"}, "field 'reference' must be"),
     ({"source": "Hi", "reference": "Hallo", "tgt_lang": "German"}, "field 'src_lang' (a language name) or 'src'"),
+    ({"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "dee"},
+     "field 'tgt': unknown language code 'dee': did you mean 'de'? Use an ISO 639-1 code"),
+    ({"source": "Hi", "reference": "Hallo", "src": "English", "tgt": "de"},
+     "field 'src': unknown language code 'English': Use an ISO 639-1 code such as 'pt' or 'pt-BR' (see "
+     "towerplus_jax/data/languages.py) (a language name goes in 'src_lang')"),
+    ({"source": "Hi", "reference": "Hallo", "src": "en", "tgt": 7}, "field 'tgt' must be a string, got int 7"),
 ])
 def test_bad_test_set_record_is_named_before_decoding(tmp_path, bad, expected):
   from towerplus_jax.data import records, sources
@@ -220,3 +239,130 @@ def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
   assert str(e.value).startswith("error: ") and expected in str(e.value), str(e.value)
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- rows too short for the data: counted in the metrics
+LONG = "word " * 400  # longer than any row below, whatever the tokenizer
+
+
+@pytest.mark.parametrize("kind,pack,records", [
+    ("lm", True, [{"text": "short"}, {"text": LONG}, {"text": "tiny"}, {"text": LONG}, {"text": "x"}]),
+    ("lm", False, [{"text": LONG}, {"text": "short"}, {"text": "tiny"}]),
+    ("sft", True, [{"prompt": LONG, "completion": "ok"}, {"prompt": "hi", "completion": "ok"},
+                   {"prompt": "hi", "completion": LONG}]),
+    ("preference", False, [{"prompt": LONG, "chosen": "a", "rejected": "b"},  # prompt > max_prompt_len
+                           {"prompt": "p", "chosen": LONG, "rejected": "b"},  # response past the row
+                           {"prompt": "p", "chosen": "a", "rejected": "b"}]),
+])
+def test_truncated_examples_are_counted_exactly(tmp_path, kind, pack, records):
+  path = tmp_path / "data.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  ds = pipeline.make_dataset(kind, str(path), CharTokenizer(), seq_len=32, batch_size=2, template="gemma", seed=0,
+                             repeat=False, pack=pack, max_prompt_len=20)
+  counts = pipeline.DataCounts()
+  for batch in ds:
+    assert {"num_examples", "num_truncated"} & set(counts.take(batch)) == set()
+  long = sum(LONG in json.dumps(r) for r in records)
+  assert counts.metrics() == {"data/truncated": long, "data/truncated_frac": long / len(records)}
+  assert counts.metrics() == {}  # a window per call
+
+
+def test_truncations_reach_the_metrics_with_a_warning(tmp_path, caplog):
+  """A preference run over 4 records, 2 with prompts longer than max_prompt_len: each step's batch of 4 is one
+  epoch, so each row says exactly 2 truncated."""
+  from configs import wpo
+  from towerplus_jax import train
+  records = [{"prompt": LONG if i in (1, 2) else f"Say {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(4)]
+  path = tmp_path / "prefs.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  c = wpo.get_config("tiny")
+  c.data.update(train=str(path), seq_len=64)
+  c.train.update(steps=2, global_batch_size=4, log_every=1, checkpoint_every=0)
+  train.train(c, str(tmp_path / "run"))
+  rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["data/truncated"], r["data/truncated_frac"]) for r in rows] == [(1, 2, 0.5), (2, 2, 0.5)]
+  warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
+  assert warnings[0].startswith("data: 2 example(s) so far did not fit a row of 64 tokens and were cut (prompts keep "
+                                "their last data.max_prompt_len tokens"), warnings
+
+
+def test_language_codes_and_names():
+  """Codes are checked (variants as Tower writes them, any region of a known language); names are free text."""
+  from towerplus_jax.data import chat, languages
+  assert [languages.canonical(c) for c in ("pt_br", "PT-pt", "zh-tw", "es-latam", "de-AT", "es-419", "zh-Hant",
+                                           "jpn")] == ["pt-BR", "pt-PT", "zh-TW", "es-LATAM", "de", "es", "zh", "ja"]
+  for bad in ("xx", "pt-BRR", "english", "d"):
+    with pytest.raises(ValueError, match=f"^unknown language code {bad!r}"):
+      languages.canonical(bad)
+  assert languages.name("pt-BR") == "Portuguese (Brazil)" and languages.name("zh_CN") == "Chinese (Simplified)"
+  assert languages.code_of_name("Portuguese (Portugal)") == "pt" and languages.code_of_name("Klingon") is None
+  # a record with codes only gets the names in its prompt; a record's own names win
+  assert chat.translation_request({"source": "Hi", "src": "en", "tgt": "pt-BR"}) == chat.translation_prompt(
+      "English", "Portuguese (Brazil)", "Hi")
+  assert chat.translation_request({"source": "Hi", "src": "en", "tgt": "pt", "src_lang": "English",
+                                   "tgt_lang": "European Portuguese"}).startswith("Translate the following English "
+                                                                                 "source text to European Portuguese")
+
+
+def test_evaluate_cli_refuses_an_unknown_code_before_loading(tmp_path):
+  import subprocess
+  import sys
+  path = tmp_path / "test.jsonl"
+  path.write_text(json.dumps({"source": "Hi", "reference": "Olá", "src": "en", "tgt": "pt-BR"}) + "\n" +
+                  json.dumps({"source": "Hi", "reference": "Olá", "src": "en", "tgt": "pt-BRR"}) + "\n" +
+                  json.dumps({"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "xx"}) + "\n")
+  out = subprocess.run([sys.executable, "-m", "towerplus_jax.evaluate", f"--hf={tmp_path / 'no_model'}",
+                        f"--data={path}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: {path}:2: field 'tgt': unknown language code 'pt-BRR': did you mean 'pt-BR'? Use an ISO 639-1 code "
+      "such as 'pt' or 'pt-BR' (see towerplus_jax/data/languages.py) (a language name goes in 'tgt_lang')"), (
+          out.stderr[-2000:])
+
+
+# ---------------------------------------------------------------- a full disk while saving: one line, nothing lost
+FULL_DISK_AT_STEP_4 = """
+import errno, os, runpy
+from etils import epath
+cls = type(epath.Path("/"))
+write_text = cls.write_text
+def full_disk(self, *args, **kwargs):  # the JSON item of the step-4 save hits a full disk
+  if f"{os.sep}4.orbax-checkpoint-tmp{os.sep}data" in str(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+  return write_text(self, *args, **kwargs)
+cls.write_text = full_disk
+runpy.run_module("towerplus_jax.main", run_name="__main__")
+"""
+
+
+def test_full_disk_while_saving_is_one_line_and_the_rerun_resumes(tmp_path, caplog):
+  import logging
+  import subprocess
+  import sys
+  from towerplus_jax import checkpoint
+  workdir = tmp_path / "run"
+  overrides = {"data.seq_len": 64, "data.eval": "", "train.steps": 4, "train.global_batch_size": 4,
+               "train.checkpoint_every": 2}  # step 4, the last, fails: its error surfaces when the run ends
+  out = subprocess.run(
+      [sys.executable, "-c", FULL_DISK_AT_STEP_4, "--config=configs/sft.py:tiny", f"--workdir={workdir}",
+       *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  ckpts = workdir / "checkpoints"
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: no space left on device while saving checkpoint step 4 to {ckpts}; free space and rerun to resume "
+      "from step 2"), out.stderr[-3000:]
+  assert sorted(os.listdir(ckpts)) == ["2", "4.orbax-checkpoint-tmp"]  # the failed save never committed
+  ckpt = checkpoint.Checkpointer(str(ckpts))
+  assert ckpt.latest_step() == 2  # the partial save is not a step
+  ckpt.close()
+  config = sft.get_config("tiny")
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  caplog.set_level(logging.INFO, logger="absl")
+  main.run(config, str(workdir))
+  assert any(r.getMessage() == f"resumed from {ckpts} at step 2" for r in caplog.records)
+  assert sorted(os.listdir(ckpts)) == ["2", "4"]  # the partial save's folder was removed

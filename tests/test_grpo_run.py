@@ -24,7 +24,7 @@ def test_grpo_raises_mean_reward_on_copy_task(tmp_path):
   train.train(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   rewards = [r["reward/mean"] for r in rows]
-  assert len(rewards) == 24
+  assert len(rewards) == 24 and all(r["data/dropped"] == 0 for r in rows)  # every copy prompt fits
   assert np.mean(rewards[-6:]) > np.mean(rewards[:6]) + 0.03, rewards  # measured: 0.038 -> 0.092
   samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
   assert samples and {"prompt", "completion", "reward"} <= set(samples[0])

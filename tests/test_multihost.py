@@ -136,6 +136,9 @@ def test_two_processes_train_the_same_model(runs, stage):
                         for run in ("one", "two"))
   assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two]
   np.testing.assert_allclose([r["loss"] for r in rows_two], [r["loss"] for r in rows_one], rtol=1e-6, atol=1e-6)
+  for key in ("data/truncated", "data/truncated_frac", "data/dropped"):  # counted on the global stream
+    assert [r.get(key) for r in rows_two] == [r.get(key) for r in rows_one], key
+  assert stage != "sft" or any(r["data/truncated"] for r in rows_one)  # 64-token rows cut some sample chats
 
 
 def test_grpo_rollouts_are_global(runs):

@@ -65,15 +65,21 @@ def test_pack_keeps_documents_apart(num_bins):
   docs, masks = documents()
   rows = list(packing.pack(examples(docs, masks), SEQ_LEN, num_bins=num_bins, seed=0))
   got = collections.Counter()
+  starts = collections.Counter()
   for row in rows:
-    assert set(row) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
+    assert set(row) == {"inputs", "targets", "loss_mask", "segment_ids", "positions", "example_start"}
     assert all(v.shape == (SEQ_LEN,) for v in row.values())
+    for i in np.flatnonzero(row["example_start"]):  # on a document's first token: 2 when it was split
+      assert row["inputs"][i] % 1000 == 0
+      starts[int(row["example_start"][i])] += 1
     for inputs, targets, mask in row_segments(row):
       doc = inputs[0] // 1000
       assert all(t // 1000 == doc for t in inputs + targets)  # one document per segment
       assert np.all(np.diff(inputs) == 1) and targets == tuple(t + 1 for t in inputs)  # shifted by one
       got[(inputs, targets, mask)] += 1
   assert got == expected_chunks(docs, masks)
+  split = sum(len(d) - 1 > SEQ_LEN for d in docs)
+  assert 0 < split < len(docs) and starts == {1: len(docs) - split, 2: split}
   if num_bins > 1:
     assert len(rows) < sum(expected_chunks(docs, masks).values())  # several segments share rows
 

@@ -217,7 +217,11 @@ def test_rl_batch(tmp_path, caplog):
   path = write_jsonl(tmp_path / "rl.jsonl", records)
   with caplog.at_level(logging.WARNING):
     (b,) = list(dataset("rl", path, batch_size=4, shuffle=False, repeat=False, max_prompt_len=150))
-  assert "dropped 1 prompt" in caplog.text
+  assert "dropped 1 prompt" in caplog.text and b["num_dropped"] == 1
+  # repeated: each batch counts the prompts dropped while it was filled (short, long, short | long, short, long, ...)
+  it = iter(dataset("rl", write_jsonl(tmp_path / "rl2.jsonl", records[:2] * 2), batch_size=2, shuffle=False,
+                    max_prompt_len=150))
+  assert [next(it)["num_dropped"] for _ in range(3)] == [1, 2, 2]
   prompt = chat.translation_prompt("English", "Portuguese (Portugal)", "Hello 0")
   assert b["records"] == [records[0], {**records[2], "prompt": prompt}]
   for row, text in enumerate(["short", prompt]):

@@ -4,10 +4,12 @@ Layout: `<dir>/<step>/{params,train,data}`. `params` alone is a complete model c
 `init_from` read); `train` holds {"opt_state", "step", "rng"}; `data` the batch source's state as JSON (the grain
 iterator state of the global stream, plus GRPO's rollout counter), written once by process 0 and the same for any
 host count, so a run resumes on another number of hosts. Saves are async and atomic (Orbax writes to a temporary
-folder and renames), so a checkpoint is never half-written.
+folder and renames), so a checkpoint is never half-written: a save that fails (e.g. a full disk) raises `SaveFailed`
+naming the step and the step a rerun resumes from, and its temporary folder is removed when the run restarts.
 """
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 from typing import Any
@@ -25,10 +27,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, save_every: int = 0, async_save: bool = True):
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           save_interval_steps=max(save_every, 1), create=True)
+                                           save_interval_steps=max(save_every, 1), create=True,
+                                           cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(epath.Path(directory), options=options,
                                          item_names=("params", "train", "data"))
     self.save_every = save_every
+    self.saving: int | None = None  # the step of the async save in flight
+    self.failed = False
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -39,7 +44,18 @@ class Checkpointer:
     items = {"params": ocp.args.StandardSave(params), "train": ocp.args.StandardSave(train)}
     if data_state is not None:
       items["data"] = ocp.args.JsonSave(data_state)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.wait()  # an error of the save in flight is that save's
+    try:
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:
+      raise self._save_failed(step, e) from e
+    self.saving = step if saved else None
+    return saved
+
+  def _save_failed(self, step: int, error: Exception) -> SaveFailed:
+    self.failed = True
+    self.manager.reload()  # the steps committed on disk (a failed save's temporary folder is not one)
+    return SaveFailed(step, str(self.manager.directory), self.manager.latest_step(), error)
 
   def restore(self, step: int, abstract_params: Any, abstract_train: Any = None, data: bool = False) -> dict:
     """Restore onto the shardings of the abstract trees (jax.ShapeDtypeStruct with .sharding): any mesh works.
@@ -89,11 +105,25 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_failed(self.saving, e) from e
+    finally:
+      self.saving = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Wait for the save in flight (raising `SaveFailed` if it fails) and close; after a reported failure, only
+    close."""
+    try:
+      if not self.failed:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001  (the failure was reported already)
+        if not self.failed:
+          raise
 
 
 def restore_params(directory: str, abstract_params: Any, step: int | None = None) -> Any:
@@ -151,6 +181,23 @@ def _all_processes(ok: bool) -> bool:
   if jax.process_count() == 1:
     return ok
   return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
+
+
+class SaveFailed(Exception):
+  """Saving checkpoint `step` failed (e.g. a full disk); the checkpoints already committed are intact and a rerun
+  resumes from the newest (`resume_step`)."""
+
+  def __init__(self, step: int, directory: str, resume_step: int | None, error: Exception):
+    cause = error
+    while cause.__cause__ is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__
+    if getattr(cause, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(cause):
+      what, fix = "no space left on device", "free space"
+    else:
+      what, fix = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}", "fix that"
+    resume = f"resume from step {resume_step}" if resume_step is not None else "start over (no checkpoint yet)"
+    super().__init__(f"{what} while saving checkpoint step {step} to {directory}; {fix} and rerun to {resume}")
+    self.step, self.resume_step = step, resume_step
 
 
 class Stopped(Exception):

@@ -110,7 +110,10 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir or --hf")
   if not _F["data"].value:
     raise app.UsageError("--data is required")
-  records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(_F["data"].value)), "test")
+  try:
+    records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(_F["data"].value)), "test")
+  except ValueError as e:  # a bad test record: one line naming file:line and the field, before loading the model
+    raise SystemExit(f"error: {e}") from None
   model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
   out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")
   report = evaluate(model, tokenizer, _F["template"].value or template, records, out, _F["comet"].value,

@@ -105,16 +105,22 @@ def summary(results: dict, workdir: str, config) -> str:
 
 def quiet_libraries() -> None:
   """Orbax and grain log every checkpoint step at INFO through absl, and Orbax warns that a restore-only manager is
-  read-only; keep their other warnings, drop the chatter."""
+  read-only; keep their other warnings, drop the chatter. A failed save (reported as one `error:` line) makes Orbax
+  log each failing thread's traceback, and its other threads then fail on a closed event loop: keep the first line
+  of each error (tracebacks with --verbosity=1), drop the follow-on failures."""
   import logging as pylogging
   noisy = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}etils{os.sep}")
+  follow_on = ("cannot schedule new futures after", "Event loop is closed")
 
   class Filter(pylogging.Filter):
     def filter(self, record):
       if not any(n in record.pathname for n in noisy):
         return True
-      return record.levelno >= pylogging.WARNING and "read_only" not in (msg := record.getMessage()) and (
-          "read only" not in msg)
+      msg = record.getMessage()
+      if record.levelno >= pylogging.ERROR and logging.get_verbosity() < logging.DEBUG:
+        record.exc_info = record.exc_text = None
+        return not any(f in msg for f in follow_on)
+      return record.levelno >= pylogging.WARNING and "read_only" not in msg and "read only" not in msg
   logging.get_absl_handler().addFilter(Filter())
 
 
@@ -124,7 +130,8 @@ def main(argv):
   from towerplus_jax import checkpoint, run_lock
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  if logging.get_verbosity() < logging.INFO:  # progress lines by default; --verbosity=1 (tracebacks) stays
+    logging.set_verbosity(logging.INFO)
   quiet_libraries()
   _check_names(_F["config"].value)
   try:
@@ -133,6 +140,12 @@ def main(argv):
     # Bad input (data, tokenizer, checkpoint or HF folder): one line; the traceback only with --verbosity=1.
     logging.debug("traceback of the error below", exc_info=True)
     raise SystemExit(f"error: {str(e).strip().splitlines()[0]} (traceback: rerun with --verbosity=1)") from None
+  except checkpoint.SaveFailed as e:
+    logging.debug("traceback of the error below", exc_info=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # at once: Orbax's abandoned writes of the failed save (into a temporary folder that the rerun
+    # removes) would fail on its closed event loop during interpreter exit, burying this line under tracebacks
   except checkpoint.Stopped as e:  # non-zero, so that a launcher retrying on failure resumes the run
     logging.warning("%s", e)
     print(e, file=sys.stderr, flush=True)

@@ -7,16 +7,18 @@ from collections.abc import Sequence
 
 import sacrebleu
 
-_LANG_NAMES = {"chinese": "zh", "japanese": "ja", "korean": "ko", "zho": "zh", "jpn": "ja", "kor": "ko"}
+from towerplus_jax.data import languages
+
 _MECAB = {"ja": "ja-mecab", "ko": "ko-mecab"}
 
 
 def lang_code(lang: str) -> str:
-  """Primary language subtag, lower-case: "zh_CN" / "zh-Hant" -> "zh"; also "Chinese", "Traditional Chinese",
-  "Chinese (Simplified)", "jpn" -> "zh" / "ja"."""
-  code = lang.strip().replace("_", "-").split("-")[0].split(" (")[0].lower()
-  named = [_LANG_NAMES[w] for w in code.split() if w in _LANG_NAMES]
-  return named[-1] if named else code
+  """Primary language code of a code or an English name: "zh_CN" / "zh-Hant" / "Chinese" / "Traditional Chinese" /
+  "Chinese (Simplified)" / "zho" -> "zh"; text naming no known language: lower-cased, without a "(...)" part."""
+  try:
+    return languages.primary(lang)
+  except ValueError:
+    return languages.code_of_name(lang) or lang.strip().split(" (")[0].lower()
 
 
 @functools.cache

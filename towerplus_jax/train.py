@@ -114,7 +114,8 @@ def _to_host(tree) -> dict[str, float]:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Run (or resume) one stage in `workdir`; returns the last logged metrics. Raises `checkpoint.Stopped` when a
   signal stopped it early (after saving a checkpoint)."""
-  from towerplus_jax.setup_run import setup_run  # data/tokenizer stack: only needed for a real run
+  from towerplus_jax.data.pipeline import DataCounts  # data/tokenizer stack: only needed for a real run
+  from towerplus_jax.setup_run import setup_run
   run = setup_run(config, workdir)
   loss = losses.get(config.loss.name)
   tcfg = config.train
@@ -141,13 +142,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     logging.info("resumed from %s at step %d", ckpt.manager.directory, start)
   writer = MetricsWriter(workdir, tcfg.steps, flops_per_token(run.model_cfg, config.data.seq_len), resume_step=start)
   stop = checkpoint.StopSignal()
+  counts = DataCounts()
   last: dict[str, float] = {}
   pending = None
   step = start
   stopped = False
   try:
     for step in range(start, tcfg.steps):
-      batch = next(batches)
+      batch = counts.take(next(batches))
       writer.count_tokens(_batch_tokens(batch))
       with jax.set_mesh(run.mesh):
         state, metrics = train_step(state, run.ref_params, sharding.shard_global_batch(batch, run.mesh))
@@ -155,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _check_finite(pending, tcfg.max_nonfinite, step)
       pending = metrics
       if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
-        last = writer.progress(step + 1, {**_to_host(metrics), **batches.host_metrics()})
+        last = writer.progress(step + 1, {**_to_host(metrics), **batches.host_metrics(), **counts.metrics()})
         writer.write(step + 1, last)
       if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and run.eval_batches is not None:
         writer.write(step + 1, _evaluate(eval_step, state["params"], run), prefix="eval/")

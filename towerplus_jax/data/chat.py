@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 
 from towerplus_jax import rules
+from towerplus_jax.data import languages
 from towerplus_jax.data.tokenizers import Tokenizer
 
 TEMPLATES = ("gemma", "chatml")
@@ -56,11 +57,20 @@ def translation_prompt(src_lang_name: str, tgt_lang_name: str, source: str) -> s
 
 
 def translation_request(record: Mapping) -> str:
-  """The Tower+ prompt of a parallel record, preceded by its IF-MT rules (if any) as instructions."""
-  prompt = translation_prompt(record["src_lang"], record["tgt_lang"], record["source"])
+  """The Tower+ prompt of a parallel record (languages by `src_lang`/`tgt_lang` names, else named from the
+  `src`/`tgt` codes), preceded by its IF-MT rules (if any) as instructions."""
+  prompt = translation_prompt(_language(record, "src"), _language(record, "tgt"), record["source"])
   if record.get("rules"):
     prompt = f"{rules.describe(record['rules'])}\n{prompt}"
   return prompt
+
+
+def _language(record: Mapping, side: str) -> str:
+  if record.get(f"{side}_lang"):
+    return record[f"{side}_lang"]
+  if record.get(side):
+    return languages.name(record[side])
+  raise KeyError(f"{side}_lang")
 
 
 def to_messages(record: Mapping | Sequence[Mapping]) -> list[dict]:

@@ -1,6 +1,7 @@
 """Tokenized examples -> fixed-length rows with `segment_ids` (1..n per row, 0 = padding) and `positions`
 (restarting at 0 per segment). Packing is grain's best-fit packer; examples longer than a row are first split
-into row-sized chunks (each chunk its own segment)."""
+into row-sized chunks (each chunk its own segment). Rows also carry int32 `example_start`: 1 on the first token of
+each example, 2 when that example was longer than the row (split), 0 elsewhere (pipeline.py counts them)."""
 from __future__ import annotations
 
 import functools
@@ -10,6 +11,7 @@ import grain
 import numpy as np
 
 SEQUENCE_KEYS = ("inputs", "targets", "loss_mask")
+START = "example_start"
 
 
 def shifted_example(ids: Sequence[int], mask: Sequence[int]) -> dict[str, np.ndarray]:
@@ -19,7 +21,8 @@ def shifted_example(ids: Sequence[int], mask: Sequence[int]) -> dict[str, np.nda
 
 
 class SplitLong(grain.experimental.FlatMapTransform):
-  """An example as consecutive chunks of at most `length` tokens (none for an empty example)."""
+  """An example as consecutive chunks of at most `length` tokens (none for an empty example), marked with
+  `example_start` (module docstring)."""
 
   def __init__(self, length: int):
     self.length = length
@@ -27,7 +30,10 @@ class SplitLong(grain.experimental.FlatMapTransform):
 
   def flat_map(self, example: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     n = len(example["inputs"])
-    return [{k: example[k][i:i + self.length] for k in SEQUENCE_KEYS} for i in range(0, n, self.length)]
+    start_L = np.zeros(n, np.int32)
+    start_L[:1] = 2 if n > self.length else 1
+    example = {**example, START: start_L}
+    return [{k: example[k][i:i + self.length] for k in (*SEQUENCE_KEYS, START)} for i in range(0, n, self.length)]
 
 
 def split_long(dataset: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -35,7 +41,7 @@ def split_long(dataset: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 
 def _rename(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  out = {k: row[k] for k in SEQUENCE_KEYS}
+  out = {k: row[k] for k in (*SEQUENCE_KEYS, START)}
   out["segment_ids"] = row["inputs_segment_ids"].astype(np.int32)
   out["positions"] = row["inputs_positions"].astype(np.int32)
   return out
@@ -45,8 +51,8 @@ def pack(dataset: grain.IterDataset, seq_len: int, num_bins: int, seed: int,
          shuffle_bins: bool = True) -> grain.IterDataset:
   """Rows of `seq_len` tokens packed best-fit from `num_bins` open bins (emitted when an example fits none)."""
   packed = grain.experimental.BestFitPackIterDataset(
-      split_long(dataset, seq_len), length_struct={k: seq_len for k in SEQUENCE_KEYS}, num_packing_bins=num_bins,
-      seed=seed, shuffle_bins=shuffle_bins)
+      split_long(dataset, seq_len), length_struct={k: seq_len for k in (*SEQUENCE_KEYS, START)},
+      num_packing_bins=num_bins, seed=seed, shuffle_bins=shuffle_bins)
   return packed.map(_rename)
 
 
@@ -55,7 +61,7 @@ def pad_row(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarra
   n = len(example["inputs"])
   if n > seq_len:
     raise ValueError(f"example of {n} tokens does not fit a row of {seq_len}")
-  row = {k: np.pad(np.asarray(example[k]), (0, seq_len - n)) for k in SEQUENCE_KEYS}
+  row = {k: np.pad(np.asarray(v), (0, seq_len - n)) for k, v in example.items()}
   row["segment_ids"] = (np.arange(seq_len) < n).astype(np.int32)
   row["positions"] = np.where(row["segment_ids"] > 0, np.arange(seq_len), 0).astype(np.int32)
   return row

@@ -11,10 +11,13 @@
               `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
               `max_prompt_len` tokens; responses are cut to fit the row. int32 [B] `record_index` (the record's
               position in the source).
+  All but rl also carry int32 [B] `num_examples` / `num_truncated`: the examples whose start is in each row and how
+  many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than max_prompt_len or
+  prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics (`DataCounts`).
   rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
               record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
               `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
-              [B]. Prompts longer than P are dropped with a counted warning.
+              [B], `num_dropped` (int): prompts longer than P dropped while filling this batch (also logged).
 
 Records are shuffled per epoch from `seed` and repeated for training; `iter(dataset)` is a grain DatasetIterator
 whose get_state/set_state resume exactly. Without repeat the last batch is padded with empty rows (segment_ids 0)
@@ -125,17 +128,19 @@ class Encoder:
   def _preference(self, record: dict) -> dict:
     prompt = chat.as_messages(record["prompt"], "user")
     prompt_ids, _ = chat.encode_chat(self.tokenizer, self.template, prompt, add_generation_prompt=True)
-    example = {}
+    example, cut = {}, len(prompt_ids) > self.max_prompt_len
     for side in SIDES:
       ids, mask = chat.encode_chat(self.tokenizer, self.template, prompt + chat.as_messages(record[side], "assistant"))
       if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError(f"'{side}' must be assistant turns that continue the prompt")
       response, response_mask = ids[len(prompt_ids):], mask[len(prompt_ids):]
       kept = prompt_ids[-self.max_prompt_len:]
+      cut |= len(kept) + len(response) > self.seq_len + 1
       ids = (kept + response)[:self.seq_len + 1]
       mask = ([0] * len(kept) + response_mask)[:self.seq_len + 1]
       row = packing.pad_row(packing.shifted_example(ids, mask), self.seq_len)
       example.update({f"{side}_{k}": v for k, v in row.items()})
+    example.update(num_examples=np.int32(1), num_truncated=np.int32(cut))
     for key in REFERENCE_KEYS:
       value = record.get(key)
       example[key] = np.float32("nan" if value is None else value)
@@ -156,13 +161,19 @@ class PromptFits:
 
   def __init__(self, max_len: int, give_up_after: int):
     self.max_len, self.give_up_after = max_len, give_up_after
-    self.dropped = self.kept = 0
+    self.dropped = self.kept = self.pending = 0
+
+  def take_pending(self) -> int:
+    """Prompts dropped since the last call (the batch being built: the filter runs on the consuming thread)."""
+    n, self.pending = self.pending, 0
+    return n
 
   def __call__(self, example: dict) -> bool:
     if len(example["prompt_tokens"]) <= self.max_len:
       self.kept += 1
       return True
     self.dropped += 1
+    self.pending += 1
     if not self.kept and self.dropped >= self.give_up_after:
       raise ValueError(f"rl data: every prompt is longer than max_prompt_len={self.max_len} tokens")
     if self.dropped & (self.dropped - 1) == 0:  # 1, 2, 4, 8, ...
@@ -186,12 +197,59 @@ def _located(source: RecordSource, encode: Encoder):
   return fn
 
 
-def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int) -> dict:
+def _rl_batch(examples: Sequence[dict], max_prompt_len: int, pad_id: int, fits: PromptFits) -> dict:
   tokens_BP = np.full((len(examples), max_prompt_len), pad_id, np.int32)
   for i, e in enumerate(examples):
     tokens_BP[i, :len(e["prompt_tokens"])] = e["prompt_tokens"]
   return {"records": [e["record"] for e in examples], "prompt_tokens": tokens_BP,
-          "prompt_lengths": np.asarray([len(e["prompt_tokens"]) for e in examples], np.int32)}
+          "prompt_lengths": np.asarray([len(e["prompt_tokens"]) for e in examples], np.int32),
+          "num_dropped": fits.take_pending()}
+
+
+def _example_counts(batch: dict) -> dict:
+  """Packed/padded rows: the per-token `example_start` marks -> per-row `num_examples` / `num_truncated`."""
+  start_BT = batch.pop(packing.START)
+  return {**batch, "num_examples": (start_BT > 0).sum(1, dtype=np.int32),
+          "num_truncated": (start_BT == 2).sum(1, dtype=np.int32)}
+
+
+class DataCounts:
+  """The examples truncated to fit their rows, counted on the batches the trainer consumes (so exact whatever grain
+  prefetches, and global: every host builds the whole global batch). `take` pops the count keys (module docstring)
+  and warns when truncations first appear (then at 2, 4, 8, ...); `metrics` gives the counts since its last call."""
+
+  def __init__(self):
+    self.examples = self.truncated = self.total = 0
+
+  def take(self, batch: dict) -> dict:
+    if "num_truncated" not in batch:
+      return batch
+    batch = dict(batch)
+    self.examples += int(batch.pop("num_examples").sum())
+    n = int(batch.pop("num_truncated").sum())
+    self.truncated += n
+    before, self.total = self.total, self.total + n
+    if before.bit_length() < self.total.bit_length():  # passed 1, 2, 4, 8, ...
+      logging.warning("data: %d example(s) so far did not fit a row of %d tokens and were cut (%s)", self.total,
+                      _row_len(batch), _FIX["chosen_inputs" in batch])
+    return batch
+
+  def metrics(self) -> dict[str, float]:
+    """data/truncated (examples) and data/truncated_frac since the last call; {} when no counted batch came."""
+    if not self.examples:
+      return {}
+    out = {"data/truncated": float(self.truncated), "data/truncated_frac": self.truncated / self.examples}
+    self.examples = self.truncated = 0
+    return out
+
+
+_FIX = {False: "split into row-sized pieces that lose their context: raise data.seq_len or shorten those records",
+        True: "prompts keep their last data.max_prompt_len tokens, responses are cut at the row's end: raise "
+              "data.max_prompt_len / data.seq_len or shorten those records"}
+
+
+def _row_len(batch: dict) -> int:
+  return batch["chosen_inputs" if "chosen_inputs" in batch else "inputs"].shape[1]
 
 
 def _reference_logps(batch: dict) -> dict:
@@ -243,15 +301,14 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
     ds = ds.shuffle(seed)
   if repeat:
     ds = ds.repeat()
-  if kind == "rl":  # 2 epochs' worth dropped in a row (+ prefetch reordering) with none kept: no prompt fits
-    ds = ds.filter(PromptFits(max_prompt_len, 2 * num_records + prefetch))
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
 
-  if kind == "rl":
-    return it.batch(batch_size, batch_fn=functools.partial(_rl_batch, max_prompt_len=max_prompt_len,
-                                                           pad_id=tokenizer.pad_id))
+  if kind == "rl":  # filtered after the prefetch, so its count is the batch's; 2 epochs dropped in a row, none kept
+    fits = PromptFits(max_prompt_len, 2 * num_records)
+    return it.filter(fits).batch(batch_size, batch_fn=functools.partial(
+        _rl_batch, max_prompt_len=max_prompt_len, pad_id=tokenizer.pad_id, fits=fits))
   if kind in ("lm", "sft"):
     it = (packing.pack(it, seq_len, max(batch_size, MIN_PACKING_BINS), seed, shuffle_bins=shuffle) if pack
           else packing.pad(it, seq_len))
   batched = it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
-  return batched.map(_reference_logps) if kind == "preference" else batched
+  return batched.map(_reference_logps if kind == "preference" else _example_counts)

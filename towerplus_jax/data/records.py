@@ -4,7 +4,8 @@
 the record's file:line. Formats (see data/pipeline.py): `lm` {"text"} or chat or parallel; `sft` chat
 ({"messages"} or {"prompt","completion"}) or parallel {"source","reference"}; `preference` {"prompt","chosen",
 "rejected"}; `rl` {"prompt"} or parallel, + optional "reference", "rules", "answer" and any other columns;
-`test` (evaluate.py) {"source", "reference", "src_lang" or "src", "tgt_lang" or "tgt", "rules"?}.
+`test` (evaluate.py) {"source", "reference", "src_lang" or "src", "tgt_lang" or "tgt", "rules"?}. Any record's
+`src` / `tgt` must be a known language code (data/languages.py); names are free text.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from towerplus_jax import rules
+from towerplus_jax.data import languages
 
-TEXT_FIELDS = ("text", "source", "reference", "src_lang", "tgt_lang")  # plain strings
+TEXT_FIELDS = ("text", "source", "reference", "src_lang", "tgt_lang", "src", "tgt")  # plain strings
+CODE_FIELDS = ("src", "tgt")  # language codes, checked against data/languages.py
 TURN_FIELDS = ("prompt", "completion", "chosen", "rejected")  # a string or a list of messages
 
 
@@ -38,6 +41,12 @@ def check(kind: str, record: Mapping[str, Any]) -> None:
   for key in TURN_FIELDS:
     if key in record and not isinstance(record[key], str):
       _check_messages(key, record[key])
+  for key in CODE_FIELDS:
+    if key in record:
+      try:
+        languages.canonical(record[key])
+      except ValueError as e:
+        raise ValueError(f"field {key!r}: {e} (a language name goes in '{key}_lang')") from None
   if "messages" in record:
     _check_messages("messages", record["messages"])
   if "rules" in record and record["rules"] is not None:

@@ -190,7 +190,8 @@ class RolloutBatches:
                     "frac_reward_zero_std": float(np.mean(group_std < 1e-6)),
                     "completions/mean_length": float(lengths.mean()), "completions/min_length": float(lengths.min()),
                     "completions/max_length": float(lengths.max()),
-                    "completions/clipped_ratio": float(truncated.mean())}
+                    "completions/clipped_ratio": float(truncated.mean()),
+                    "data/dropped": float(prompts["num_dropped"])}  # prompts over max_prompt_len, this rollout
     self.metrics.update({f"reward/{k}": float(np.nanmean(v)) for k, v in per_fn.items() if np.isfinite(v).any()})
     self._log_samples(prompt_texts, texts, total)
     self.rollouts += 1
