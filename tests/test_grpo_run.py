@@ -1,6 +1,7 @@
 """A tiny GRPO run with a verifiable reward (chrF of a copy task) raises the mean reward; a resumed run samples as
 the uninterrupted one."""
 import json
+import os
 import shutil
 
 import jax
@@ -52,3 +53,17 @@ def test_resumed_grpo_samples_as_the_uninterrupted_run(tmp_path):
     return jax.tree.leaves(jax.device_get(nnx.to_pure_dict(nnx.state(model))))
   for x, y in zip(params(full), params(resumed)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_grpo_with_the_comet_reward_runs_and_logs_it(tmp_path):
+  """--config.rl.rewards='("comet",)' on the tiny COMET fixture: the reward and its time are in metrics.jsonl."""
+  c = grpo.get_config("tiny")
+  c.data.train = "sample:parallel"
+  c.rl.update(rewards=("comet",), reward_weights=(1.0,), max_completion_len=6, num_generations=2, prompts_per_step=4,
+              comet_model=os.path.join(os.path.dirname(__file__), "data", "comet", "regression"))
+  c.train.update(steps=2, global_batch_size=8, log_every=1, checkpoint_every=0)
+  c.loss.max_completion_length = 6
+  train.train(c, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len(rows) == 2 and all(np.isfinite(r["reward/comet"]) and r["time/reward_comet"] > 0 for r in rows)
+  assert all(r["reward/mean"] == pytest.approx(r["reward/comet"]) for r in rows)

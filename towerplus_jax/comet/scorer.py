@@ -129,5 +129,7 @@ class Comet:
 
 @functools.cache
 def cached(path: str, batch_size: int = 16, dtype: str = "float32") -> Comet:
-  """One loaded model per (folder, batch size, dtype) in this process (the default mesh over all devices)."""
-  return Comet.load(path, batch_size=batch_size, dtype=dtype)
+  """One loaded model per (folder, batch size, dtype) in this process, on a data mesh over this process's own
+  devices: each host scores the rows it is given, with no collective across hosts."""
+  mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
+  return Comet.load(path, mesh=mesh, batch_size=batch_size, dtype=dtype)
