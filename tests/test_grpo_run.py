@@ -55,15 +55,16 @@ def test_resumed_grpo_samples_as_the_uninterrupted_run(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_grpo_with_the_comet_reward_runs_and_logs_it(tmp_path):
   """--config.rl.rewards='("comet",)' on the tiny COMET fixture: the reward and its time are in metrics.jsonl."""
   c = grpo.get_config("tiny")
   c.data.train = "sample:parallel"
   c.rl.update(rewards=("comet",), reward_weights=(1.0,), max_completion_len=6, num_generations=2, prompts_per_step=4,
               comet_model=os.path.join(os.path.dirname(__file__), "data", "comet", "regression"))
-  c.train.update(steps=2, global_batch_size=8, log_every=1, checkpoint_every=0)
+  c.train.update(steps=1, global_batch_size=8, log_every=1, checkpoint_every=0)
   c.loss.max_completion_length = 6
   train.train(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert len(rows) == 2 and all(np.isfinite(r["reward/comet"]) and r["time/reward_comet"] > 0 for r in rows)
+  assert len(rows) == 1 and all(np.isfinite(r["reward/comet"]) and r["time/reward_comet"] > 0 for r in rows)
   assert all(r["reward/mean"] == pytest.approx(r["reward/comet"]) for r in rows)

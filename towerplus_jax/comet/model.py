@@ -195,9 +195,9 @@ class CometModel(nnx.Module):
       return self.encoder(tokens_BT, tokens_BT != self.cfg.pad_id)[-1, :, 0].astype(jnp.float32)
     return emb_BTD[:, 0]
 
-  def regression(self, src_BT: jax.Array, mt_BT: jax.Array, ref_BT: jax.Array) -> jax.Array:
-    """RegressionMetric: [mt, ref, mt·ref, |mt−ref|, mt·src, |mt−src|] → estimator; scores [B]."""
-    src, mt, ref = self.sentence(src_BT), self.sentence(mt_BT), self.sentence(ref_BT)
+  def regression(self, src_BD: jax.Array, mt_BD: jax.Array, ref_BD: jax.Array) -> jax.Array:
+    """RegressionMetric on sentence embeddings: [mt, ref, mt·ref, |mt−ref|, mt·src, |mt−src|] → estimator [B]."""
+    mt, ref, src = mt_BD, ref_BD, src_BD
     return self.estimator(jnp.concatenate([mt, ref, mt * ref, jnp.abs(mt - ref), mt * src, jnp.abs(mt - src)], 1))
 
   def unified(self, tokens_BT: jax.Array) -> jax.Array:

@@ -36,9 +36,14 @@ class Comet:
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     out = NamedSharding(mesh, P())
-    self._regression = jax.jit(lambda s, *t: nnx.merge(graphdef, s).regression(*t), out_shardings=out)
+    # Separate programs for the encoder (one per bucket shape, shared by src, mt and ref) and the small head.
+    self._sentence = jax.jit(lambda s, t: nnx.merge(graphdef, s).sentence(t))
+    self._head = jax.jit(lambda s, *e: nnx.merge(graphdef, s).regression(*e), out_shardings=out)
     self._unified = jax.jit(lambda s, t: nnx.merge(graphdef, s).unified(t), out_shardings=out)
     self._state = state
+
+  def _regression(self, state, src_BT: jax.Array, mt_BT: jax.Array, ref_BT: jax.Array) -> jax.Array:
+    return self._head(state, *(self._sentence(state, t) for t in (src_BT, mt_BT, ref_BT)))
 
   @classmethod
   def load(cls, path: str, *, mesh: Mesh | None = None, batch_size: int = 16, dtype: str = "float32") -> "Comet":
