@@ -1,5 +1,6 @@
 """COMET in JAX against the real unbabel-comet: tests/data/comet holds tiny RegressionMetric and UnifiedMetric
-checkpoints and the real package's scores for 26 triples (tools/make_comet_fixture.py built them)."""
+checkpoints (XLM-R and XLM-R XL encoders) and the real package's scores for 26 triples (tools/make_comet_fixture.py
+built them)."""
 import json
 import os
 import shutil
@@ -21,11 +22,13 @@ SRC, MT, REF = ([t[k] for t in TRIPLES] for k in ("src", "mt", "ref"))
 def models():
   """Both models on a data-parallel mesh over the 8 test devices (parameters replicated, rows split)."""
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
-  return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32) for name in ("regression", "unified")}
+  return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32)
+          for name in ("regression", "unified", "unified_xl")}
 
 
-@pytest.mark.parametrize("name,with_refs,key", [("regression", True, "regression"), ("unified", True, "unified"),
-                                                ("unified", False, "unified_noref")])
+@pytest.mark.parametrize("name,with_refs,key", [
+    ("regression", True, "regression"), ("unified", True, "unified"), ("unified", False, "unified_noref"),
+    ("unified_xl", True, "unified_xl"), ("unified_xl", False, "unified_xl_noref")])  # XL: pre-LN XLM-R XL encoder
 def test_scores_match_the_real_package(models, name, with_refs, key):
   out = models[name].score(SRC, MT, REF if with_refs else None)
   np.testing.assert_allclose(out["segments"], FIXTURE[key]["scores"], atol=1e-4, rtol=0)

@@ -10,11 +10,13 @@ environment outside the repository (never in the project's own):
 
 It writes (all random, seeded, from towerplus_jax/data/sample text; no hub access):
   encoder/      a tiny XLM-RoBERTa: config.json + tokenizer.json (sentencepiece unigram trained here) + tokenizer_config
+  encoder_xl/   a tiny XLM-RoBERTa-XL (pre-LN layers, final LayerNorm; the encoder of xCOMET-XL, CometKiwi-XL)
   regression/   RegressionMetric (wmt22-comet-da style: sparsemax layer mix, avg pooling, 6-feature head)
   unified/      UnifiedMetric (CometKiwi / xCOMET style: softmax mix with layer norm, CLS of mt+src[+ref])
-                each: checkpoints/model.ckpt (a Lightning checkpoint) + hparams.yaml (pretrained_model: ../encoder)
+  unified_xl/   UnifiedMetric on encoder_xl (CometKiwi-XL style: sparsemax mix, no layer norm)
+                each: checkpoints/model.ckpt (a Lightning checkpoint) + hparams.yaml (pretrained_model: ../encoder*)
   scores.json   the triples and the real package's segment and system scores: regression, unified with
-                references, unified without references (CometKiwi mode)
+                references, unified without references (CometKiwi mode), unified_xl with and without references
 Each model is saved, then loaded back with `comet.load_from_checkpoint` (as users do) before scoring.
 """
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import yaml
 from comet import load_from_checkpoint
 from comet.models import RegressionMetric, UnifiedMetric
-from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast
+from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast, XLMRobertaXLConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "towerplus_jax", "data", "sample")
@@ -44,8 +46,9 @@ def _lines(name: str) -> list[dict]:
     return [json.loads(line) for line in f]
 
 
-def make_encoder(out: str) -> None:
-  """Tiny XLM-R config + a fast tokenizer built from a sentencepiece model trained on the sample texts."""
+def make_encoder(out: str, xl_out: str) -> None:
+  """Tiny XLM-R and XLM-R XL configs + a fast tokenizer built from a sentencepiece model trained on the sample
+  texts (the same tokenizer in both folders)."""
   texts = [r["source"] for r in _lines("parallel.jsonl")] + [r["reference"] for r in _lines("parallel.jsonl")]
   texts += [r["text"] for r in _lines("mono.jsonl")]
   with tempfile.TemporaryDirectory() as tmp:
@@ -53,13 +56,15 @@ def make_encoder(out: str) -> None:
                                    vocab_size=600, model_type="unigram", character_coverage=0.995,
                                    normalization_rule_name="identity", num_threads=1)
     tok = XLMRobertaTokenizerFast(vocab_file=os.path.join(tmp, "sp.model"))
-    tok.save_pretrained(out)
-  for extra in ("sentencepiece.bpe.model",):  # the fast tokenizer.json is enough for both implementations
-    if os.path.exists(os.path.join(out, extra)):
-      os.remove(os.path.join(out, extra))
-  XLMRobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   intermediate_size=64, max_position_embeddings=MAX_POSITIONS + 2, pad_token_id=1,
-                   bos_token_id=0, eos_token_id=2, type_vocab_size=1).save_pretrained(out)
+  sizes = dict(vocab_size=len(tok), num_attention_heads=4, max_position_embeddings=MAX_POSITIONS + 2, pad_token_id=1,
+               bos_token_id=0, eos_token_id=2, type_vocab_size=1)
+  for folder, config in ((out, XLMRobertaConfig(hidden_size=32, num_hidden_layers=2, intermediate_size=64, **sizes)),
+                         (xl_out, XLMRobertaXLConfig(hidden_size=16, num_hidden_layers=3, intermediate_size=32,
+                                                     layer_norm_eps=1e-5, **sizes))):
+    tok.save_pretrained(folder)
+    if os.path.exists(os.path.join(folder, "sentencepiece.bpe.model")):  # tokenizer.json is enough for both sides
+      os.remove(os.path.join(folder, "sentencepiece.bpe.model"))
+    config.save_pretrained(folder)
 
 
 def _perturb(model: torch.nn.Module, seed: int) -> None:
@@ -118,13 +123,17 @@ def main() -> None:
   parser.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "comet"))
   out = os.path.abspath(parser.parse_args().out)
   torch.manual_seed(0)
-  make_encoder(os.path.join(out, "encoder"))
+  make_encoder(os.path.join(out, "encoder"), os.path.join(out, "encoder_xl"))
   classes = {
       "regression": lambda: RegressionMetric(layer_transformation="sparsemax", layer_norm=False, pool="avg",
                                              final_activation=None, **HEAD_COMMON),
       "unified": lambda: UnifiedMetric(layer_transformation="softmax", layer_norm=True, sent_layer="mix",
                                        input_segments=["mt", "src", "ref"], final_activation="Sigmoid",
                                        **HEAD_COMMON),
+      "unified_xl": lambda: UnifiedMetric(layer_transformation="sparsemax", layer_norm=False, sent_layer="mix",
+                                          input_segments=["mt", "src", "ref"], final_activation=None,
+                                          **dict(HEAD_COMMON, encoder_model="XLM-RoBERTa-XL",
+                                                 pretrained_model="../encoder_xl")),
   }
   data = triples()
   result = {"triples": data, "max_positions": MAX_POSITIONS}
@@ -141,7 +150,10 @@ def main() -> None:
     save_checkpoint(model, folder)
   result["regression"] = predict(os.path.join(out, "regression"), data)
   result["unified"] = predict(os.path.join(out, "unified"), data)
-  result["unified_noref"] = predict(os.path.join(out, "unified"), [{"src": d["src"], "mt": d["mt"]} for d in data])
+  noref = [{"src": d["src"], "mt": d["mt"]} for d in data]
+  result["unified_noref"] = predict(os.path.join(out, "unified"), noref)
+  result["unified_xl"] = predict(os.path.join(out, "unified_xl"), data)
+  result["unified_xl_noref"] = predict(os.path.join(out, "unified_xl"), noref)
   with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1, ensure_ascii=False)
   print(json.dumps({k: v["system_score"] for k, v in result.items() if isinstance(v, dict)}))

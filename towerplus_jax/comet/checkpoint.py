@@ -16,7 +16,7 @@ import yaml
 from towerplus_jax.comet.model import CometConfig
 
 CLASSES = {"regression_metric": "regression", "unified_metric": "unified"}
-_ENCODERS = ("XLM-RoBERTa",)
+_ENCODERS = ("XLM-RoBERTa", "XLM-RoBERTa-XL")
 
 # Checkpoint state-dict name -> our parameter path ({0} = the name's first number), and how the tensor maps.
 _T = "transpose"
@@ -43,6 +43,13 @@ KEY_TABLE: tuple[tuple[str, str, str | None], ...] = (
     (_LAYER + r"output\.dense\.bias", "encoder.layers.{0}.down.bias", None),
     (_LAYER + r"output\.LayerNorm\.weight", "encoder.layers.{0}.mlp_norm.scale", None),
     (_LAYER + r"output\.LayerNorm\.bias", "encoder.layers.{0}.mlp_norm.bias", None),
+    # XLM-R XL/XXL: pre-LN norms and the encoder's final LayerNorm.
+    (_LAYER + r"attention\.self_attn_layer_norm\.weight", "encoder.layers.{0}.attn_norm.scale", None),
+    (_LAYER + r"attention\.self_attn_layer_norm\.bias", "encoder.layers.{0}.attn_norm.bias", None),
+    (_LAYER + r"LayerNorm\.weight", "encoder.layers.{0}.mlp_norm.scale", None),
+    (_LAYER + r"LayerNorm\.bias", "encoder.layers.{0}.mlp_norm.bias", None),
+    (r"encoder\.model\.encoder\.LayerNorm\.weight", "encoder.final_norm.scale", None),
+    (r"encoder\.model\.encoder\.LayerNorm\.bias", "encoder.final_norm.bias", None),
     (r"layerwise_attention\.scalar_parameters\.(\d+)", "mix.weights_L.{0}", "scalar"),  # one entry of weights_L
     (r"layerwise_attention\.gamma", "mix.gamma", "scalar"),
     # FeedForward's nn.Sequential: Linear, activation, Dropout per hidden layer, so Linear k sits at index 3k.
@@ -118,6 +125,7 @@ def config_from(hparams: Mapping, encoder_config_path: str, dtype: str = "float3
       intermediate_size=enc["intermediate_size"], max_position_embeddings=enc["max_position_embeddings"],
       type_vocab_size=enc.get("type_vocab_size", 1), layer_norm_eps=enc.get("layer_norm_eps", 1e-5),
       pad_id=enc.get("pad_token_id", 1), hidden_act=enc.get("hidden_act", "gelu"),
+      pre_ln=hparams.get("encoder_model") == "XLM-RoBERTa-XL",
       layer=layer, layer_transformation=transformation,
       layer_norm=bool(hparams.get("layer_norm", kind == "unified")), pool=hparams.get("pool", "avg"),
       hidden_sizes=tuple(hparams.get("hidden_sizes", (3072, 1024))), activations=hparams.get("activations", "Tanh"),

@@ -1,10 +1,11 @@
 """COMET estimators in Flax NNX: the XLM-RoBERTa encoder, COMET's layer-wise scalar mix, pooling and the heads of
 `RegressionMetric` (wmt22-comet-da) and `UnifiedMetric` (CometKiwi / xCOMET-style sentence score).
 
-Matches unbabel-comet 2.2.7 / transformers XLMRobertaModel in inference mode (dropout off): RoBERTa position ids
-(padding_idx + 1 + running count of non-pad tokens, pads at padding_idx), post-LN layers, exact (erf) gelu; hidden
-states of the embeddings and of every layer are mixed by softmax or sparsemax weights × gamma (optionally each
-layer normalised over the sentence's unmasked tokens first).
+Matches unbabel-comet 2.2.7 / transformers XLMRobertaModel and XLMRobertaXLModel in inference mode (dropout off):
+RoBERTa position ids (padding_idx + 1 + running count of non-pad tokens, pads at padding_idx), exact (erf) gelu;
+XLM-R: embedding LayerNorm and post-LN layers; XLM-R XL/XXL (`pre_ln`): no embedding LayerNorm, pre-LN layers and
+a final LayerNorm that the last hidden state includes. The hidden states of the embeddings and of every layer are
+mixed by softmax or sparsemax weights × gamma (optionally each normalised over the sentence's unmasked tokens).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class CometConfig:
   layer_norm_eps: float = 1e-5
   pad_id: int = 1
   hidden_act: str = "gelu"
+  pre_ln: bool = False  # XLM-R XL/XXL layers (encoder_model "XLM-RoBERTa-XL")
   layer: str | int = "mix"  # "mix" (scalar mix of all hidden states) or one hidden-state index
   layer_transformation: Literal["softmax", "sparsemax"] = "softmax"
   layer_norm: bool = False  # normalise each hidden state over the sentence before mixing
@@ -69,7 +71,8 @@ def _norm(cfg: CometConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Layer(nnx.Module):
-  """One post-LN transformer layer: x = LN(x + attn(x)); x = LN(x + W2 act(W1 x))."""
+  """One transformer layer. Post-LN (XLM-R): x = LN(x + attn(x)); x = LN(x + W2 act(W1 x)). Pre-LN (XL):
+  x = x + attn(LN(x)); x = x + W2 act(W1 LN(x))."""
 
   def __init__(self, cfg: CometConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
@@ -81,7 +84,7 @@ class Layer(nnx.Module):
     self.down = _linear(cfg.intermediate_size, d, cfg, rngs)
     self.mlp_norm = _norm(cfg, rngs)
 
-  def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
+  def _attention(self, x_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
     b, t, d = x_BTD.shape
     h = self.cfg.num_heads
     q_BTNH, k_BTNH, v_BTNH = (f(x_BTD).reshape(b, t, h, d // h) for f in (self.query, self.key, self.value))
@@ -89,28 +92,40 @@ class Layer(nnx.Module):
     scores_BNTS = jnp.where(mask_BT[:, None, None, :], scores_BNTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(v_BTNH.dtype)
     attn_BTD = jnp.einsum("bnts,bsnh->btnh", probs_BNTS, v_BTNH, precision=_precision(self.cfg)).reshape(b, t, d)
-    x_BTD = self.attn_norm(x_BTD + self.attn_out(attn_BTD))
-    return self.mlp_norm(x_BTD + self.down(activation(self.cfg.hidden_act)(self.up(x_BTD))))
+    return self.attn_out(attn_BTD)
+
+  def _mlp(self, x_BTD: jax.Array) -> jax.Array:
+    return self.down(activation(self.cfg.hidden_act)(self.up(x_BTD)))
+
+  def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    if self.cfg.pre_ln:
+      x_BTD = x_BTD + self._attention(self.attn_norm(x_BTD), mask_BT)
+      return x_BTD + self._mlp(self.mlp_norm(x_BTD))
+    x_BTD = self.attn_norm(x_BTD + self._attention(x_BTD, mask_BT))
+    return self.mlp_norm(x_BTD + self._mlp(x_BTD))
 
 
 class Encoder(nnx.Module):
-  """XLM-RoBERTa without the pooler; returns all hidden states [L+1, B, T, D] (embeddings first)."""
+  """XLM-RoBERTa (XL) without the pooler; returns all hidden states [L+1, B, T, D] (embeddings first)."""
 
   def __init__(self, cfg: CometConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
     self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
     self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-    self.embed_norm = _norm(cfg, rngs)
+    self.embed_norm = None if cfg.pre_ln else _norm(cfg, rngs)
     self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _norm(cfg, rngs) if cfg.pre_ln else None
 
   def __call__(self, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
     not_pad_BT = (tokens_BT != self.cfg.pad_id).astype(jnp.int32)
     positions_BT = jnp.cumsum(not_pad_BT, axis=1) * not_pad_BT + self.cfg.pad_id
     x_BTD = self.word(tokens_BT) + self.token_type(jnp.zeros_like(tokens_BT)) + self.position(positions_BT)
-    hidden = [self.embed_norm(x_BTD)]
+    hidden = [x_BTD if self.embed_norm is None else self.embed_norm(x_BTD)]
     for layer in self.layers:
       hidden.append(layer(hidden[-1], mask_BT))
+    if self.final_norm is not None:
+      hidden[-1] = self.final_norm(hidden[-1])
     return jnp.stack(hidden)
 
 
