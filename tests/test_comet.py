@@ -1,6 +1,6 @@
 """COMET in JAX against the real unbabel-comet: tests/data/comet holds tiny RegressionMetric and UnifiedMetric
-checkpoints (XLM-R and XLM-R XL encoders) and the real package's scores for 26 triples (tools/make_comet_fixture.py
-built them)."""
+checkpoints (XLM-R and XLM-R XL encoders), an XCOMETMetric, and the real package's scores for 26 triples
+(tools/make_comet_fixture.py built them)."""
 import json
 import os
 import shutil
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from towerplus_jax import sharding
-from towerplus_jax.comet import Comet, CometCheckpointError
+from towerplus_jax.comet import Comet, CometCheckpointError, scorer
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "comet")
 with open(os.path.join(DATA, "scores.json"), encoding="utf-8") as _f:
@@ -23,12 +23,13 @@ def models():
   """Both models on a data-parallel mesh over the 8 test devices (parameters replicated, rows split)."""
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
   return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32)
-          for name in ("regression", "unified", "unified_xl")}
+          for name in ("regression", "unified", "unified_xl", "xcomet")}
 
 
 @pytest.mark.parametrize("name,with_refs,key", [
     ("regression", True, "regression"), ("unified", True, "unified"), ("unified", False, "unified_noref"),
-    ("unified_xl", True, "unified_xl"), ("unified_xl", False, "unified_xl_noref")])  # XL: pre-LN XLM-R XL encoder
+    ("unified_xl", True, "unified_xl"), ("unified_xl", False, "unified_xl_noref"),  # XL: pre-LN XLM-R XL encoder
+    ("xcomet", True, "xcomet"), ("xcomet", False, "xcomet_noref")])  # XCOMETMetric: regression + error-span MQM
 def test_scores_match_the_real_package(models, name, with_refs, key):
   out = models[name].score(SRC, MT, REF if with_refs else None)
   np.testing.assert_allclose(out["segments"], FIXTURE[key]["scores"], atol=1e-4, rtol=0)
@@ -39,6 +40,15 @@ def test_fixture_covers_empty_and_truncated_inputs(models):
   tokens = models["regression"]._tokens(MT)
   assert "" in MT and max(len(t) for t in tokens) == FIXTURE["max_positions"] - 2  # cut at the encoder's limit
   assert len(set(np.round(FIXTURE["regression"]["scores"], 3))) > 20  # scores differ: a wrong term would show
+
+
+def test_mqm_score_counts_closed_spans_by_first_severity():
+  """As UnifiedMetric.decode: a span's severity is its first token's; a span still open at the end is not counted."""
+  assert scorer.mqm_score(["O", "I-minor", "I-major", "O", "I-major", "O", "I-critical"]) == pytest.approx(19 / 25)
+  assert scorer.mqm_score(["I-critical", "O"] * 3) == 0.0  # penalty capped at 25
+  assert scorer.mqm_score(["O", "O"]) == 1.0
+  mqm = FIXTURE["xcomet"]["mqm_scores"]
+  assert 0 < min(m for m in mqm if m > 0) < max(mqm) == 1.0 and 0.0 in mqm  # the fixture exercises spans
 
 
 def test_bucketing_and_batch_size_do_not_change_scores(models):
@@ -81,7 +91,7 @@ def test_garbled_checkpoint_is_one_clear_line(tmp_path):
   assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("text,match", [("class_identifier: xcomet_metric\n", "not supported"),
+@pytest.mark.parametrize("text,match", [("class_identifier: ranking_metric\n", "not supported"),
                                         ("pool: [avg\n", "invalid YAML"), ("{}\n", "no class_identifier")])
 def test_bad_hparams_name_the_file(tmp_path, text, match):
   folder = _copy(tmp_path) / "unified"

@@ -14,9 +14,11 @@ It writes (all random, seeded, from towerplus_jax/data/sample text; no hub acces
   regression/   RegressionMetric (wmt22-comet-da style: sparsemax layer mix, avg pooling, 6-feature head)
   unified/      UnifiedMetric (CometKiwi / xCOMET style: softmax mix with layer norm, CLS of mt+src[+ref])
   unified_xl/   UnifiedMetric on encoder_xl (CometKiwi-XL style: sparsemax mix, no layer norm)
+  xcomet/       XCOMETMetric on encoder_xl (xCOMET-XL style: unified head + token error-span tagger, MQM score)
                 each: checkpoints/model.ckpt (a Lightning checkpoint) + hparams.yaml (pretrained_model: ../encoder*)
   scores.json   the triples and the real package's segment and system scores: regression, unified with
-                references, unified without references (CometKiwi mode), unified_xl with and without references
+                references, unified without references (CometKiwi mode), unified_xl and xcomet with and without
+                references (xcomet also the MQM score of its decoded error spans)
 Each model is saved, then loaded back with `comet.load_from_checkpoint` (as users do) before scoring.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ import sentencepiece as spm
 import torch
 import yaml
 from comet import load_from_checkpoint
-from comet.models import RegressionMetric, UnifiedMetric
+from comet.models import RegressionMetric, UnifiedMetric, XCOMETMetric
 from transformers import XLMRobertaConfig, XLMRobertaTokenizerFast, XLMRobertaXLConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,7 +117,10 @@ def predict(folder: str, data: list[dict]) -> dict:
     pred = model.predict(data, batch_size=8, gpus=0, progress_bar=False)
   finally:
     os.chdir(cwd)
-  return {"scores": [float(s) for s in pred.scores], "system_score": float(pred.system_score)}
+  out = {"scores": [float(s) for s in pred.scores], "system_score": float(pred.system_score)}
+  if "mqm_scores" in pred.get("metadata", {}):
+    out["mqm_scores"] = [float(s) for s in pred.metadata.mqm_scores]
+  return out
 
 
 def main() -> None:
@@ -134,6 +139,9 @@ def main() -> None:
                                           input_segments=["mt", "src", "ref"], final_activation=None,
                                           **dict(HEAD_COMMON, encoder_model="XLM-RoBERTa-XL",
                                                  pretrained_model="../encoder_xl")),
+      "xcomet": lambda: XCOMETMetric(word_layer=2, layer_transformation="sparsemax", layer_norm=False,
+                                     **dict(HEAD_COMMON, encoder_model="XLM-RoBERTa-XL",
+                                            pretrained_model="../encoder_xl")),
   }
   data = triples()
   result = {"triples": data, "max_positions": MAX_POSITIONS}
@@ -154,6 +162,8 @@ def main() -> None:
   result["unified_noref"] = predict(os.path.join(out, "unified"), noref)
   result["unified_xl"] = predict(os.path.join(out, "unified_xl"), data)
   result["unified_xl_noref"] = predict(os.path.join(out, "unified_xl"), noref)
+  result["xcomet"] = predict(os.path.join(out, "xcomet"), data)
+  result["xcomet_noref"] = predict(os.path.join(out, "xcomet"), noref)
   with open(os.path.join(out, "scores.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1, ensure_ascii=False)
   print(json.dumps({k: v["system_score"] for k, v in result.items() if isinstance(v, dict)}))

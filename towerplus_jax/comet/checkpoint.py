@@ -15,7 +15,7 @@ import yaml
 
 from towerplus_jax.comet.model import CometConfig
 
-CLASSES = {"regression_metric": "regression", "unified_metric": "unified"}
+CLASSES = {"regression_metric": "regression", "unified_metric": "unified", "xcomet_metric": "xcomet"}
 _ENCODERS = ("XLM-RoBERTa", "XLM-RoBERTa-XL")
 
 # Checkpoint state-dict name -> our parameter path ({0} = the name's first number), and how the tensor maps.
@@ -55,9 +55,11 @@ KEY_TABLE: tuple[tuple[str, str, str | None], ...] = (
     # FeedForward's nn.Sequential: Linear, activation, Dropout per hidden layer, so Linear k sits at index 3k.
     (r"estimator\.ff\.(\d+)\.weight", "estimator.linears.{0}.kernel", _T),
     (r"estimator\.ff\.(\d+)\.bias", "estimator.linears.{0}.bias", None),
+    (r"hidden2tag\.weight", "hidden2tag.kernel", _T),  # xCOMET's token tagger
+    (r"hidden2tag\.bias", "hidden2tag.bias", None),
 )
-# Not used at inference: dropout buffers of the layer mix, the word-level (error span) tagger, the unused pooler.
-_IGNORED = re.compile(r"layerwise_attention\.dropout_(mask|fill)$|^hidden2tag\.|\.pooler\.|position_ids$")
+# Not used at inference: dropout buffers of the layer mix, the unused pooler, the word-level loss weights.
+_IGNORED = re.compile(r"layerwise_attention\.dropout_(mask|fill)$|\.pooler\.|position_ids$|^wordloss\.")
 
 
 class CometCheckpointError(ValueError):
@@ -86,7 +88,7 @@ def read_hparams(path: str) -> dict:
     raise CometCheckpointError(f"{path}: no class_identifier; is this a COMET hparams.yaml?")
   if hparams["class_identifier"] not in CLASSES:
     raise CometCheckpointError(f"{path}: class_identifier {hparams['class_identifier']!r} is not supported "
-                               f"(supported: {sorted(CLASSES)}; xcomet_metric needs the error-span head)")
+                               f"(supported: {sorted(CLASSES)})")
   if hparams.get("encoder_model", "XLM-RoBERTa") not in _ENCODERS:
     raise CometCheckpointError(f"{path}: encoder_model {hparams['encoder_model']!r} is not supported "
                                f"(supported: {list(_ENCODERS)})")
@@ -119,6 +121,7 @@ def config_from(hparams: Mapping, encoder_config_path: str, dtype: str = "float3
   # unbabel-comet >= 2.2.4 reads the xCOMET-era "sparsemax_patch" as softmax (its issue #244).
   transformation = "softmax" if transformation == "sparsemax_patch" else transformation
   layer = hparams.get("layer" if kind == "regression" else "sent_layer", "mix")
+  xcomet = kind == "xcomet"
   return CometConfig(
       kind=kind, vocab_size=enc["vocab_size"], hidden_size=enc["hidden_size"],
       num_layers=enc["num_hidden_layers"], num_heads=enc["num_attention_heads"],
@@ -130,7 +133,9 @@ def config_from(hparams: Mapping, encoder_config_path: str, dtype: str = "float3
       layer_norm=bool(hparams.get("layer_norm", kind == "unified")), pool=hparams.get("pool", "avg"),
       hidden_sizes=tuple(hparams.get("hidden_sizes", (3072, 1024))), activations=hparams.get("activations", "Tanh"),
       final_activation=hparams.get("final_activation"),
-      input_segments=tuple(hparams.get("input_segments", ("mt", "src", "ref"))), dtype=dtype)
+      input_segments=("mt", "src", "ref") if xcomet else tuple(hparams.get("input_segments", ("mt", "src", "ref"))),
+      error_labels=tuple(hparams.get("error_labels", ("minor", "major", "critical"))) if xcomet else (),
+      word_layer=int(hparams.get("word_layer", 36)) if xcomet else 24, dtype=dtype)
 
 
 def read_state_dict(ckpt: str) -> dict[str, np.ndarray]:

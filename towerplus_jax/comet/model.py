@@ -1,5 +1,6 @@
 """COMET estimators in Flax NNX: the XLM-RoBERTa encoder, COMET's layer-wise scalar mix, pooling and the heads of
-`RegressionMetric` (wmt22-comet-da) and `UnifiedMetric` (CometKiwi / xCOMET-style sentence score).
+`RegressionMetric` (wmt22-comet-da), `UnifiedMetric` (CometKiwi) and `XCOMETMetric` (the unified head plus the
+token error-span tagger).
 
 Matches unbabel-comet 2.2.7 / transformers XLMRobertaModel and XLMRobertaXLModel in inference mode (dropout off):
 RoBERTa position ids (padding_idx + 1 + running count of non-pad tokens, pads at padding_idx), exact (erf) gelu;
@@ -23,7 +24,7 @@ _ACTIVATIONS = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu
 @dataclasses.dataclass(frozen=True)
 class CometConfig:
   """Encoder sizes (from the encoder's config.json) and head options (from the checkpoint's hparams.yaml)."""
-  kind: Literal["regression", "unified"]
+  kind: Literal["regression", "unified", "xcomet"]
   vocab_size: int
   hidden_size: int
   num_layers: int
@@ -43,6 +44,8 @@ class CometConfig:
   activations: str = "Tanh"
   final_activation: str | None = None
   input_segments: tuple[str, ...] = ("mt", "src", "ref")
+  error_labels: tuple[str, ...] = ()  # xCOMET's token tags besides "O" (minor, major, critical)
+  word_layer: int = 24  # hidden state the xCOMET tagger reads
   dtype: str = "float32"  # compute dtype (params stay float32)
 
   @property
@@ -189,6 +192,8 @@ class CometModel(nnx.Module):
     self.mix = ScalarMix(cfg) if cfg.layer == "mix" else None
     features = 6 * cfg.hidden_size if cfg.kind == "regression" else cfg.hidden_size
     self.estimator = FeedForward(features, cfg, rngs=rngs)
+    self.hidden2tag = nnx.Linear(cfg.hidden_size, 1 + len(cfg.error_labels), precision=jax.lax.Precision.HIGHEST,
+                                 rngs=rngs) if cfg.kind == "xcomet" else None
 
   def embed(self, tokens_BT: jax.Array) -> jax.Array:
     """Token embeddings [B, T, D] (float32) of the configured layer or mix."""
@@ -218,3 +223,11 @@ class CometModel(nnx.Module):
   def unified(self, tokens_BT: jax.Array) -> jax.Array:
     """UnifiedMetric on one joint input (mt, src and/or ref concatenated): CLS of the mix → estimator [B]."""
     return self.estimator(self.embed(tokens_BT)[:, 0])
+
+  def xcomet(self, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """XCOMETMetric's forward on one joint input: (sentence score [B], tag probabilities [B, T, 1 + labels])."""
+    mask_BT = tokens_BT != self.cfg.pad_id
+    hidden_LBTD = self.encoder(tokens_BT, mask_BT)
+    emb_BTD = self.mix(hidden_LBTD, mask_BT) if self.mix is not None else hidden_LBTD[int(self.cfg.layer)]
+    logits_BTC = self.hidden2tag(hidden_LBTD[self.cfg.word_layer].astype(jnp.float32))
+    return self.estimator(emb_BTD[:, 0].astype(jnp.float32)), jax.nn.softmax(logits_BTC, axis=-1)

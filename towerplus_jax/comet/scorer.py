@@ -23,8 +23,28 @@ from towerplus_jax.comet import checkpoint
 from towerplus_jax.comet.model import CometConfig, CometModel
 
 
+# XCOMETMetric's fixed weights: the [mt,src], [mt,ref], [mt,src,ref] regression scores (capped at 1) and the MQM
+# score of the decoded error spans; the three inputs' tag probabilities; MQM penalty per span severity.
+XCOMET_SCORE_WEIGHTS = (0.12, 0.33, 0.33, 0.22)
+XCOMET_SPAN_WEIGHTS = (0.1667, 0.3333, 0.5)
+MQM_PENALTY = {"minor": 1, "major": 5, "critical": 10}
+
+
 def _bucket(n: int, limit: int) -> int:
   return min(1 << max(n - 1, 1).bit_length(), limit)
+
+
+def mqm_score(tags: Sequence[str]) -> float:
+  """xCOMET's MQM-like score from the argmax tag of each mt token ("O", "I-minor", ...), as UnifiedMetric.decode
+  builds spans: a span starts at a tagged token after an "O" (its severity is its first token's) and counts only
+  once an "O" closes it; (25 - min(Σ penalties, 25)) / 25."""
+  total, severity = 0, None
+  for tag in tags:
+    if tag != "O" and severity is None:
+      severity = tag.split("-", 1)[1]
+    elif tag == "O" and severity is not None:
+      total, severity = total + MQM_PENALTY.get(severity, 0), None
+  return (25 - min(total, 25)) / 25
 
 
 class Comet:
@@ -40,6 +60,7 @@ class Comet:
     self._sentence = jax.jit(lambda s, t: nnx.merge(graphdef, s).sentence(t))
     self._head = jax.jit(lambda s, *e: nnx.merge(graphdef, s).regression(*e), out_shardings=out)
     self._unified = jax.jit(lambda s, t: nnx.merge(graphdef, s).unified(t), out_shardings=out)
+    self._xcomet = jax.jit(lambda s, t: nnx.merge(graphdef, s).xcomet(t), out_shardings=out)
     self._state = state
 
   def _regression(self, state, src_BT: jax.Array, mt_BT: jax.Array, ref_BT: jax.Array) -> jax.Array:
@@ -72,7 +93,7 @@ class Comet:
 
   @property
   def requires_references(self) -> bool:
-    return self.cfg.kind == "regression" or self.cfg.input_segments == ("mt", "ref")
+    return self.cfg.kind == "regression" or tuple(self.cfg.input_segments) == ("mt", "ref")
 
   def _tokens(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self.tokenizer.encode_batch([str(t) for t in texts])]
@@ -86,11 +107,12 @@ class Comet:
       seq = seq[:self.cfg.max_positions]
     return seq
 
-  def _run(self, fn, columns: Sequence[list[list[int]]]) -> np.ndarray:
-    """fn(state, *[B, T] token arrays) over all rows, in length buckets; scores in row order."""
+  def _run(self, fn, columns: Sequence[list[list[int]]]) -> list[tuple[np.ndarray, ...]]:
+    """fn(state, *[B, T] token arrays) -> array(s) [B, ...] over all rows in length buckets; per row, in row order,
+    the tuple of its outputs."""
     n, b = len(columns[0]), self.batch_size
     order = np.argsort([max(len(c[i]) for c in columns) for i in range(n)], kind="stable")
-    out = np.zeros(n, np.float64)
+    out: list = [None] * n
     for start in range(0, n, b):
       rows = order[start:start + b]
       t = _bucket(max(len(c[i]) for c in columns for i in rows), self.cfg.max_positions)
@@ -102,9 +124,14 @@ class Comet:
           tokens_BT[j, :len(col[i])] = col[i]
         arrays[str(k)] = tokens_BT
       batch = sharding.shard_global_batch(arrays, self.mesh)
-      scores_B = fn(self._state, *(batch[str(k)] for k in range(len(columns))))
-      out[rows] = np.asarray(scores_B, np.float64)[:len(rows)]
+      results = fn(self._state, *(batch[str(k)] for k in range(len(columns))))
+      results = [np.asarray(r, np.float64) for r in (results if isinstance(results, tuple) else (results,))]
+      for j, i in enumerate(rows):
+        out[i] = tuple(r[j] for r in results)
     return out
+
+  def _scores(self, fn, columns: Sequence[list[list[int]]]) -> np.ndarray:
+    return np.array([r[0] for r in self._run(fn, columns)], np.float64)
 
   def segment_scores(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> np.ndarray:
     if len(srcs) != len(mts) or (refs is not None and len(refs) != len(mts)):
@@ -116,15 +143,30 @@ class Comet:
     mt, src = self._tokens(mts), self._tokens(srcs)
     ref = self._tokens(refs) if refs is not None else None
     if self.cfg.kind == "regression":
-      return self._run(self._regression, [src, mt, ref])
+      return self._scores(self._regression, [src, mt, ref])
     segments = self.cfg.input_segments
     use_src, use_ref = "src" in segments, ref is not None and "ref" in segments
-    if use_src and use_ref:  # xCOMET-style: the mean of the [mt, src], [mt, ref] and [mt, src, ref] scores
+    if use_src and use_ref:  # the [mt, src], [mt, ref] and [mt, src, ref] inputs
       inputs = [(mt, src), (mt, ref), (mt, src, ref)]
     else:
       inputs = [(mt, *([src] if use_src else []), *([ref] if use_ref else []))]
-    scores = [self._run(self._unified, [[self._concat(p) for p in zip(*cols)]]) for cols in inputs]
-    return np.mean(scores, axis=0)
+    joint = [[[self._concat(p) for p in zip(*cols)]] for cols in inputs]
+    if self.cfg.kind == "unified":  # UnifiedMetric: the mean of the inputs' scores
+      return np.mean([self._scores(self._unified, cols) for cols in joint], axis=0)
+    return self._xcomet_scores([self._run(self._xcomet, cols) for cols in joint], [len(t) for t in mt])
+
+  def _xcomet_scores(self, outputs: list[list[tuple[np.ndarray, np.ndarray]]], mt_lengths: list[int]) -> np.ndarray:
+    """XCOMETMetric.predict_step: capped regression scores weighted (one input: by the three weights' sum) plus
+    0.22 × the MQM score of the spans decoded from the inputs' weighted tag probabilities over the mt tokens."""
+    score_w = XCOMET_SCORE_WEIGHTS[:3] if len(outputs) == 3 else (sum(XCOMET_SCORE_WEIGHTS[:3]),)
+    span_w = XCOMET_SPAN_WEIGHTS if len(outputs) == 3 else (1.0,)
+    labels = ("O", *(f"I-{e}" for e in self.cfg.error_labels))
+    final = np.zeros(len(mt_lengths))
+    for i, n in enumerate(mt_lengths):
+      regression = sum(w * min(out[i][0], 1.0) for w, out in zip(score_w, outputs))
+      probs_TC = sum(w * out[i][1][:n] for w, out in zip(span_w, outputs))
+      final[i] = regression + XCOMET_SCORE_WEIGHTS[3] * mqm_score([labels[c] for c in np.argmax(probs_TC, -1)])
+    return final
 
   def score(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> dict:
     """{"system": mean segment score, "segments": [score per triple]}; refs=None for reference-free models."""
