@@ -205,18 +205,18 @@ class CometModel(nnx.Module):
 
   def sentence(self, tokens_BT: jax.Array) -> jax.Array:
     """Pooled sentence embedding [B, D] as CometModel.compute_sentence_embedding."""
+    if self.cfg.pool == "default":  # the last layer's CLS, whatever the mix
+      return self.encoder(tokens_BT, tokens_BT != self.cfg.pad_id)[-1, :, 0].astype(jnp.float32)
     emb_BTD = self.embed(tokens_BT)
     keep_BT1 = (tokens_BT != self.cfg.pad_id)[..., None]
     if self.cfg.pool == "avg":
       return jnp.sum(jnp.where(keep_BT1, emb_BTD, 0.0), axis=1) / jnp.sum(keep_BT1, axis=1)
     if self.cfg.pool == "max":
       return jnp.max(jnp.where(keep_BT1, emb_BTD, -jnp.inf), axis=1)
-    if self.cfg.pool == "default":  # the last layer's CLS, whatever the mix
-      return self.encoder(tokens_BT, tokens_BT != self.cfg.pad_id)[-1, :, 0].astype(jnp.float32)
     return emb_BTD[:, 0]
 
   def regression(self, src_BD: jax.Array, mt_BD: jax.Array, ref_BD: jax.Array) -> jax.Array:
-    """RegressionMetric on sentence embeddings: [mt, ref, mt·ref, |mt−ref|, mt·src, |mt−src|] → estimator [B]."""
+    """RegressionMetric on sentence embeddings: [mt, ref, mt·ref, |mt−ref|, mt·src, |mt−src|] → estimator."""
     mt, ref, src = mt_BD, ref_BD, src_BD
     return self.estimator(jnp.concatenate([mt, ref, mt * ref, jnp.abs(mt - ref), mt * src, jnp.abs(mt - src)], 1))
 
