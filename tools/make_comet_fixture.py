@@ -6,7 +6,9 @@ environment outside the repository (never in the project's own):
   python -m venv /work/comet_venv
   /work/comet_venv/bin/pip install torch==2.13.0        # first: the CPU wheel (an unpinned torch pulls CUDA)
   /work/comet_venv/bin/pip install unbabel-comet==2.2.7
-  /work/comet_venv/bin/python tools/make_comet_fixture.py [--out tests/data/comet]
+  # its torchmetrics 0.10 imports pkg_resources (gone from new setuptools); sentencepiece 0.2.1+ needs protobuf>=5
+  /work/comet_venv/bin/pip install "setuptools<70" "sentencepiece==0.2.0"
+  /work/comet_venv/bin/python tools/make_comet_fixture.py [--out tests/data/comet]   # ~30 s on 2 cores
 
 It writes (all random, seeded, from towerplus_jax/data/sample text; no hub access):
   encoder/      a tiny XLM-RoBERTa: config.json + tokenizer.json (sentencepiece unigram trained here) + tokenizer_config
