@@ -28,6 +28,7 @@ setup(
         "sacrebleu",
         "tensorboardX",
         "array-record",
+        "pyyaml",  # COMET hparams.yaml
     ],
     extras_require={
         "hf": HF,

@@ -24,6 +24,10 @@ def rl_section(tiny: bool) -> ml_collections.ConfigDict:
   rl.mask_truncated = False  # drop completions that hit max_completion_len from the loss
   rl.rewards = ("chrf", "rules", "format")  # names in towerplus_jax.rl.rewards or dotted paths pkg.mod:fn
   rl.reward_weights = (1.0, 1.0, 0.2)  # one weight per reward function
+  # Reward "comet": --config.rl.rewards='("chrf","comet")' --config.rl.reward_weights='(1.0,1.0)' plus
+  # --config.rl.comet_model=DIR (a COMET folder; wmt22-comet-da needs references, CometKiwi scores rows without).
+  rl.comet_model = ""  # COMET folder (checkpoints/model.ckpt + hparams.yaml) for the "comet" reward
+  rl.comet_batch_size = 16  # COMET rows scored together (one compiled program per length bucket)
   return rl
 
 

@@ -1,4 +1,4 @@
-"""Both benchmark scripts run end to end on the smallest model and print their ours/HF ratio (no timing assertion)."""
+"""The benchmark scripts run end to end on the smallest model and print their ratio or figure (no timing assertion)."""
 import os
 import re
 import subprocess
@@ -28,3 +28,11 @@ def test_sampler_throughput_prints_greedy_and_sampled_ratios():
   stdout = run_bench("bench.sampler_throughput", "--family=gemma2", "--batch=2", "--prompt=8", "--new=4")
   assert [m.strip() for m in RATIO.findall(stdout)] == ["greedy", "sampled"], stdout
   assert re.search(r"greedy agreement: \d/2 rows identical to HF", stdout), stdout
+
+
+def test_comet_throughput_prints_ours():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-m", "bench.comet_throughput", "--n=8", "--batch=8", "--steps=1"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"^ours +\d+\.\d triples/s  \(8 triples, batch 8, float32\)$", out.stdout, re.M), out.stdout

@@ -1,5 +1,6 @@
 """Evaluation: corpus BLEU/chrF/chrF++ equal sacrebleu's CLI on the written hypotheses; IF-MT prompts and scoring."""
 import json
+import os
 import subprocess
 import sys
 
@@ -53,3 +54,16 @@ def test_ifmt_prompt_carries_rules_and_is_scored(tiny):
   assert 'Translate "Save" as "Guardar".' in prompt and prompt.endswith("Portuguese (Portugal): ")
   report = evaluate.score([record, record], [record["reference"], "Clique em Salvar."])
   assert report["rule_adherence"] == pytest.approx(0.5)  # the reference satisfies both rules, the other neither
+
+
+def test_comet_in_the_report_equals_the_real_package(tmp_path):
+  """--comet_model: system, per-pair and per-segment COMET of the tiny fixture equal unbabel-comet's scores."""
+  data = os.path.join(os.path.dirname(__file__), "data", "comet")
+  fixture = json.load(open(os.path.join(data, "scores.json"), encoding="utf-8"))
+  records = [{"source": t["src"], "reference": t["ref"], "src": "en", "tgt": ("de", "pt")[i % 2]}
+             for i, t in enumerate(fixture["triples"])]
+  report = evaluate.score(records, [t["mt"] for t in fixture["triples"]], os.path.join(data, "regression"))
+  real = fixture["regression"]["scores"]
+  assert report["comet"] == pytest.approx(fixture["regression"]["system_score"], abs=1e-4)
+  assert report["comet_segments"] == pytest.approx(real, abs=1e-4)
+  assert report["by_pair"]["en-pt"]["comet"] == pytest.approx(sum(real[1::2]) / len(real[1::2]), abs=1e-4)

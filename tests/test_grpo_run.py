@@ -1,6 +1,7 @@
 """A tiny GRPO run with a verifiable reward (chrF of a copy task) raises the mean reward; a resumed run samples as
 the uninterrupted one."""
 import json
+import os
 import shutil
 
 import jax
@@ -89,3 +90,18 @@ def test_mu2_first_ratio_is_one_and_resumed_grpo_is_the_uninterrupted_run(tmp_pa
   read = lambda workdir: jax.tree.leaves(ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "4" / "params"))
   for x, y in zip(read(full), read(resumed), strict=True):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_grpo_with_the_comet_reward_runs_and_logs_it(tmp_path):
+  """--config.rl.rewards='("comet",)' on the tiny COMET fixture: the reward and its time are in metrics.jsonl."""
+  c = grpo.get_config("tiny")
+  c.data.train = "sample:parallel"
+  c.rl.update(rewards=("comet",), reward_weights=(1.0,), max_completion_len=6, num_generations=2, prompts_per_step=4,
+              comet_model=os.path.join(os.path.dirname(__file__), "data", "comet", "regression"))
+  c.train.update(steps=1, global_batch_size=8, log_every=1, checkpoint_every=0)
+  c.loss.max_completion_length = 6
+  train.train(c, str(tmp_path))
+  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert len(rows) == 1 and all(np.isfinite(r["reward/comet"]) and r["time/reward_comet"] > 0 for r in rows)
+  assert all(r["reward/mean"] == pytest.approx(r["reward/comet"]) for r in rows)

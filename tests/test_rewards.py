@@ -1,6 +1,10 @@
-"""Reward functions against sacrebleu's sentence scores and hand-computed values; loading; weighted combination."""
+"""Reward functions against sacrebleu's sentence scores, hand-computed values and the real COMET package's scores;
+loading; weighted combination."""
+import json
 import math
+import os
 
+import ml_collections
 import numpy as np
 import pytest
 import sacrebleu
@@ -147,3 +151,30 @@ def test_unscorable_completion_is_nan_and_leaves_its_group():
     np.testing.assert_array_equal(adv[4:], 0.0)
   adv, _ = rollout.group_advantages(np.array([3.0, np.nan, np.nan, np.nan]), 4, ddof=1)
   np.testing.assert_array_equal(adv, 0.0)  # one scorable completion: no spread to learn from
+
+
+def test_comet_reward_reference_based_and_free_per_row():
+  """Rows with a reference get the UnifiedMetric's [mt,src]/[mt,ref]/[mt,src,ref] score, rows without the
+  reference-free one; both equal the real unbabel-comet's on the fixture. RegressionMetric leaves ref-less rows."""
+  data = os.path.join(os.path.dirname(__file__), "data", "comet")
+  fixture = json.load(open(os.path.join(data, "scores.json"), encoding="utf-8"))
+  triples = fixture["triples"][:9]
+  refs = [t["ref"] if i % 3 else None for i, t in enumerate(triples)]
+  completions = [[{"role": "assistant", "content": t["mt"]}] for t in triples]
+  cols = {"reference": refs, "source": [t["src"] for t in triples]}
+  fn = rewards.load("comet", ml_collections.ConfigDict({"comet_model": os.path.join(data, "unified")}))
+  expected = [fixture["unified" if r else "unified_noref"]["scores"][i] for i, r in enumerate(refs)]
+  assert fn(["p"] * 9, completions, **cols) == pytest.approx(expected, abs=1e-4)
+  regression = rewards.load("comet", ml_collections.ConfigDict({"comet_model": os.path.join(data, "regression")}))
+  out = regression(["p"] * 9, completions, **cols)
+  assert [o is None for o in out] == [r is None for r in refs]
+  assert [o for o in out if o is not None] == pytest.approx(
+      [s for s, r in zip(fixture["regression"]["scores"], refs) if r], abs=1e-4)
+  combined = rewards.combine([fn])
+  combined(["p"] * 9, completions, **cols)
+  assert set(combined.seconds) == {"comet"} and combined.seconds["comet"] > 0
+
+
+def test_comet_reward_needs_a_model_folder():
+  with pytest.raises(ValueError, match=r"config.rl.comet_model"):
+    rewards.load("comet", ml_collections.ConfigDict({"comet_model": ""}))

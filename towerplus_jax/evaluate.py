@@ -6,8 +6,8 @@
 Lines are {"source", "reference", "src_lang", "tgt_lang" (language names), "src"?, "tgt"? (codes), "rules"?}.
 Each source goes through the Tower+ prompt (plus its IF-MT rules as instructions) and the chat template, decoded
 greedily (or sampled); reported: corpus BLEU, chrF, chrF++ with sacrebleu signatures, overall and per language
-pair, COMET when `unbabel-comet` and a local model are given, and IF-MT rule adherence. Writes hypotheses.jsonl and
-report.json.
+pair, COMET (system, per pair and per segment, with towerplus_jax.comet from a local COMET folder) when
+--comet_model is given, and IF-MT rule adherence. Writes hypotheses.jsonl and report.json.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from towerplus_jax import metrics, rules, setup_run, sharding
+from towerplus_jax import comet, metrics, rules, setup_run, sharding
 from towerplus_jax.convert import hf
 from towerplus_jax.data import chat, derive, sources
 from towerplus_jax.data import records as records_lib
@@ -64,7 +64,10 @@ def score(records: Sequence[dict], hyps: Sequence[str], comet_model: str | None 
     report["rule_adherence"] = sum(rules.rule_adherence(r["rules"], h, r["source"]) for r, h in with_rules) / len(
         with_rules)
   if comet_model:
-    report["comet"] = metrics.comet_scores([r["source"] for r in records], hyps, refs, comet_model)["comet"]
+    seg = comet.cached(comet_model).segment_scores([r["source"] for r in records], hyps, refs)
+    report["comet"], report["comet_segments"] = float(seg.mean()), [float(s) for s in seg]
+    for pair, scores in report["by_pair"].items():
+      scores["comet"] = float(seg[[i for i, p in enumerate(pairs) if p == pair]].mean())
   return report
 
 
@@ -98,7 +101,8 @@ def _define_flags() -> dict:
       "batch": flags.DEFINE_integer("batch_size", 16, "Segments decoded together."),
       "sample": flags.DEFINE_bool("sample", False, "Sample (with --temperature) instead of greedy decoding."),
       "temperature": flags.DEFINE_float("temperature", 1.0, "Sampling temperature with --sample."),
-      "comet": flags.DEFINE_string("comet_model", None, "Local COMET checkpoint (needs unbabel-comet)."),
+      "comet": flags.DEFINE_string("comet_model", None, "COMET model folder (checkpoints/model.ckpt + hparams.yaml), "
+                                       "e.g. a download of Unbabel/wmt22-comet-da."),
   }
 
 
@@ -112,7 +116,9 @@ def main(argv):
     raise app.UsageError("--data is required")
   try:
     records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(_F["data"].value)), "test")
-  except ValueError as e:  # a bad test record: one line naming file:line and the field, before loading the model
+    if _F["comet"].value:
+      comet.cached(_F["comet"].value)  # a bad COMET folder fails before decoding
+  except ValueError as e:  # bad test records or COMET folder: one line naming the file, before loading the model
     raise SystemExit(f"error: {e}") from None
   model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
   out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")

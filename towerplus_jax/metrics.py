@@ -1,8 +1,7 @@
-"""Corpus-level translation metrics: BLEU, chrF, chrF++ (sacrebleu) and optional COMET (unbabel-comet)."""
+"""Corpus-level translation metrics: BLEU, chrF, chrF++ (sacrebleu); COMET is towerplus_jax.comet."""
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 
 import sacrebleu
@@ -64,24 +63,3 @@ def scores_by_pair(hyps: Sequence[str], refs: Sequence[str], pairs: Sequence[str
     groups.setdefault(pair, []).append(i)
   return {pair: corpus_scores([hyps[i] for i in idx], [refs[i] for i in idx], pair.split("-", 1)[1])
           for pair, idx in sorted(groups.items())}
-
-
-def comet_scores(srcs: Sequence[str], hyps: Sequence[str], refs: Sequence[str] | None, model_path: str,
-                 batch_size: int = 16, gpus: int = 0) -> dict[str, float | list[float]]:
-  """COMET system score and segment scores with a local checkpoint (`model.ckpt`, or a model folder holding
-  `checkpoints/model.ckpt`); `refs=None` for reference-free models. Needs `pip install unbabel-comet`."""
-  try:
-    import comet
-  except ImportError as e:
-    raise ImportError("comet_scores needs the unbabel-comet package: pip install unbabel-comet") from e
-  if os.path.isdir(model_path):
-    model_path = os.path.join(model_path, "checkpoints", "model.ckpt")
-  if not os.path.isfile(model_path):
-    raise FileNotFoundError(f"comet_scores: no COMET checkpoint at {model_path}")
-  if len(srcs) != len(hyps) or (refs is not None and len(refs) != len(hyps)):
-    raise ValueError(f"comet_scores: {len(srcs)} sources, {len(hyps)} hypotheses, {refs and len(refs)} references")
-  rows = [{"src": s, "mt": h} for s, h in zip(srcs, hyps)]
-  for row, ref in zip(rows, refs or []):
-    row["ref"] = ref
-  pred = comet.load_from_checkpoint(model_path).predict(rows, batch_size=batch_size, gpus=gpus, progress_bar=False)
-  return {"comet": float(pred.system_score), "comet_segments": [float(x) for x in pred.scores]}

@@ -5,8 +5,9 @@ None means "not applicable to this sample". Prompts and completions are strings 
 of the last message is used). Where a function needs the source text it reads column `source`, else the prompt
 (which contains the source in the translation prompt format).
 
-Registered names (`get`, `load`): chrf, bleu, rules, exact_answer, format, length_penalty. `load` also takes a
-dotted path "package.module:function" or "package.module.function"; `combine` makes the weighted sum.
+Registered names (`get`, `load`): chrf, bleu, rules, exact_answer, format, length_penalty; `load(name, rl_config)`
+also builds the model-based `comet` (the COMET folder in rl.comet_model) and takes a dotted path
+"package.module:function" or "package.module.function"; `combine` makes the weighted sum and times each function.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import functools
 import importlib
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import numpy as np
 import sacrebleu
 
+from towerplus_jax import comet as comet_lib
 from towerplus_jax import metrics, rules
 
 RewardFn = Callable[..., list[float | None]]
@@ -178,6 +181,43 @@ def length_penalty(prompts: Sequence, completions: Sequence, **columns) -> list[
           for c, r in zip(completions, refs)]
 
 
+def comet_reward(model_dir: str, batch_size: int = 16) -> RewardFn:
+  """COMET of each completion (towerplus_jax.comet, the model loaded once per process): against column
+  `reference` where the row has one, reference-free (source + completion) where not; None for rows without a
+  reference when the model needs references (RegressionMetric, e.g. wmt22-comet-da)."""
+  scorer = comet_lib.cached(model_dir, batch_size)
+
+  def comet(prompts: Sequence, completions: Sequence, **columns) -> list[float | None]:
+    refs = _column(columns, "reference", len(completions))
+    srcs, hyps = _sources(prompts, columns), [_text(c) for c in completions]
+    out: list[float | None] = [None] * len(completions)
+    for with_ref in (True, False):
+      rows = [i for i, r in enumerate(refs) if (r is not None) == with_ref]
+      if not rows or (not with_ref and scorer.requires_references):
+        continue
+      scores = scorer.segment_scores([srcs[i] for i in rows], [hyps[i] for i in rows],
+                                     [_text(refs[i]) for i in rows] if with_ref else None)
+      for i, s in zip(rows, scores):
+        out[i] = float(s)
+    return out
+
+  return comet
+
+
+# Rewards built from the RL config section (a model to load once): name -> factory(rl config).
+FACTORIES: dict[str, Callable[..., RewardFn]] = {
+    "comet": lambda rl: comet_reward(_required(rl, "comet_model", "a COMET folder, e.g. Unbabel/wmt22-comet-da"),
+                                     int(rl.get("comet_batch_size", 16))),
+}
+
+
+def _required(rl, key: str, what: str):
+  value = rl.get(key) if rl is not None else None
+  if not value:
+    raise ValueError(f"this reward needs config.rl.{key} ({what}): add --config.rl.{key}=DIR")
+  return value
+
+
 REGISTRY: dict[str, RewardFn] = {
     "chrf": chrf_reward,
     "bleu": bleu_reward,
@@ -191,14 +231,18 @@ REGISTRY: dict[str, RewardFn] = {
 def get(name: str) -> RewardFn:
   """A registered reward function by name."""
   if name not in REGISTRY:
-    raise ValueError(f"unknown reward {name!r}; registered: {sorted(REGISTRY)} (or give 'package.module:function')")
+    raise ValueError(f"unknown reward {name!r}; registered: {sorted(REGISTRY) + sorted(FACTORIES)} (or give "
+                     "'package.module:function')")
   return REGISTRY[name]
 
 
-def load(spec: str) -> RewardFn:
-  """A registered name, or a user function as "package.module:function" / "package.module.function"."""
+def load(spec: str, rl=None) -> RewardFn:
+  """A registered name, a model-based one built from `rl` (the config's rl section, e.g. "comet"), or a user
+  function as "package.module:function" / "package.module.function"."""
   if spec in REGISTRY:
     return REGISTRY[spec]
+  if spec in FACTORIES:
+    return FACTORIES[spec](rl)
   if ":" not in spec and "." not in spec:
     return get(spec)
   module_name, attr = spec.split(":", 1) if ":" in spec else spec.rsplit(".", 1)
@@ -225,7 +269,8 @@ def _names(fns: Sequence[RewardFn]) -> list[str]:
 def combine(fns: Sequence[RewardFn], weights: Sequence[float] | None = None) -> CombinedFn:
   """`combined(prompts, completions, **cols) -> (total[N], {fn name: values[N]})`: total = Σ_k w_k r_k with None
   counted as 0, and NaN where every function returned None (unscorable: it leaves its group's statistics, as in
-  TRL); the per-function values keep None as NaN (so their means skip non-applicable samples)."""
+  TRL); the per-function values keep None as NaN (so their means skip non-applicable samples). After each call
+  `combined.seconds` holds {fn name: wall seconds} of that call."""
   weights = [1.0] * len(fns) if weights is None else list(weights)
   if len(weights) != len(fns) or not fns:
     raise ValueError(f"combine: {len(fns)} reward functions and {len(weights)} weights (need as many, at least one)")
@@ -235,7 +280,9 @@ def combine(fns: Sequence[RewardFn], weights: Sequence[float] | None = None) -> 
     total_N = np.zeros(len(completions), np.float64)
     per_fn: dict[str, np.ndarray] = {}
     for name, fn, w in zip(names, fns, weights):
+      start = time.perf_counter()
       values = fn(prompts, completions, **columns)
+      combined.seconds[name] = time.perf_counter() - start
       if len(values) != len(completions):
         raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
       r_N = np.array([np.nan if v is None else float(v) for v in values], np.float64)
@@ -244,4 +291,5 @@ def combine(fns: Sequence[RewardFn], weights: Sequence[float] | None = None) -> 
     unscorable_N = np.all(np.isnan(np.stack(list(per_fn.values()))), axis=0)
     return np.where(unscorable_N, np.nan, total_N), per_fn
 
+  combined.seconds = {}
   return combined

@@ -104,7 +104,8 @@ class RolloutBatches:
     self.cfg, self.tokenizer, self.policy, self.mesh = config.rl, tokenizer, policy, mesh
     self.template = config.data.template
     self.data_iter = iter(dataset)
-    self.reward_fn = rewards.combine([rewards.load(n) for n in self.cfg.rewards], list(self.cfg.reward_weights))
+    self.reward_fn = rewards.combine([rewards.load(n, self.cfg) for n in self.cfg.rewards],
+                                     list(self.cfg.reward_weights))
     self.stop_ids = tuple(chat.stop_ids(tokenizer, self.template))
     self.rng = jax.random.key(config.train.seed + 1)
     rows = self.cfg.prompts_per_step * self.cfg.num_generations
@@ -193,6 +194,7 @@ class RolloutBatches:
                     "completions/clipped_ratio": float(truncated.mean()),
                     "data/dropped": float(prompts["num_dropped"])}  # prompts over max_prompt_len, this rollout
     self.metrics.update({f"reward/{k}": float(np.nanmean(v)) for k, v in per_fn.items() if np.isfinite(v).any()})
+    self.metrics.update({f"time/reward_{k}": v for k, v in self.reward_fn.seconds.items()})
     self._log_samples(prompt_texts, texts, total)
     self.rollouts += 1
     return batch

@@ -1,0 +1,107 @@
+"""COMET in JAX against the real unbabel-comet: tests/data/comet holds tiny RegressionMetric and UnifiedMetric
+checkpoints (XLM-R and XLM-R XL encoders), an XCOMETMetric, and the real package's scores for 26 triples
+(tools/make_comet_fixture.py built them)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from towerplus_jax import sharding
+from towerplus_jax.comet import Comet, CometCheckpointError, scorer
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "comet")
+with open(os.path.join(DATA, "scores.json"), encoding="utf-8") as _f:
+  FIXTURE = json.load(_f)
+TRIPLES = FIXTURE["triples"]
+SRC, MT, REF = ([t[k] for t in TRIPLES] for k in ("src", "mt", "ref"))
+
+
+@pytest.fixture(scope="module")
+def models():
+  """Both models on a data-parallel mesh over the 8 test devices (parameters replicated, rows split)."""
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32)
+          for name in ("regression", "unified", "unified_xl", "xcomet")}
+
+
+@pytest.mark.parametrize("name,with_refs,key", [
+    ("regression", True, "regression"), ("unified", True, "unified"), ("unified", False, "unified_noref"),
+    ("unified_xl", True, "unified_xl"), ("unified_xl", False, "unified_xl_noref"),  # XL: pre-LN XLM-R XL encoder
+    ("xcomet", True, "xcomet"), ("xcomet", False, "xcomet_noref")])  # XCOMETMetric: regression + error-span MQM
+def test_scores_match_the_real_package(models, name, with_refs, key):
+  out = models[name].score(SRC, MT, REF if with_refs else None)
+  np.testing.assert_allclose(out["segments"], FIXTURE[key]["scores"], atol=1e-4, rtol=0)
+  assert abs(out["system"] - FIXTURE[key]["system_score"]) <= 1e-4
+
+
+def test_fixture_covers_empty_and_truncated_inputs(models):
+  tokens = models["regression"]._tokens(MT)
+  assert "" in MT and max(len(t) for t in tokens) == FIXTURE["max_positions"] - 2  # cut at the encoder's limit
+  assert len(set(np.round(FIXTURE["regression"]["scores"], 3))) > 20  # scores differ: a wrong term would show
+
+
+def test_mqm_score_counts_closed_spans_by_first_severity():
+  """As UnifiedMetric.decode: a span's severity is its first token's; a span still open at the end is not counted."""
+  assert scorer.mqm_score(["O", "I-minor", "I-major", "O", "I-major", "O", "I-critical"]) == pytest.approx(19 / 25)
+  assert scorer.mqm_score(["I-critical", "O"] * 3) == 0.0  # penalty capped at 25
+  assert scorer.mqm_score(["O", "O"]) == 1.0
+  mqm = FIXTURE["xcomet"]["mqm_scores"]
+  assert 0 < min(m for m in mqm if m > 0) < max(mqm) == 1.0 and 0.0 in mqm  # the fixture exercises spans
+
+
+def test_bucketing_and_batch_size_do_not_change_scores(models):
+  """Two batches of 13 (other buckets; 13 rows do not divide the 8 devices) and one row alone (filler rows)."""
+  full = np.asarray(models["unified"].score(SRC, MT, REF)["segments"])
+  small = Comet.load(os.path.join(DATA, "unified"), batch_size=13)
+  np.testing.assert_allclose(small.score(SRC, MT, REF)["segments"], full, atol=1e-6)
+  one = small.score(SRC[-1:], MT[-1:], REF[-1:])["segments"]
+  np.testing.assert_allclose(one, full[-1:], atol=1e-6)
+
+
+def test_bfloat16_stays_close(models):
+  bf16 = Comet.load(os.path.join(DATA, "unified"), batch_size=32, dtype="bfloat16")
+  seg = np.asarray(bf16.score(SRC, MT)["segments"])
+  assert np.abs(seg - FIXTURE["unified_noref"]["scores"]).max() < 0.02
+  assert np.corrcoef(seg, FIXTURE["unified_noref"]["scores"])[0, 1] > 0.9
+
+
+def test_regression_needs_references(models):
+  with pytest.raises(ValueError, match="needs references"):
+    models["regression"].score(SRC, MT)
+
+
+def _copy(tmp_path):
+  shutil.copytree(DATA, tmp_path / "comet")
+  return tmp_path / "comet"
+
+
+def test_missing_folder_is_one_clear_line(tmp_path):
+  with pytest.raises(CometCheckpointError, match=r"no COMET checkpoint at .*checkpoints/model.ckpt") as e:
+    Comet.load(str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
+def test_garbled_checkpoint_is_one_clear_line(tmp_path):
+  folder = _copy(tmp_path) / "regression"
+  (folder / "checkpoints" / "model.ckpt").write_bytes(b"not a checkpoint")
+  with pytest.raises(CometCheckpointError, match=r"model.ckpt: not a readable PyTorch checkpoint") as e:
+    Comet.load(str(folder))
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,match", [("class_identifier: ranking_metric\n", "not supported"),
+                                        ("pool: [avg\n", "invalid YAML"), ("{}\n", "no class_identifier")])
+def test_bad_hparams_name_the_file(tmp_path, text, match):
+  folder = _copy(tmp_path) / "unified"
+  (folder / "hparams.yaml").write_text(text)
+  with pytest.raises(CometCheckpointError, match=f"hparams.yaml: .*{match}"):
+    Comet.load(str(folder))
+
+
+def test_missing_encoder_files_say_what_to_copy(tmp_path):
+  folder = _copy(tmp_path)
+  os.remove(folder / "encoder" / "tokenizer.json")
+  with pytest.raises(CometCheckpointError, match="copy the encoder's config.json and tokenizer.json"):
+    Comet.load(str(folder / "unified"))

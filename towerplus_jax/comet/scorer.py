@@ -1,0 +1,182 @@
+"""Score (src, mt, ref?) triples with a COMET checkpoint folder: tokenisation and input building as unbabel-comet
+does them, length bucketing (rows sorted by length, each batch padded to a power-of-two length, at most the
+encoder's limit, and to a fixed row count; one compiled program per bucket shape), parameters replicated on the
+mesh and each batch split over its data axes.
+
+  scorer = Comet.load("/models/wmt22-comet-da")
+  scorer.score(sources, hypotheses, references)  # {"system": float, "segments": [float, ...]}
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from towerplus_jax import sharding
+from towerplus_jax.comet import checkpoint
+from towerplus_jax.comet.model import CometConfig, CometModel
+
+
+# XCOMETMetric's fixed weights: the [mt,src], [mt,ref], [mt,src,ref] regression scores (capped at 1) and the MQM
+# score of the decoded error spans; the three inputs' tag probabilities; MQM penalty per span severity.
+XCOMET_SCORE_WEIGHTS = (0.12, 0.33, 0.33, 0.22)
+XCOMET_SPAN_WEIGHTS = (0.1667, 0.3333, 0.5)
+MQM_PENALTY = {"minor": 1, "major": 5, "critical": 10}
+
+
+def _bucket(n: int, limit: int) -> int:
+  return min(1 << max(n - 1, 1).bit_length(), limit)
+
+
+def mqm_score(tags: Sequence[str]) -> float:
+  """xCOMET's MQM-like score from the argmax tag of each mt token ("O", "I-minor", ...), as UnifiedMetric.decode
+  builds spans: a span starts at a tagged token after an "O" (its severity is its first token's) and counts only
+  once an "O" closes it; (25 - min(Σ penalties, 25)) / 25."""
+  total, severity = 0, None
+  for tag in tags:
+    if tag != "O" and severity is None:
+      severity = tag.split("-", 1)[1]
+    elif tag == "O" and severity is not None:
+      total, severity = total + MQM_PENALTY.get(severity, 0), None
+  return (25 - min(total, 25)) / 25
+
+
+class Comet:
+  """A loaded COMET model; `score` is the public entry."""
+
+  def __init__(self, cfg: CometConfig, model: CometModel, tokenizer, mesh: Mesh, batch_size: int = 16):
+    self.cfg, self.tokenizer, self.mesh, self.batch_size = cfg, tokenizer, mesh, batch_size
+    self.cls_id, self.sep_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    out = NamedSharding(mesh, P())
+    # Separate programs for the encoder (one per bucket shape, shared by src, mt and ref) and the small head.
+    self._sentence = jax.jit(lambda s, t: nnx.merge(graphdef, s).sentence(t))
+    self._head = jax.jit(lambda s, *e: nnx.merge(graphdef, s).regression(*e), out_shardings=out)
+    self._unified = jax.jit(lambda s, t: nnx.merge(graphdef, s).unified(t), out_shardings=out)
+    self._xcomet = jax.jit(lambda s, t: nnx.merge(graphdef, s).xcomet(t), out_shardings=out)
+    self._state = state
+
+  def _regression(self, state, src_BT: jax.Array, mt_BT: jax.Array, ref_BT: jax.Array) -> jax.Array:
+    return self._head(state, *(self._sentence(state, t) for t in (src_BT, mt_BT, ref_BT)))
+
+  @classmethod
+  def load(cls, path: str, *, mesh: Mesh | None = None, batch_size: int = 16, dtype: str = "float32") -> "Comet":
+    """From a COMET folder (`checkpoints/model.ckpt` + `hparams.yaml`) or its model.ckpt."""
+    from tokenizers import Tokenizer
+    ckpt, hparams_path = checkpoint.checkpoint_files(path)
+    hparams = checkpoint.read_hparams(hparams_path)
+    model_dir = os.path.dirname(hparams_path)
+    enc_dir = checkpoint.encoder_folder(str(hparams.get("pretrained_model", "xlm-roberta-large")), model_dir)
+    cfg = checkpoint.config_from(hparams, os.path.join(enc_dir, "config.json"), dtype)
+    params = checkpoint.convert(checkpoint.read_state_dict(ckpt), ckpt)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CometModel(cfg, rngs=nnx.Rngs(0))))
+    flat = {".".join(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(abstract)}
+    missing = sorted(set(flat) - set(params))
+    if missing:
+      raise checkpoint.CometCheckpointError(f"{ckpt}: missing tensors for {missing[:4]} ({len(missing)} in all)")
+    for name, var in flat.items():
+      if params[name].shape != var.shape:
+        raise checkpoint.CometCheckpointError(f"{ckpt}: {name} has shape {params[name].shape}, the encoder's "
+                                              f"config.json in {enc_dir} says {var.shape}")
+      var.set_value(jnp.asarray(params[name], jnp.float32))
+    tokenizer = Tokenizer.from_file(os.path.join(enc_dir, "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(cfg.max_positions - 2)
+    return cls(cfg, nnx.merge(graphdef, abstract), tokenizer, mesh or sharding.make_mesh({"data": -1}), batch_size)
+
+  @property
+  def requires_references(self) -> bool:
+    return self.cfg.kind == "regression" or tuple(self.cfg.input_segments) == ("mt", "ref")
+
+  def _tokens(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self.tokenizer.encode_batch([str(t) for t in texts])]
+
+  def _concat(self, parts: Sequence[list[int]]) -> list[int]:
+    """COMET's Encoder.concat_sequences for one row: <s> a </s></s> b </s> ..., cut to max_positions when long."""
+    seq = parts[0]
+    for p in parts[1:]:
+      seq = [self.cls_id, *seq[1:-1], self.sep_id, self.sep_id, *p[1:-1], self.sep_id]
+    if sum(len(p) - 2 for p in parts) > self.cfg.max_positions - (1 + 2 * len(parts)):
+      seq = seq[:self.cfg.max_positions]
+    return seq
+
+  def _run(self, fn, columns: Sequence[list[list[int]]]) -> list[tuple[np.ndarray, ...]]:
+    """fn(state, *[B, T] token arrays) -> array(s) [B, ...] over all rows in length buckets; per row, in row order,
+    the tuple of its outputs."""
+    n, b = len(columns[0]), self.batch_size
+    order = np.argsort([max(len(c[i]) for c in columns) for i in range(n)], kind="stable")
+    out: list = [None] * n
+    for start in range(0, n, b):
+      rows = order[start:start + b]
+      t = _bucket(max(len(c[i]) for c in columns for i in rows), self.cfg.max_positions)
+      arrays = {}
+      for k, col in enumerate(columns):
+        tokens_BT = np.full((b, t), self.cfg.pad_id, np.int32)
+        tokens_BT[len(rows):, :2] = (self.cls_id, self.sep_id)  # filler rows: a valid empty input
+        for j, i in enumerate(rows):
+          tokens_BT[j, :len(col[i])] = col[i]
+        arrays[str(k)] = tokens_BT
+      batch = sharding.shard_global_batch(arrays, self.mesh)
+      results = fn(self._state, *(batch[str(k)] for k in range(len(columns))))
+      results = [np.asarray(r, np.float64) for r in (results if isinstance(results, tuple) else (results,))]
+      for j, i in enumerate(rows):
+        out[i] = tuple(r[j] for r in results)
+    return out
+
+  def _scores(self, fn, columns: Sequence[list[list[int]]]) -> np.ndarray:
+    return np.array([r[0] for r in self._run(fn, columns)], np.float64)
+
+  def segment_scores(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> np.ndarray:
+    if len(srcs) != len(mts) or (refs is not None and len(refs) != len(mts)):
+      raise ValueError(f"COMET: {len(srcs)} sources, {len(mts)} hypotheses, {refs and len(refs)} references")
+    if not mts:
+      return np.zeros(0)
+    if refs is None and self.requires_references:
+      raise ValueError(f"this COMET model ({self.cfg.kind}, inputs {self.cfg.input_segments}) needs references")
+    mt, src = self._tokens(mts), self._tokens(srcs)
+    ref = self._tokens(refs) if refs is not None else None
+    if self.cfg.kind == "regression":
+      return self._scores(self._regression, [src, mt, ref])
+    segments = self.cfg.input_segments
+    use_src, use_ref = "src" in segments, ref is not None and "ref" in segments
+    if use_src and use_ref:  # the [mt, src], [mt, ref] and [mt, src, ref] inputs
+      inputs = [(mt, src), (mt, ref), (mt, src, ref)]
+    else:
+      inputs = [(mt, *([src] if use_src else []), *([ref] if use_ref else []))]
+    joint = [[[self._concat(p) for p in zip(*cols)]] for cols in inputs]
+    if self.cfg.kind == "unified":  # UnifiedMetric: the mean of the inputs' scores
+      return np.mean([self._scores(self._unified, cols) for cols in joint], axis=0)
+    return self._xcomet_scores([self._run(self._xcomet, cols) for cols in joint], [len(t) for t in mt])
+
+  def _xcomet_scores(self, outputs: list[list[tuple[np.ndarray, np.ndarray]]], mt_lengths: list[int]) -> np.ndarray:
+    """XCOMETMetric.predict_step: capped regression scores weighted (one input: by the three weights' sum) plus
+    0.22 × the MQM score of the spans decoded from the inputs' weighted tag probabilities over the mt tokens."""
+    score_w = XCOMET_SCORE_WEIGHTS[:3] if len(outputs) == 3 else (sum(XCOMET_SCORE_WEIGHTS[:3]),)
+    span_w = XCOMET_SPAN_WEIGHTS if len(outputs) == 3 else (1.0,)
+    labels = ("O", *(f"I-{e}" for e in self.cfg.error_labels))
+    final = np.zeros(len(mt_lengths))
+    for i, n in enumerate(mt_lengths):
+      regression = sum(w * min(out[i][0], 1.0) for w, out in zip(score_w, outputs))
+      probs_TC = sum(w * out[i][1][:n] for w, out in zip(span_w, outputs))
+      final[i] = regression + XCOMET_SCORE_WEIGHTS[3] * mqm_score([labels[c] for c in np.argmax(probs_TC, -1)])
+    return final
+
+  def score(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> dict:
+    """{"system": mean segment score, "segments": [score per triple]}; refs=None for reference-free models."""
+    seg = self.segment_scores(srcs, mts, refs)
+    return {"system": float(seg.mean()) if seg.size else float("nan"), "segments": [float(s) for s in seg]}
+
+
+@functools.cache
+def cached(path: str, batch_size: int = 16, dtype: str = "float32") -> Comet:
+  """One loaded model per (folder, batch size, dtype) in this process, on a data mesh over this process's own
+  devices: each host scores the rows it is given, with no collective across hosts."""
+  mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
+  return Comet.load(path, mesh=mesh, batch_size=batch_size, dtype=dtype)
