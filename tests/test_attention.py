@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from configs.sft import get_config as get_sft_config
-from towerplus_jax import setup_run, sharding
+from towerplus_jax import sharding, weights
 from towerplus_jax.convert import hf
 from towerplus_jax.models import attention
 from towerplus_jax.models.config import ModelConfig
@@ -136,7 +136,7 @@ def test_bad_choice_names_the_options():
 def test_config_keys_reach_the_model_and_not_the_export():
   config = get_sft_config("tiny")
   config.model.attention, config.model.attention_block = "splash", 256
-  cfg = ModelConfig.tiny().replace(**setup_run.model_overrides(config))
+  cfg = ModelConfig.tiny().replace(**weights.model_overrides(config))
   assert (cfg.attention, cfg.attention_block) == ("splash", 256)
   assert "attention" not in hf.config_to_hf(cfg)  # a runtime choice, not architecture: export accepts any
 

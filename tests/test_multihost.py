@@ -25,7 +25,7 @@ from flax import nnx
 
 import multihost_worker
 
-from towerplus_jax import main, setup_run, sharding, train
+from towerplus_jax import main, sharding, train, weights
 from towerplus_jax.models import config as model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def run_processes(jobs: list[dict], tmp_path: Path, n: int = 2, started: int | N
 
 def final_params(workdir: Path) -> list[np.ndarray]:
   cfg = model_config.load_json(str(workdir))
-  model = setup_run.restore_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), str(workdir / "checkpoints"))
+  model = weights.restore_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), str(workdir / "checkpoints"))
   return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))]
 
 

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 
 from configs import sft
-from towerplus_jax import setup_run, train
+from towerplus_jax import train
+from towerplus_jax.data import tokenizer_files
 from towerplus_jax.data import chat, tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +39,7 @@ def test_hf_folder_sft_export_chat_stops(tiny_hf_model, tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert run.returncode == 0 and "float32" in run.stdout, run.stderr[-2000:]
 
-  ours = setup_run.tokenizer_in(folder)
+  ours = tokenizer_files.tokenizer_in(folder)
   end_of_turn = ours.token_id("<end_of_turn>")
   gen = json.load(open(os.path.join(out, "generation_config.json")))
   assert gen["eos_token_id"][0] == end_of_turn and gen["pad_token_id"] == ours.pad_id

@@ -11,8 +11,8 @@ import pytest
 
 from configs import cpt, grpo, sft, tower_plus, wpo
 from towerplus_jax.models import config as model_config
-from towerplus_jax import checkpoint, setup_run, sharding, train
-from towerplus_jax.data import tokenizers
+from towerplus_jax import checkpoint, setup_run, sharding, train, weights
+from towerplus_jax.data import tokenizer_files, tokenizers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def small(c, steps=6):
 def final_params(workdir):
   cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({}, jax.devices()[:1])
-  model = setup_run.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"))
+  model = weights.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"))
   from flax import nnx
   return jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
@@ -78,7 +78,7 @@ def test_loss_falls_on_the_sample(tmp_path):
 def test_every_config_loads(module, arg):
   c = module.get_config(arg)
   assert c.loss.name in ("lm", "sft", "wpo", "grpo")
-  assert setup_run.resolve_template(c) == ("chatml" if arg.startswith("qwen") else "gemma")
+  assert tokenizer_files.resolve_template(c) == ("chatml" if arg.startswith("qwen") else "gemma")
 
 
 @pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])

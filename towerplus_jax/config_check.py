@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections
 
+from towerplus_jax.models.config import preset
+
 Rule = tuple[str, Callable[[Any], bool], str]
 
 _AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
@@ -91,3 +93,19 @@ def check(config: ml_collections.ConfigDict) -> None:
   if found:
     more = f" (and {len(found) - 1} more: {'; '.join(found[1:])})" if len(found) > 1 else ""
     raise ValueError(found[0] + more)
+
+
+def init_source(init_from: str) -> tuple[str, str]:
+  """config.init_from 'hf:DIR' / 'ckpt:WORKDIR' -> (kind, path)."""
+  kind, _, path = init_from.partition(":")
+  if kind not in ("hf", "ckpt") or not path:
+    raise ValueError(f"config.init_from={init_from!r}: use '', 'hf:/path/to/hf_folder' or 'ckpt:/path/to/workdir'")
+  return kind, path
+
+
+def check_names(config: ml_collections.ConfigDict) -> None:
+  """The names a run resolves (model preset, init_from) fail with one clear line before anything is written."""
+  if config.init_from and config.init_from != "previous":  # previous: a chained stage (configs/tower_plus.py)
+    init_source(config.init_from)
+  else:
+    preset(config.model.preset)

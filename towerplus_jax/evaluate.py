@@ -20,9 +20,9 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from towerplus_jax import metrics, rules, setup_run, sharding
+from towerplus_jax import metrics, rules, sharding, weights
 from towerplus_jax.convert import hf
-from towerplus_jax.data import chat, derive, sources
+from towerplus_jax.data import chat, derive, sources, tokenizer_files
 from towerplus_jax.data import records as records_lib
 from towerplus_jax.models import config as model_config
 from towerplus_jax.rl import sampler
@@ -36,10 +36,10 @@ def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None
     folder = hf_dir
   else:
     cfg = model_config.load_json(workdir)
-    model = setup_run.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"), step)
+    model = weights.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"), step)
     folder = os.path.join(workdir, "tokenizer")
   # The template the run trained with (saved with its tokenizer), else the family's.
-  return model, setup_run.tokenizer_in(folder), hf.template_in(folder) or chat.family_template(cfg.family)
+  return model, tokenizer_files.tokenizer_in(folder), hf.template_in(folder) or chat.family_template(cfg.family)
 
 
 def translate(model: nnx.Module, tokenizer, template: str, records: Sequence[dict], *, max_new_tokens: int = 256,
@@ -110,7 +110,7 @@ def main(argv):
     raise app.UsageError("give exactly one of --workdir or --hf")
   if not _F["data"].value:
     raise app.UsageError("--data is required")
-  records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(_F["data"].value)), "test")
+  records = records_lib.read_all(sources.open_source(sources.resolve_sources(_F["data"].value)), "test")
   model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
   out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")
   report = evaluate(model, tokenizer, _F["template"].value or template, records, out, _F["comet"].value,

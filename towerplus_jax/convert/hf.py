@@ -33,14 +33,13 @@ from safetensors import safe_open
 
 from towerplus_jax import checkpoint, sharding, storage
 from towerplus_jax.data import chat
+from towerplus_jax.data.tokenizer_files import MODEL_FILES, TOKENIZER_FILES, copy_tokenizer_files, tokenizer_in
 from towerplus_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.layout import layer_slot
-from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.models.transformer import Transformer, abstract_model
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -459,7 +458,7 @@ def load_hf(hf_dir: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sh
   placed straight onto its sharding on `mesh` (else the default device). `overrides`: ModelConfig fields such as
   dtype, param_dtype, remat, scan_layers."""
   cfg = config_from_hf(_read_json(os.path.join(hf_dir, "config.json"))).replace(**(overrides or {}))
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, abstract = nnx.split(abstract_model(cfg))
   flat = _flatten(nnx.to_pure_dict(abstract))
   shardings = _flatten(nnx.to_pure_dict(sharding.state_shardings(abstract, mesh, rules))) if mesh else {}
   targets = {name: leaf for name, (_, leaf) in flat.items()}
@@ -592,16 +591,6 @@ def _write_json(path: str | epath.Path, d: Mapping) -> None:
   epath.Path(path).write_text(json.dumps(d, indent=2))
 
 
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> list[str]:
-  """Copy the tokenizer files present in `src_dir`; returns their names."""
-  src, dst = epath.Path(src_dir), epath.Path(dst_dir)
-  names = [n for n in TOKENIZER_FILES if (src / n).exists()]
-  dst.mkdir(parents=True, exist_ok=True)
-  for name in names:
-    (src / name).copy(dst / name, overwrite=True)
-  return names
-
-
 def chat_token_ids(tokenizer: Tokenizer, template: str) -> dict[str, Any]:
   """generation_config / config.json ids of a run's tokenizer: eos = the template's end-of-turn token, then eos
   (transformers `generate` stops at either), its bos and pad."""
@@ -658,16 +647,15 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
   check_export_target(out_dir, overwrite)  # before the (long) restore
   cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({"fsdp": -1})
-  abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  abstract = nnx.state(abstract_model(cfg), nnx.Param)
   target = checkpoint.abstract_like(nnx.to_pure_dict(abstract),
                                     nnx.to_pure_dict(sharding.state_shardings(abstract, mesh)))
   params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target, step)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
-  if not any((epath.Path(tokenizer_dir) / n).exists() for n in ("tokenizer.model", "tokenizer.json")):
+  if not any((epath.Path(tokenizer_dir) / n).exists() for n in MODEL_FILES.values()):
     save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     return
-  from towerplus_jax import setup_run  # (imports this module)
-  tokenizer = setup_run.tokenizer_in(tokenizer_dir)
+  tokenizer = tokenizer_in(tokenizer_dir)
   template = template_in(tokenizer_dir) or chat.family_template(cfg.family)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"{tokenizer_dir} has {tokenizer.vocab_size} ids, the model {cfg.vocab_size}")
