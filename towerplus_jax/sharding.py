@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -153,3 +154,10 @@ def shard_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     spec = batch_spec(x.ndim, mesh, x.shape[0]) if x.ndim else P()
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, x.shape)
   return {k: one(v) for k, v in batch.items()}
+
+
+def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
+  """The whole of `x` as numpy on every host (gathered across processes when no host holds all of it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

@@ -10,6 +10,7 @@ import ml_collections
 from etils import epath
 
 from towerplus_jax import config_check
+from towerplus_jax.convert import hf_config
 from towerplus_jax.data import chat
 from towerplus_jax.data.tokenizers import Tokenizer, load_tokenizer, sample_tokenizer
 from towerplus_jax.models import config as model_config
@@ -64,7 +65,7 @@ def resolve_template(config: ml_collections.ConfigDict) -> str:
   if not found:
     family = model_config.preset(config.model.preset).family
   elif found[1] == "hf":
-    family = hf.config_from_hf(hf._read_json(os.path.join(found[0], "config.json"))).family
+    family = hf_config.config_from_folder(found[0]).family
   else:
     family = model_config.load_json(os.path.dirname(found[0])).family
   return chat.family_template(family)
