@@ -136,11 +136,6 @@ def chat_parts(template: str, messages: Sequence[Mapping], add_generation_prompt
   return parts
 
 
-def render_chat(template: str, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-  """The chat as text (as HF `apply_chat_template(..., tokenize=False)` renders it)."""
-  return "".join(p.text for p in chat_parts(template, messages, add_generation_prompt))
-
-
 def encode_chat(tokenizer: Tokenizer, template: str, messages: Sequence[Mapping] | Mapping,
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
   """Token ids of the chat and a loss mask of the same length (1 on assistant content + its end-of-turn)."""
