@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 
-from towerplus_jax.models.config import FAMILIES
 
 _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6)

@@ -125,7 +125,8 @@ def test_config_errors():
 def test_default_token_ids():
   assert hf_config.default_token_ids(preset("gemma2_2b"))["eos_token_id"] == [1, 107]  # <eos>, <end_of_turn>
   assert hf_config.default_token_ids(preset("gemma3_4b"))["eos_token_id"] == [1, 106]
-  assert hf_config.default_token_ids(preset("qwen2_5_7b"))["eos_token_id"] == [151645, 151643]  # <|im_end|>, <|endoftext|>
+  # <|im_end|>, <|endoftext|>
+  assert hf_config.default_token_ids(preset("qwen2_5_7b"))["eos_token_id"] == [151645, 151643]
 
 
 # ------------------------------------------------------------------------------------------------ weights

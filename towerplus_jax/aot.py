@@ -111,24 +111,24 @@ def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shape and dtype of every array of one global batch of the stage's data kind (as its pipeline emits it)."""
-  b, kind = config.train.global_batch_size, datasets.data_kind(config)
-  if kind in ("lm", "sft"):
+  """Shape and dtype of every array of one global batch of the stage's batch format (as its pipeline emits it)."""
+  b, fmt = config.train.global_batch_size, datasets.batch_format(config)
+  if fmt in ("lm", "sft"):
     return {k: ((b, config.data.seq_len), dt) for k, dt in ROW_FIELDS.items()}
-  if kind == "preference":
+  if fmt == "preference":
     fields = {f"{side}_{k}": ((b, config.data.seq_len), dt) for side in ("chosen", "rejected")
               for k, dt in ROW_FIELDS.items()}
     if config.data.precomputed_reference:
       fields.update({k: ((b,), jnp.float32) for k in losses.get(config.loss.name).reference_keys})
     return fields
-  if kind == "rl":
+  if fmt == "rl":
     t = (config.data.max_prompt_len or config.data.seq_len // 2) + config.rl.max_completion_len
     fields = {k: ((b, t), dt) for k, dt in ROW_FIELDS.items()}
     fields["advantages"] = ((b,), jnp.float32)
     if config.rl.iterations > 1:
       fields["old_logps"] = ((b, t), jnp.float32)
     return fields
-  raise ValueError(f"config.data.kind={kind!r}: the AOT check knows lm, sft, preference and rl")
+  raise ValueError(f"config.data.kind={fmt!r}: the AOT check knows lm, sft, preference and rl")
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:

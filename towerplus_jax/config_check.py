@@ -12,13 +12,13 @@ import ml_collections
 
 from towerplus_jax.models.config import preset
 
-Rule = tuple[str, Callable[[Any], bool], str]
+Check = tuple[str, Callable[[Any], bool], str]
 
 _AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 _POSITIVE = (lambda v: v > 0, "must be > 0")
 
-RULES: tuple[Rule, ...] = (
+CHECKS: tuple[Check, ...] = (
     ("train.steps", *_AT_LEAST_1),
     ("train.global_batch_size", *_AT_LEAST_1),
     ("train.micro_batches", *_AT_LEAST_1),
@@ -75,7 +75,7 @@ def _cross_checks(config: ml_collections.ConfigDict) -> list[str]:
 def errors(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
   """Every rule the config breaks, one line each."""
   out = []
-  for key, ok, must in RULES:
+  for key, ok, must in CHECKS:
     present, value = _get(config, key)
     if present and not ok(value):
       out.append(f"{prefix}.{key}={value!r}: {must}")

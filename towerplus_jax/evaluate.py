@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from towerplus_jax import metrics, rules, sharding, weights
+from towerplus_jax import ifmt_rules, mt_metrics, sharding, weights
 from towerplus_jax.convert import hf
 from towerplus_jax.data import chat, derive, sources, tokenizer_files
 from towerplus_jax.data import records as records_lib
@@ -56,20 +56,20 @@ def score(records: Sequence[dict], hyps: Sequence[str], comet_model: str | None 
   pairs = [f"{_code(r, 'src')}-{_code(r, 'tgt')}" for r in records]
   targets = {p.split("-", 1)[1] for p in pairs}
   report = {"num_segments": len(records),
-            "by_pair": metrics.scores_by_pair(hyps, refs, pairs)}
+            "by_pair": mt_metrics.scores_by_pair(hyps, refs, pairs)}
   # One tokenizer for the whole corpus: the target's when there is one target language, else 13a.
-  report["overall"] = metrics.corpus_scores(hyps, refs, targets.pop() if len(targets) == 1 else "en")
+  report["overall"] = mt_metrics.corpus_scores(hyps, refs, targets.pop() if len(targets) == 1 else "en")
   with_rules = [(r, h) for r, h in zip(records, hyps) if r.get("rules")]
   if with_rules:
-    report["rule_adherence"] = sum(rules.rule_adherence(r["rules"], h, r["source"]) for r, h in with_rules) / len(
+    report["rule_adherence"] = sum(ifmt_rules.rule_adherence(r["rules"], h, r["source"]) for r, h in with_rules) / len(
         with_rules)
   if comet_model:
-    report["comet"] = metrics.comet_scores([r["source"] for r in records], hyps, refs, comet_model)["comet"]
+    report["comet"] = mt_metrics.comet_scores([r["source"] for r in records], hyps, refs, comet_model)["comet"]
   return report
 
 
 def _code(record: dict, side: str) -> str:
-  return record.get(side) or metrics.lang_code(record[f"{side}_lang"])
+  return record.get(side) or mt_metrics.lang_code(record[f"{side}_lang"])
 
 
 def evaluate(model, tokenizer, template: str, records: Sequence[dict], out_dir: str | None = None,

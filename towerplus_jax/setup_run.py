@@ -40,7 +40,7 @@ def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelCo
         f"config.data.tokenizer={config.data.tokenizer!r} has {tokenizer.vocab_size} ids but the model "
         f"({config.init_from or config.model.preset}) has {model_cfg.vocab_size} embedding rows: use the "
         "checkpoint's own tokenizer (config.data.tokenizer=auto, or sp:PATH / hf:PATH)")
-  if datasets.data_kind(config) == "lm":
+  if datasets.batch_format(config) == "lm":
     return
   try:
     chat.stop_ids(tokenizer, config.data.template)
@@ -65,19 +65,19 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   loss = losses.get(config.loss.name)
   use_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
   ref_params = weights.frozen_copy(model) if use_reference else None
-  kind = datasets.data_kind(config)
+  fmt = datasets.batch_format(config)
   dataset = datasets.dataset_fn(config, tokenizer)
   dcfg = config.data
   global_batch = config.train.global_batch_size
 
   def batches(policy: Callable[[], nnx.Module]):
-    if kind == "rl":
+    if fmt == "rl":
       prompts = dataset(dcfg.train, True, config.rl.prompts_per_step)
       return rollout.RolloutBatches(config, tokenizer, prompts, policy, mesh, workdir)
     return datasets.DatasetBatches(dataset(dcfg.train, True, global_batch))
 
   eval_batches = None
-  if dcfg.eval and kind != "rl":
+  if dcfg.eval and fmt != "rl":
     def eval_batches():
       return itertools.islice(iter(dataset(dcfg.eval, False, global_batch)), config.train.eval_steps)
   logging.info("model %s: %s params on mesh %s", model_cfg.family,

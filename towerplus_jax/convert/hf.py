@@ -172,7 +172,7 @@ def _place(source: _Source, target: jax.ShapeDtypeStruct, target_sharding: Shard
     source.cache.clear()
 
 
-def load_hf(hf_dir: str, *, mesh: Mesh | None = None, rules: sharding.Rules = sharding.RULES,
+def load_hf(hf_dir: str, *, mesh: Mesh | None = None, rules: sharding.AxisRules = sharding.LOGICAL_AXIS_RULES,
             overrides: Mapping[str, Any] | None = None) -> tuple[ModelConfig, Transformer]:
   """(ModelConfig, model) from an HF folder. The model is built abstractly and filled parameter by parameter, each
   placed straight onto its sharding on `mesh` (else the default device). `overrides`: ModelConfig fields such as

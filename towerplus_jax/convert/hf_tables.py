@@ -21,25 +21,25 @@ class Layout:
   """How one of our arrays is stored by HF. `same`: identical; `flat`: HF keeps it 1-D ([N, H] <-> [N*H]);
   `linear`: an nn.Linear weight [out, in] whose inputs are our first `n_in` axes (q [D,N,H] <-> [N*H, D])."""
 
-  kind: Literal["same", "flat", "linear"]
+  form: Literal["same", "flat", "linear"]
   n_in: int = 1
 
   def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if self.kind == "same":
+    if self.form == "same":
       return tuple(shape)
-    if self.kind == "flat":
+    if self.form == "flat":
       return (math.prod(shape),)
     return (math.prod(shape[self.n_in:]), math.prod(shape[:self.n_in]))
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
-    if self.kind == "same":
+    if self.form == "same":
       return x
-    if self.kind == "flat":
+    if self.form == "flat":
       return x.reshape(-1)
     return x.reshape(math.prod(x.shape[:self.n_in]), -1).T
 
   def to_ours(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return (x.T if self.kind == "linear" else x).reshape(shape)
+    return (x.T if self.form == "linear" else x).reshape(shape)
 
 
 SAME, FLAT, LINEAR, LINEAR2 = Layout("same"), Layout("flat"), Layout("linear", 1), Layout("linear", 2)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from towerplus_jax import rules
+from towerplus_jax import ifmt_rules
 from towerplus_jax.data.tokenizers import Tokenizer
 
 TEMPLATES = ("gemma", "chatml")
@@ -59,7 +59,7 @@ def translation_request(record: Mapping) -> str:
   """The Tower+ prompt of a parallel record, preceded by its IF-MT rules (if any) as instructions."""
   prompt = translation_prompt(record["src_lang"], record["tgt_lang"], record["source"])
   if record.get("rules"):
-    prompt = f"{rules.describe(record['rules'])}\n{prompt}"
+    prompt = f"{ifmt_rules.describe(record['rules'])}\n{prompt}"
   return prompt
 
 

@@ -10,12 +10,12 @@ import ml_collections
 from towerplus_jax.data import pipeline
 from towerplus_jax.data.sources import resolve_sources
 
-DATA_KIND = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference", "grpo": "rl"}  # loss -> format
+BATCH_FORMAT_OF_LOSS = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference", "grpo": "rl"}  # loss -> format
 
 
-def data_kind(config: ml_collections.ConfigDict) -> str:
+def batch_format(config: ml_collections.ConfigDict) -> str:
   """The stage's batch format (pipeline.KINDS): its loss's, else config.data.kind."""
-  return DATA_KIND.get(config.loss.name, config.data.kind)
+  return BATCH_FORMAT_OF_LOSS.get(config.loss.name, config.data.kind)
 
 
 def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, bool, int], Any]:
@@ -25,7 +25,7 @@ def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, b
 
   def dataset(spec: str, train_split: bool, batch_size: int):
     return pipeline.make_dataset(
-        data_kind(config), resolve_sources(spec), tokenizer, seq_len=dcfg.seq_len, batch_size=batch_size,
+        batch_format(config), resolve_sources(spec), tokenizer, seq_len=dcfg.seq_len, batch_size=batch_size,
         template=dcfg.template, seed=dcfg.seed, shuffle=train_split, repeat=train_split, pack=dcfg.pack,
         max_prompt_len=dcfg.max_prompt_len or None)
   return dataset
