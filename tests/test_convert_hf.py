@@ -266,11 +266,10 @@ def test_load_scanned_onto_mesh(tiny_hf_model, imported):
                                 np.asarray(plain.layers[0].mlp.down_FD[...]))
 
 
-def test_cli_import_then_export(tiny_hf_model, tmp_path):
+def test_cli_import_then_export(tiny_hf_model, sample_sp_path, tmp_path):
   folder = tiny_hf_model("gemma3", vocab_size=1024)
   shutil.copytree(folder, tmp_path / "hf")
-  shutil.copy(tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")),
-              tmp_path / "hf" / "tokenizer.model")
+  shutil.copy(sample_sp_path, tmp_path / "hf" / "tokenizer.model")
   hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}"])
   assert model_config.load_json(str(tmp_path / "work")) == hf_config.config_from_hf(
       json.load(open(os.path.join(folder, "config.json"))))

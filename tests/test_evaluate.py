@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 
 from towerplus_jax import evaluate, sharding
-from towerplus_jax.data import chat, derive, sources, tokenizers
+from towerplus_jax.data import chat, derive, sources
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  tok = tokenizers.load_tokenizer("sentencepiece", tokenizers.sample_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+def tiny(sample_tok):
+  tok = sample_tok
   cfg = ModelConfig.tiny("gemma2", vocab_size=1024)
   model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), sharding.make_mesh({}, jax.devices()[:1]))
   return model, tok

@@ -250,8 +250,8 @@ def test_bad_arguments(files):
 @pytest.mark.skipif(not tokenizers.sample_texts(), reason="no shipped sample yet")
 @pytest.mark.parametrize("kind, names", [("lm", "mono,parallel,chat"), ("sft", "chat,parallel,test"),
                                          ("preference", "preferences"), ("rl", "ifmt,parallel,copy,math")])
-def test_shipped_sample_through_every_format(tmp_path_factory, kind, names):
-  tok = tokenizers.SentencePieceTokenizer(tokenizers.sample_tokenizer(str(tmp_path_factory.getbasetemp())))
+def test_shipped_sample_through_every_format(sample_tok, kind, names):
+  tok = sample_tok
   paths = [f"{SAMPLE}/{n}.jsonl" for n in names.split(",")]
   for template in ("gemma", "chatml"):
     ds = pipeline.make_dataset(kind, paths, tok, seq_len=128, batch_size=8, template=template, seed=0,

@@ -12,7 +12,7 @@ from etils import epath
 from towerplus_jax import config_check
 from towerplus_jax.convert import hf_config
 from towerplus_jax.data import chat
-from towerplus_jax.data.tokenizers import Tokenizer, load_tokenizer, sample_tokenizer
+from towerplus_jax.data.tokenizers import SAMPLE_CACHE, Tokenizer, load_tokenizer, sample_tokenizer
 from towerplus_jax.models import config as model_config
 
 MODEL_FILES = {"sp": "tokenizer.model", "hf": "tokenizer.json"}  # tokenizer spec prefix -> its file in a folder
@@ -88,8 +88,7 @@ def load_for_run(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
       raise ValueError("config.data.tokenizer='auto' needs config.init_from (hf:DIR or ckpt:WORKDIR); with a random "
                        "init set config.data.tokenizer=sample, sp:PATH or hf:PATH")
   if spec == "sample":
-    tok_path = sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax"))
-    spec = f"sp:{tok_path}"
+    spec = f"sp:{sample_tokenizer(SAMPLE_CACHE)}"
   kind, _, path = spec.partition(":")
   if kind not in SPEC_KINDS:
     raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r}: use sample, sp:PATH, hf:PATH or auto")

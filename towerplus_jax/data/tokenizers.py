@@ -18,6 +18,7 @@ import tokenizers as hf_tokenizers
 from towerplus_jax.data.sources import SAMPLE_DIR
 CHAT_SYMBOLS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
 SAMPLE_VOCAB_SIZE = 1024
+SAMPLE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")  # where `sample` is trained once
 
 
 class Tokenizer(Protocol):
