@@ -39,7 +39,7 @@ def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None
     model = weights.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"), step)
     folder = os.path.join(workdir, "tokenizer")
   # The template the run trained with (saved with its tokenizer), else the family's.
-  return model, tokenizer_files.tokenizer_in(folder), hf.template_in(folder) or chat.family_template(cfg.family)
+  return model, tokenizer_files.tokenizer_in(folder), tokenizer_files.template_in(folder) or chat.family_template(cfg.family)
 
 
 def translate(model: nnx.Module, tokenizer, template: str, records: Sequence[dict], *, max_new_tokens: int = 256,

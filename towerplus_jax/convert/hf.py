@@ -1,5 +1,5 @@
-"""Hugging Face folders (safetensors + config.json) <-> towerplus_jax: streaming import onto a mesh, sharded export,
-the tokenizer files of an export, and the CLI. Key tables: hf_tables.py; config.json translation: hf_config.py.
+"""Hugging Face folders (safetensors + config.json) <-> towerplus_jax: streaming import onto a mesh, sharded export
+and the CLI. Key tables: hf_tables.py; config.json translation: hf_config.py; tokenizer files: data/tokenizer_files.py.
 
     python -m towerplus_jax.convert.hf import --hf=HF_DIR --out=DIR       # DIR is a run workdir: init_from=ckpt:DIR
     python -m towerplus_jax.convert.hf export --workdir=DIR [--step=N] --out=HF_DIR
@@ -28,11 +28,11 @@ from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 
 from towerplus_jax import checkpoint, sharding, storage
-from towerplus_jax.data import chat
-from towerplus_jax.data.tokenizer_files import MODEL_FILES, TOKENIZER_FILES, copy_tokenizer_files, tokenizer_in
-from towerplus_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
 from towerplus_jax.convert.hf_config import config_from_folder, config_to_hf, default_token_ids, read_json
 from towerplus_jax.convert.hf_tables import IGNORABLE, Layout, key_map
+from towerplus_jax.data import chat
+from towerplus_jax.data.tokenizer_files import (MODEL_FILES, TOKENIZER_FILES, chat_token_ids, copy_tokenizer_files,
+                                                template_in, tokenizer_in, write_tokenizer_config)
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer, abstract_model
@@ -302,40 +302,6 @@ def save_hf(params: nnx.Module | nnx.State | Mapping, cfg: ModelConfig, out_dir:
 
 def _write_json(path: str | epath.Path, d: Mapping) -> None:
   epath.Path(path).write_text(json.dumps(d, indent=2))
-
-
-def chat_token_ids(tokenizer: Tokenizer, template: str) -> dict[str, Any]:
-  """generation_config / config.json ids of a run's tokenizer: eos = the template's end-of-turn token, then eos
-  (transformers `generate` stops at either), its bos and pad."""
-  ids = {"eos_token_id": chat.stop_ids(tokenizer, template), "pad_token_id": tokenizer.pad_id}
-  return ids if tokenizer.bos_id is None else {"bos_token_id": tokenizer.bos_id, **ids}
-
-
-def write_tokenizer_config(tokenizer: Tokenizer, template: str, folder: str) -> None:
-  """`folder/tokenizer_config.json` with the run's special tokens and chat template, so that transformers'
-  AutoTokenizer + apply_chat_template work on an export. An existing file is kept, only a missing chat template
-  (and missing special tokens) added."""
-  path = epath.Path(folder) / "tokenizer_config.json"
-  config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-  if not config and isinstance(tokenizer, SentencePieceTokenizer):  # transformers adds a <mask> unless told not to
-    config.update(tokenizer_class="GemmaTokenizer", add_bos_token=False, add_eos_token=False, mask_token=None,
-                  unk_token=tokenizer.piece(tokenizer.unk_id))
-  for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
-    if i is not None:
-      config.setdefault(name, tokenizer.piece(i))
-  if "chat_template" not in config and not (epath.Path(folder) / "chat_template.jinja").exists():
-    config["chat_template"] = chat.JINJA[template]
-    config.setdefault("extra_special_tokens", [chat.START_OF_TURN[template], chat.END_OF_TURN[template]])
-  _write_json(path, config)
-
-
-def template_in(folder: str) -> str | None:
-  """The chat template (chat.TEMPLATES) a tokenizer folder's Jinja template renders, by its end-of-turn token."""
-  text = ""
-  for name in ("tokenizer_config.json", "chat_template.jinja"):
-    if (epath.Path(folder) / name).exists():
-      text += (epath.Path(folder) / name).read_text(encoding="utf-8")
-  return next((t for t in chat.TEMPLATES if chat.END_OF_TURN[t] in text), None)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
