@@ -19,10 +19,8 @@ from flax import nnx
 
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf
-from towerplus_jax.models.config import ModelConfig
+from towerplus_jax.models.config import FAMILIES, ModelConfig
 from towerplus_jax.models.transformer import Transformer
-
-FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
 
 
 def num_cores() -> int:

@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
+from towerplus_jax.data import tokenizers
+
+
 _BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6)
 # Per family: sliding window 4 < the test length 12, softcaps on (Gemma 3's final cap small enough to bite),
@@ -77,3 +79,14 @@ def hf_logits():
 @pytest.fixture(scope="session")
 def tokens_BT() -> np.ndarray:
   return np.random.default_rng(0).integers(3, 256, size=(2, 12))
+
+
+@pytest.fixture(scope="session")
+def sample_sp_path() -> str:
+  """The sample SentencePiece model, trained once where `config.data.tokenizer=sample` finds it."""
+  return tokenizers.sample_tokenizer(tokenizers.SAMPLE_CACHE)
+
+
+@pytest.fixture(scope="session")
+def sample_tok(sample_sp_path) -> tokenizers.SentencePieceTokenizer:
+  return tokenizers.SentencePieceTokenizer(sample_sp_path)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs.sft import get_config
 from towerplus_jax import aot, sharding
-from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.models.transformer import abstract_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,7 +21,7 @@ def test_fsdp8_argument_bytes_are_params_and_moments_over_8():
   cfg = aot.model_config(config)
   report = aot.memory_report(aot.compile_train_step(config, sharding.make_mesh({"fsdp": 8})))
   assert min(report.argument, report.output, report.temp) > 0 and report.total > report.argument
-  params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  params = nnx.state(abstract_model(cfg))
   param_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))  # float32
   b, t = config.train.global_batch_size, config.data.seq_len
   batch_bytes = 5 * b * t * 4  # inputs, targets, loss_mask, positions, segment_ids: 4 bytes each

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from configs.sft import get_config as get_sft_config
-from towerplus_jax import setup_run, sharding
-from towerplus_jax.convert import hf
+from towerplus_jax import sharding, weights
+from towerplus_jax.convert import hf_config
 from towerplus_jax.models import attention
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
@@ -136,9 +136,9 @@ def test_bad_choice_names_the_options():
 def test_config_keys_reach_the_model_and_not_the_export():
   config = get_sft_config("tiny")
   config.model.attention, config.model.attention_block = "splash", 256
-  cfg = ModelConfig.tiny().replace(**setup_run.model_overrides(config))
+  cfg = ModelConfig.tiny().replace(**weights.model_overrides(config))
   assert (cfg.attention, cfg.attention_block) == ("splash", 256)
-  assert "attention" not in hf.config_to_hf(cfg)  # a runtime choice, not architecture: export accepts any
+  assert "attention" not in hf_config.config_to_hf(cfg)  # a runtime choice, not architecture: export accepts any
 
 
 def test_tiny_gemma2_splash_logits_equal_xla():

@@ -74,36 +74,36 @@ def test_stop_signal_flag():
 def test_unrolled_checkpoint_restores_into_scanned_model(tmp_path):
   """Gemma 3 with 8 layers (period 6: one stacked group + 2 unrolled) saved unrolled, restored scanned onto a mesh
   (and back): the same forward logits, the stacked params sharded by their logical axes."""
-  from towerplus_jax import setup_run
+  from towerplus_jax import weights
   base = ModelConfig.tiny("gemma3")
   unrolled = base.replace(num_layers=8, layer_types=("sliding",) * 5 + ("full", "sliding", "sliding"))
   scanned = unrolled.replace(scan_layers=True)
   model = Transformer(unrolled, rngs=nnx.Rngs(2))
   checkpoint.save_params(str(tmp_path / "a"), nnx.to_pure_dict(nnx.state(model)))
   mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
-  restored = setup_run.restore_model(scanned, mesh, str(tmp_path / "a"), saved=unrolled)
+  restored = weights.restore_model(scanned, mesh, str(tmp_path / "a"), saved=unrolled)
   assert restored.stack[0].attn.q_DNH.shape[0] == 1 and len(restored.tail) == 2
   assert restored.stack[0].attn.q_DNH[...].sharding.spec == P(None, "fsdp", "tensor", None)
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, base.vocab_size)
   want = np.asarray(model(tokens))
   np.testing.assert_allclose(np.asarray(restored(tokens)), want, atol=1e-5)
   checkpoint.save_params(str(tmp_path / "b"), nnx.to_pure_dict(nnx.state(restored)))
-  back = setup_run.restore_model(unrolled, mesh, str(tmp_path / "b"), saved=scanned)
+  back = weights.restore_model(unrolled, mesh, str(tmp_path / "b"), saved=scanned)
   np.testing.assert_allclose(np.asarray(back(tokens)), want, atol=1e-5)
 
 
 def test_resume_with_another_layer_layout_is_named(tmp_path):
-  from towerplus_jax import setup_run
+  from towerplus_jax import weights
   from towerplus_jax.models import config as model_config
   cfg = ModelConfig.tiny("qwen3")
   model_config.save_json(cfg, str(tmp_path))
-  setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))  # no checkpoints yet: a fresh start
+  weights.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))  # no checkpoints yet: a fresh start
   os.makedirs(tmp_path / "checkpoints")  # created before the first save: a run that died before step 1
-  setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
+  weights.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
   os.makedirs(tmp_path / "checkpoints" / "3")
-  setup_run.check_resume_layout(str(tmp_path), cfg)
+  weights.check_resume_layout(str(tmp_path), cfg)
   with pytest.raises(ValueError, match=r"model.scan_layers=False; resume it with --config.model.scan_layers=False"):
-    setup_run.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
+    weights.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))
 
 
 def _saved_steps(directory, steps=(1, 2, 3)):

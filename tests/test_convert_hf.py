@@ -16,17 +16,16 @@ from safetensors.torch import load_file, save_file
 
 from towerplus_jax.models import config as model_config
 from towerplus_jax import sharding
-from towerplus_jax.convert import hf
+from towerplus_jax.convert import hf, hf_config
 from towerplus_jax.data import tokenizers
-from towerplus_jax.models.config import PRESETS, preset
+from towerplus_jax.models.config import FAMILIES, PRESETS, preset
 
-FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
 MODEL_TYPES = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
 
 
 def _pure(model) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v) for k, (_, v) in hf._flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+  return {k: np.asarray(v) for k, (_, v) in hf.named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
 
 def _hf_model(folder: str) -> torch.nn.Module:
@@ -55,25 +54,25 @@ def _copy_with(folder: str, dst: str, tensors: dict, config: dict | None = None)
 @pytest.mark.parametrize("name", sorted(PRESETS) + [f"tiny_{f}" for f in FAMILIES])
 def test_config_roundtrip(name):
   cfg = preset(name)
-  assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+  assert hf_config.config_from_hf(hf_config.config_to_hf(cfg)) == cfg
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_to_hf_is_what_transformers_reads(family):
   cfg = preset(f"tiny_{family}")
-  d = hf.config_to_hf(cfg, dtype="float32")
+  d = hf_config.config_to_hf(cfg, dtype="float32")
   loaded = transformers.AutoConfig.for_model(**d)
   assert type(loaded) is MODEL_TYPES[d["model_type"]]
   assert [t.removesuffix("_attention") for t in loaded.layer_types] == [cfg.layer_type(i) for i in range(4)]
   assert (loaded.head_dim, loaded.num_key_value_heads, loaded.tie_word_embeddings) == (16, 2, cfg.tie_embeddings)
-  assert hf.config_from_hf(loaded.to_dict()) == cfg  # transformers' own serialisation parses back
+  assert hf_config.config_from_hf(loaded.to_dict()) == cfg  # transformers' own serialisation parses back
 
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_TYPES))
 def test_hf_defaults_match_transformers(model_type):
   """A config.json that leaves every field out means transformers' class defaults."""
   full = MODEL_TYPES[model_type]().to_dict()
-  assert hf.config_from_hf({"model_type": model_type}) == hf.config_from_hf(full)
+  assert hf_config.config_from_hf({"model_type": model_type}) == hf_config.config_from_hf(full)
 
 
 # Real transformers-4.x config.json files of the Hub (abridged to the fields that matter).
@@ -109,24 +108,25 @@ LEGACY = {
 
 @pytest.mark.parametrize("name", sorted(LEGACY))
 def test_legacy_hub_configs_give_the_presets(name):
-  assert hf.config_from_hf(LEGACY[name]) == preset(name)
+  assert hf_config.config_from_hf(LEGACY[name]) == preset(name)
 
 
 def test_config_errors():
   with pytest.raises(ValueError, match="model_type='llama'"):
-    hf.config_from_hf({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    hf_config.config_from_hf({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
   with pytest.raises(ValueError, match="rope_type 'yarn'"):
-    hf.config_from_hf({"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    hf_config.config_from_hf({"model_type": "qwen2", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
   with pytest.raises(ValueError, match="hidden_act='gelu'"):
-    hf.config_from_hf({"model_type": "qwen3", "hidden_act": "gelu"})
+    hf_config.config_from_hf({"model_type": "qwen3", "hidden_act": "gelu"})
   with pytest.raises(ValueError, match="cannot express .*attn_logit_softcap"):
-    hf.config_to_hf(preset("tiny_qwen2").replace(attn_logit_softcap=5.0))
+    hf_config.config_to_hf(preset("tiny_qwen2").replace(attn_logit_softcap=5.0))
 
 
 def test_default_token_ids():
-  assert hf.default_token_ids(preset("gemma2_2b"))["eos_token_id"] == [1, 107]  # <eos>, <end_of_turn>
-  assert hf.default_token_ids(preset("gemma3_4b"))["eos_token_id"] == [1, 106]
-  assert hf.default_token_ids(preset("qwen2_5_7b"))["eos_token_id"] == [151645, 151643]  # <|im_end|>, <|endoftext|>
+  assert hf_config.default_token_ids(preset("gemma2_2b"))["eos_token_id"] == [1, 107]  # <eos>, <end_of_turn>
+  assert hf_config.default_token_ids(preset("gemma3_4b"))["eos_token_id"] == [1, 106]
+  # <|im_end|>, <|endoftext|>
+  assert hf_config.default_token_ids(preset("qwen2_5_7b"))["eos_token_id"] == [151645, 151643]
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -266,13 +266,12 @@ def test_load_scanned_onto_mesh(tiny_hf_model, imported):
                                 np.asarray(plain.layers[0].mlp.down_FD[...]))
 
 
-def test_cli_import_then_export(tiny_hf_model, tmp_path):
+def test_cli_import_then_export(tiny_hf_model, sample_sp_path, tmp_path):
   folder = tiny_hf_model("gemma3", vocab_size=1024)
   shutil.copytree(folder, tmp_path / "hf")
-  shutil.copy(tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")),
-              tmp_path / "hf" / "tokenizer.model")
+  shutil.copy(sample_sp_path, tmp_path / "hf" / "tokenizer.model")
   hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}"])
-  assert model_config.load_json(str(tmp_path / "work")) == hf.config_from_hf(
+  assert model_config.load_json(str(tmp_path / "work")) == hf_config.config_from_hf(
       json.load(open(os.path.join(folder, "config.json"))))
   assert (tmp_path / "work" / "tokenizer" / "tokenizer.model").exists()
   hf.main(["export", f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'back'}", "--dtype=float32"])

@@ -8,15 +8,15 @@ import jax
 import pytest
 from flax import nnx
 
-from towerplus_jax import evaluate, setup_run, sharding
-from towerplus_jax.data import chat, derive, tokenizers
+from towerplus_jax import evaluate, sharding
+from towerplus_jax.data import chat, derive, sources
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  tok = tokenizers.load_tokenizer("sentencepiece", tokenizers.sample_tokenizer(str(tmp_path_factory.mktemp("tok"))))
+def tiny(sample_tok):
+  tok = sample_tok
   cfg = ModelConfig.tiny("gemma2", vocab_size=1024)
   model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), sharding.make_mesh({}, jax.devices()[:1]))
   return model, tok
@@ -32,7 +32,7 @@ def cli(refs, hyps, tmp_path, *extra):
 
 def test_scores_match_sacrebleu_cli(tiny, tmp_path):
   model, tok = tiny
-  records = [r for r in derive.read_jsonl(setup_run.resolve_sources("sample:test")[0]) if r["tgt"] != "zh"][:12]
+  records = [r for r in derive.read_jsonl(sources.resolve_sources("sample:test")[0]) if r["tgt"] != "zh"][:12]
   report = evaluate.evaluate(model, tok, "gemma", records, str(tmp_path / "out"), max_new_tokens=8, batch_size=8)
   rows = derive.read_jsonl(str(tmp_path / "out" / "hypotheses.jsonl"))
   hyps, refs = [r["hypothesis"] for r in rows], [r["reference"] for r in rows]
@@ -49,7 +49,7 @@ def test_scores_match_sacrebleu_cli(tiny, tmp_path):
 
 
 def test_ifmt_prompt_carries_rules_and_is_scored(tiny):
-  record = derive.read_jsonl(setup_run.resolve_sources("sample:ifmt")[0])[1]
+  record = derive.read_jsonl(sources.resolve_sources("sample:ifmt")[0])[1]
   prompt = chat.translation_request(record)
   assert 'Translate "Save" as "Guardar".' in prompt and prompt.endswith("Portuguese (Portugal): ")
   report = evaluate.score([record, record], [record["reference"], "Clique em Salvar."])

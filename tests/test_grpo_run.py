@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import grpo
-from towerplus_jax import setup_run, sharding, train
+from towerplus_jax import sharding, train, weights
 from towerplus_jax.models import config as model_config
 
 
@@ -49,7 +49,7 @@ def test_resumed_grpo_samples_as_the_uninterrupted_run(tmp_path):
   assert [json.loads(l) for l in open(resumed / "samples.jsonl")] == samples
 
   def params(workdir):
-    model = setup_run.restore_model(model_config.load_json(str(workdir)), sharding.make_mesh({}, jax.devices()[:1]),
+    model = weights.restore_model(model_config.load_json(str(workdir)), sharding.make_mesh({}, jax.devices()[:1]),
                                     str(workdir / "checkpoints"))
     return jax.tree.leaves(jax.device_get(nnx.to_pure_dict(nnx.state(model))))
   for x, y in zip(params(full), params(resumed)):

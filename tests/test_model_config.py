@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from towerplus_jax.models.config import PRESETS, ModelConfig, preset
-from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.models.transformer import abstract_model
 
 # Published parameter counts (HF model cards / safetensors metadata; Gemma 3 text-only towers).
 PUBLISHED = {
@@ -29,7 +29,7 @@ def count(cfg: ModelConfig) -> int:
 
 
 def traced_count(cfg: ModelConfig) -> int:
-  state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  state = nnx.state(abstract_model(cfg), nnx.Param)
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
 
 

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from towerplus_jax.convert import hf
+from towerplus_jax.models.config import FAMILIES
 
 CASES = {  # name: (family, HF config overrides); the tiny models' own settings are in conftest.py
     "gemma2": ("gemma2", {}),
@@ -19,7 +20,6 @@ CASES = {  # name: (family, HF config overrides); the tiny models' own settings 
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
 }
-FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
 SCAN = pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 
 

@@ -25,7 +25,8 @@ from flax import nnx
 
 import multihost_worker
 
-from towerplus_jax import main, setup_run, sharding, train
+from towerplus_jax import main, sharding, train, weights
+from towerplus_jax.data import sources
 from towerplus_jax.models import config as model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def run_processes(jobs: list[dict], tmp_path: Path, n: int = 2, started: int | N
 
 def final_params(workdir: Path) -> list[np.ndarray]:
   cfg = model_config.load_json(str(workdir))
-  model = setup_run.restore_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), str(workdir / "checkpoints"))
+  model = weights.restore_model(cfg, sharding.make_mesh({}, jax.devices()[:1]), str(workdir / "checkpoints"))
   return [np.asarray(x) for x in jax.tree.leaves(nnx.to_pure_dict(nnx.state(model)))]
 
 
@@ -110,7 +111,7 @@ def runs(tmp_path_factory):
   keep_until(tmp / "one_to_two", 2)
   shutil.copytree(one / "grpo", tmp / "heldout_two")
   heldout = tmp / "heldout.jsonl"  # 20 segments: a full 16-row batch and one with filler rows
-  heldout.write_text("".join(open(setup_run.resolve_sources("sample:test")[0]).readlines()[:20]))
+  heldout.write_text("".join(open(sources.resolve_sources("sample:test")[0]).readlines()[:20]))
   multihost_worker.DECODED.clear()
   with multihost_worker.count_decoded_rows():
     one_heldout = main._held_out_scores(multihost_worker.heldout_config(str(heldout)), str(one / "grpo"))

@@ -9,19 +9,19 @@ import sys
 import numpy as np
 
 from configs import sft
-from towerplus_jax import setup_run, train
-from towerplus_jax.data import chat, tokenizers
+from towerplus_jax import train
+from towerplus_jax.data import tokenizer_files
+from towerplus_jax.data import chat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_hf_folder_sft_export_chat_stops(tiny_hf_model, tmp_path):
+def test_hf_folder_sft_export_chat_stops(tiny_hf_model, sample_sp_path, tmp_path):
   import torch
   import transformers
   folder = str(tmp_path / "my_gemma")
   shutil.copytree(tiny_hf_model("gemma2", vocab_size=1024), folder)
-  sp_path = tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax"))
-  shutil.copy(sp_path, os.path.join(folder, "tokenizer.model"))  # the user's tokenizer
+  shutil.copy(sample_sp_path, os.path.join(folder, "tokenizer.model"))  # the user's tokenizer
   data = tmp_path / "sft.jsonl"
   data.write_text("".join(json.dumps({"prompt": f"Say ok {i}", "completion": "ok"}) + "\n" for i in range(16)))
 
@@ -38,7 +38,7 @@ def test_hf_folder_sft_export_chat_stops(tiny_hf_model, tmp_path):
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert run.returncode == 0 and "float32" in run.stdout, run.stderr[-2000:]
 
-  ours = setup_run.tokenizer_in(folder)
+  ours = tokenizer_files.tokenizer_in(folder)
   end_of_turn = ours.token_id("<end_of_turn>")
   gen = json.load(open(os.path.join(out, "generation_config.json")))
   assert gen["eos_token_id"][0] == end_of_turn and gen["pad_token_id"] == ours.pad_id

@@ -4,15 +4,15 @@ import json
 import numpy as np
 
 from configs import wpo
-from towerplus_jax import reference, setup_run, train
-from towerplus_jax.data import derive
+from towerplus_jax import reference, train
+from towerplus_jax.data import derive, sources
 
 
 def test_precomputed_reference_equals_frozen_reference(tmp_path):
   """Precomputed in batches of 3 (a padded last batch), trained in batches of 4: equal only if every record got its
   own row's log-probs."""
   prefs = tmp_path / "prefs.jsonl"
-  prefs.write_text(derive.render(derive.read_jsonl(setup_run.resolve_sources("sample:preferences")[0])[:10]),
+  prefs.write_text(derive.render(derive.read_jsonl(sources.resolve_sources("sample:preferences")[0])[:10]),
                    encoding="utf-8")
   c = wpo.get_config("tiny")
   c.data.update(train=str(prefs), seq_len=64)

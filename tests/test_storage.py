@@ -6,7 +6,8 @@ import ml_collections
 import pytest
 from etils.epath import gpath, testing as epath_testing
 
-from towerplus_jax import metrics_writer, setup_run, storage
+from towerplus_jax import metrics_writer, storage
+from towerplus_jax.data import tokenizer_files
 from towerplus_jax.models import config as model_config
 
 
@@ -44,9 +45,9 @@ def test_run_files_on_the_bucket(bucket):
   assert model_config.load_json("gs://bucket/run") == cfg
 
   config = ml_collections.ConfigDict({"init_from": "", "data": {"tokenizer": "sample", "template": "gemma"}})
-  tok = setup_run.load_tokenizer(config, "gs://bucket/run")
+  tok = tokenizer_files.load_for_run(config, "gs://bucket/run")
   assert (bucket / "run" / "tokenizer" / "tokenizer.model").exists()
-  assert setup_run.tokenizer_in("gs://bucket/run/tokenizer").encode("hello") == tok.encode("hello")
+  assert tokenizer_files.tokenizer_in("gs://bucket/run/tokenizer").encode("hello") == tok.encode("hello")
 
   writer = metrics_writer.MetricsWriter("gs://bucket/run", 10, 1.0)
   writer.write(1, {"loss": 2.0})

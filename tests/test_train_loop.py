@@ -11,8 +11,8 @@ import pytest
 
 from configs import cpt, grpo, sft, tower_plus, wpo
 from towerplus_jax.models import config as model_config
-from towerplus_jax import checkpoint, setup_run, sharding, train
-from towerplus_jax.data import tokenizers
+from towerplus_jax import checkpoint, setup_run, sharding, train, weights
+from towerplus_jax.data import tokenizer_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +26,7 @@ def small(c, steps=6):
 def final_params(workdir):
   cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({}, jax.devices()[:1])
-  model = setup_run.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"))
+  model = weights.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"))
   from flax import nnx
   return jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
@@ -78,7 +78,7 @@ def test_loss_falls_on_the_sample(tmp_path):
 def test_every_config_loads(module, arg):
   c = module.get_config(arg)
   assert c.loss.name in ("lm", "sft", "wpo", "grpo")
-  assert setup_run.resolve_template(c) == ("chatml" if arg.startswith("qwen") else "gemma")
+  assert tokenizer_files.resolve_template(c) == ("chatml" if arg.startswith("qwen") else "gemma")
 
 
 @pytest.mark.parametrize("module", [cpt, sft, wpo, grpo])
@@ -145,7 +145,7 @@ def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
   assert os.path.exists(os.path.join(out, "tokenizer.model"))
 
 
-def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf_model):
+def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf_model, sample_sp_path):
   folder = str(tmp_path / "hf")
   shutil.copytree(tiny_hf_model("qwen2", vocab_size=1024), folder)
   c = sft.get_config("tiny")  # a gemma2-family preset: the folder's tokenizer and template win
@@ -154,8 +154,7 @@ def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf
     c.init_from = f"hf:{tiny_hf_model('qwen2')}"  # 256 rows, no tokenizer: the tiny default is the sample's 1024
     setup_run.setup_run(c, str(tmp_path / "small"))
   c.init_from = f"hf:{folder}"
-  shutil.copy(tokenizers.sample_tokenizer(os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")),
-              os.path.join(folder, "tokenizer.model"))
+  shutil.copy(sample_sp_path, os.path.join(folder, "tokenizer.model"))
   run = setup_run.setup_run(c, str(tmp_path / "w"))
   assert run.tokenizer.path == os.path.join(folder, "tokenizer.model") and c.data.template == "chatml"
   assert "<|im_end|>" in open(tmp_path / "w" / "tokenizer" / "tokenizer_config.json").read()

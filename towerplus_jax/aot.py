@@ -29,9 +29,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from towerplus_jax import losses, optim, setup_run, sharding, train
+from towerplus_jax import losses, optim, sharding, train, weights
+from towerplus_jax.data import datasets
 from towerplus_jax.models.config import ModelConfig, preset
-from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.models.transformer import abstract_model
 
 GIB = 1024 ** 3
 ROW_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "positions": jnp.int32,
@@ -95,7 +96,7 @@ class MemoryReport:
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
   """The stage's architecture: its preset with the config's vocab size, dtypes and remat policy."""
   cfg = preset(config.model.preset)
-  return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, **setup_run.model_overrides(config))
+  return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, **weights.model_overrides(config))
 
 
 def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
@@ -110,17 +111,17 @@ def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shape and dtype of every array of one global batch of the stage's data kind (as its pipeline emits it)."""
-  b, kind = config.train.global_batch_size, setup_run.data_kind(config)
-  if kind in ("lm", "sft"):
+  """Shape and dtype of every array of one global batch of the stage's batch format (as its pipeline emits it)."""
+  b, fmt = config.train.global_batch_size, datasets.batch_format(config)
+  if fmt in ("lm", "sft"):
     return {k: ((b, config.data.seq_len), dt) for k, dt in ROW_FIELDS.items()}
-  if kind == "preference":
+  if fmt == "preference":
     fields = {f"{side}_{k}": ((b, config.data.seq_len), dt) for side in ("chosen", "rejected")
               for k, dt in ROW_FIELDS.items()}
     if config.data.precomputed_reference:
       fields.update({k: ((b,), jnp.float32) for k in losses.get(config.loss.name).reference_keys})
     return fields
-  if kind == "rl":
+  if fmt == "rl":
     t = (config.data.max_prompt_len or config.data.seq_len // 2) + config.rl.max_completion_len
     fields = {k: ((b, t), dt) for k, dt in ROW_FIELDS.items()}
     fields["advantages"] = ((b,), jnp.float32)
@@ -128,7 +129,7 @@ def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
       fields["old_logps"] = ((b, t), jnp.float32)
       fields["old_is_current"] = ((), jnp.int32)
     return fields
-  raise ValueError(f"config.data.kind={kind!r}: the AOT check knows lm, sft, preference and rl")
+  raise ValueError(f"config.data.kind={fmt!r}: the AOT check knows lm, sft, preference and rl")
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -142,7 +143,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.sta
   """Lower and compile the stage's train step for `mesh` from abstract params, optimizer state and batch."""
   cfg = model_config(config)
   loss = losses.get(config.loss.name)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, params = nnx.split(abstract_model(cfg))
   tx, lr = optim.make(config.optimizer, config.train.steps)
   replicated = NamedSharding(mesh, P())
   params_sh = sharding.state_shardings(params, mesh)
@@ -195,7 +196,7 @@ def run_one(config: ml_collections.ConfigDict, mesh_spec: str, hbm_gib: float) -
   """Compile the stage's train step for the mesh, print the report, return it as a dict."""
   mesh = sharding.make_mesh(parse_mesh(mesh_spec, dict(config.mesh)))
   cfg = model_config(config)
-  params = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  params = nnx.state(abstract_model(cfg))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"{config.model.preset} ({cfg.family}, {n_params / 1e6:,.1f} M params, loss {config.loss.name}) on mesh "
         f"{dict(mesh.shape)} of {jax.device_count()} {jax.devices()[0].platform} devices; global batch "

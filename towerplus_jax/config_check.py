@@ -10,13 +10,15 @@ from typing import Any
 
 import ml_collections
 
-Rule = tuple[str, Callable[[Any], bool], str]
+from towerplus_jax.models.config import preset
+
+Check = tuple[str, Callable[[Any], bool], str]
 
 _AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
 _NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
 _POSITIVE = (lambda v: v > 0, "must be > 0")
 
-RULES: tuple[Rule, ...] = (
+CHECKS: tuple[Check, ...] = (
     ("train.steps", *_AT_LEAST_1),
     ("train.global_batch_size", *_AT_LEAST_1),
     ("train.micro_batches", *_AT_LEAST_1),
@@ -73,7 +75,7 @@ def _cross_checks(config: ml_collections.ConfigDict) -> list[str]:
 def errors(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
   """Every rule the config breaks, one line each."""
   out = []
-  for key, ok, must in RULES:
+  for key, ok, must in CHECKS:
     present, value = _get(config, key)
     if present and not ok(value):
       out.append(f"{prefix}.{key}={value!r}: {must}")
@@ -91,3 +93,19 @@ def check(config: ml_collections.ConfigDict) -> None:
   if found:
     more = f" (and {len(found) - 1} more: {'; '.join(found[1:])})" if len(found) > 1 else ""
     raise ValueError(found[0] + more)
+
+
+def init_source(init_from: str) -> tuple[str, str]:
+  """config.init_from 'hf:DIR' / 'ckpt:WORKDIR' -> (kind, path)."""
+  kind, _, path = init_from.partition(":")
+  if kind not in ("hf", "ckpt") or not path:
+    raise ValueError(f"config.init_from={init_from!r}: use '', 'hf:/path/to/hf_folder' or 'ckpt:/path/to/workdir'")
+  return kind, path
+
+
+def check_names(config: ml_collections.ConfigDict) -> None:
+  """The names a run resolves (model preset, init_from) fail with one clear line before anything is written."""
+  if config.init_from and config.init_from != "previous":  # previous: a chained stage (configs/tower_plus.py)
+    init_source(config.init_from)
+  else:
+    preset(config.model.preset)

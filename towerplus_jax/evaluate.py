@@ -20,9 +20,9 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from towerplus_jax import comet, metrics, rules, setup_run, sharding
+from towerplus_jax import comet, ifmt_rules, mt_metrics, sharding, weights
 from towerplus_jax.convert import hf
-from towerplus_jax.data import chat, derive, sources
+from towerplus_jax.data import chat, derive, sources, tokenizer_files
 from towerplus_jax.data import records as records_lib
 from towerplus_jax.models import config as model_config
 from towerplus_jax.rl import sampler
@@ -36,10 +36,10 @@ def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None
     folder = hf_dir
   else:
     cfg = model_config.load_json(workdir)
-    model = setup_run.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"), step)
+    model = weights.restore_model(cfg, mesh, os.path.join(workdir, "checkpoints"), step)
     folder = os.path.join(workdir, "tokenizer")
   # The template the run trained with (saved with its tokenizer), else the family's.
-  return model, setup_run.tokenizer_in(folder), hf.template_in(folder) or chat.family_template(cfg.family)
+  return model, tokenizer_files.tokenizer_in(folder), tokenizer_files.template_in(folder) or chat.family_template(cfg.family)
 
 
 def translate(model: nnx.Module, tokenizer, template: str, records: Sequence[dict], *, max_new_tokens: int = 256,
@@ -56,12 +56,12 @@ def score(records: Sequence[dict], hyps: Sequence[str], comet_model: str | None 
   pairs = [f"{_code(r, 'src')}-{_code(r, 'tgt')}" for r in records]
   targets = {p.split("-", 1)[1] for p in pairs}
   report = {"num_segments": len(records),
-            "by_pair": metrics.scores_by_pair(hyps, refs, pairs)}
+            "by_pair": mt_metrics.scores_by_pair(hyps, refs, pairs)}
   # One tokenizer for the whole corpus: the target's when there is one target language, else 13a.
-  report["overall"] = metrics.corpus_scores(hyps, refs, targets.pop() if len(targets) == 1 else "en")
+  report["overall"] = mt_metrics.corpus_scores(hyps, refs, targets.pop() if len(targets) == 1 else "en")
   with_rules = [(r, h) for r, h in zip(records, hyps) if r.get("rules")]
   if with_rules:
-    report["rule_adherence"] = sum(rules.rule_adherence(r["rules"], h, r["source"]) for r, h in with_rules) / len(
+    report["rule_adherence"] = sum(ifmt_rules.rule_adherence(r["rules"], h, r["source"]) for r, h in with_rules) / len(
         with_rules)
   if comet_model:
     seg = comet.cached(comet_model).segment_scores([r["source"] for r in records], hyps, refs)
@@ -72,7 +72,7 @@ def score(records: Sequence[dict], hyps: Sequence[str], comet_model: str | None 
 
 
 def _code(record: dict, side: str) -> str:
-  return record.get(side) or metrics.lang_code(record[f"{side}_lang"])
+  return record.get(side) or mt_metrics.lang_code(record[f"{side}_lang"])
 
 
 def evaluate(model, tokenizer, template: str, records: Sequence[dict], out_dir: str | None = None,
@@ -115,7 +115,7 @@ def main(argv):
   if not _F["data"].value:
     raise app.UsageError("--data is required")
   try:
-    records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(_F["data"].value)), "test")
+    records = records_lib.read_all(sources.open_source(sources.resolve_sources(_F["data"].value)), "test")
     if _F["comet"].value:
       comet.cached(_F["comet"].value)  # a bad COMET folder fails before decoding
   except ValueError as e:  # bad test records or COMET folder: one line naming the file, before loading the model

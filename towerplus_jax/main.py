@@ -56,9 +56,9 @@ def _run_locked(config, workdir: str) -> dict:
 
 
 def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
-  from towerplus_jax import evaluate, setup_run
+  from towerplus_jax import evaluate
   from towerplus_jax.data import records as records_lib, sources
-  records = records_lib.read_all(sources.open_source(setup_run.resolve_sources(config.eval_data)), "test")
+  records = records_lib.read_all(sources.open_source(sources.resolve_sources(config.eval_data)), "test")
   model, tokenizer, template = evaluate.load(stage_dir)
   report = evaluate.evaluate(model, tokenizer, template, records, os.path.join(stage_dir, "eval"),
                              max_new_tokens=config.eval_max_new_tokens)
@@ -68,10 +68,10 @@ def _held_out_scores(config, stage_dir: str) -> dict[str, float]:
 def _check_names(config) -> None:
   """Every stage's preset / init_from resolves, or one line and exit before anything is written (`run` then checks
   the values)."""
-  from towerplus_jax import setup_run
+  from towerplus_jax import config_check
   try:
     for stage in config.stages.values() if "stages" in config else [config]:
-      setup_run.check_names(stage)
+      config_check.check_names(stage)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 

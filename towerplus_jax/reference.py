@@ -21,8 +21,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from towerplus_jax import losses, setup_run, sharding
-from towerplus_jax.data import sources
+from towerplus_jax import losses, sharding, weights
+from towerplus_jax.data import datasets, sources, tokenizer_files
 
 
 def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -> int:
@@ -33,12 +33,12 @@ def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -
   if loss.reference_fn is None:
     raise ValueError(f"loss {config.loss.name!r} has no reference log-probs to precompute")
   mesh = sharding.make_mesh(dict(config.mesh))
-  tokenizer = setup_run.load_tokenizer(config, workdir)
-  _, model = setup_run.load_model(config, mesh, tokenizer.vocab_size)
+  tokenizer = tokenizer_files.load_for_run(config, workdir)
+  _, model = weights.load_model(config, mesh, tokenizer.vocab_size)
   graphdef, params = nnx.split(model)
   reference = jax.jit(lambda p, b: loss.reference_fn(nnx.merge(graphdef, p), b, config.loss))
-  records = sources.open_source(setup_run.resolve_sources(config.data.train))
-  batches = setup_run.dataset_fn(config, tokenizer)(config.data.train, False, config.train.global_batch_size)
+  records = sources.open_source(sources.resolve_sources(config.data.train))
+  batches = datasets.dataset_fn(config, tokenizer)(config.data.train, False, config.train.global_batch_size)
   logps: dict[int, dict[str, float]] = {}
   with jax.set_mesh(mesh):
     for batch in batches:

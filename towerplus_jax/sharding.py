@@ -1,8 +1,8 @@
 """Device mesh, logical-axis rules and the shardings derived from them.
 
-Parameters carry logical axis names (`axes` metadata, e.g. ("embed", "mlp")); `RULES` map each logical name to mesh
-axes. A mesh axis that does not divide a dimension is dropped for that dimension (it stays replicated there), so a
-model with 2 kv heads still runs on tensor=4.
+Parameters carry logical axis names (`axes` metadata, e.g. ("embed", "mlp")); `LOGICAL_AXIS_RULES` map each logical
+name to mesh axes. A mesh axis that does not divide a dimension is dropped for that dimension (it stays replicated
+there), so a model with 2 kv heads still runs on tensor=4.
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # mesh axes the batch is split over
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+AxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
-RULES: Rules = (
+LOGICAL_AXIS_RULES: AxisRules = (
     ("batch", BATCH),
     ("layers", None),  # the stacked axis of scanned layers: every device holds all layers' rows of its shard
     ("vocab", "tensor"),
@@ -54,7 +54,7 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,
-                    rules: Rules = RULES) -> P:
+                    rules: AxisRules = LOGICAL_AXIS_RULES) -> P:
   """PartitionSpec for an array with these logical axes; keeps only mesh axes that are unused and divide the dim."""
   table, used, spec = dict(rules), set(), []
   for name, dim in zip(axes, shape):
@@ -70,7 +70,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
   return P(*spec)
 
 
-def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = RULES) -> jax.Array:
+def constrain(x: jax.Array, axes: Sequence[str | None], rules: AxisRules = LOGICAL_AXIS_RULES) -> jax.Array:
   """Sharding constraint by logical axes on the current mesh (`jax.set_mesh`); a no-op without one (or on a mesh
   without our axes)."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -83,7 +83,7 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = RULES) -> nnx.State:
+def state_shardings(state: nnx.State, mesh: Mesh, rules: AxisRules = LOGICAL_AXIS_RULES) -> nnx.State:
   """`state` (abstract or concrete) with each Variable's value replaced by its NamedSharding (from `axes`);
   the tree keeps the structure of `state`, as jit shardings and optax.tree_map_params need."""
   def one(var):
@@ -92,7 +92,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = RULES) -> nnx.S
   return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = RULES) -> nnx.Module:
+def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh,
+                   rules: AxisRules = LOGICAL_AXIS_RULES) -> nnx.Module:
   """Build a model directly onto the mesh: init runs under jit with out_shardings, never whole on one device."""
   graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
   shardings = state_shardings(abstract, mesh, rules)
@@ -170,3 +171,10 @@ def shard_global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     spec = batch_spec(x.ndim, mesh, x.shape[0]) if x.ndim else P()
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, x.shape)
   return {k: one(v) for k, v in batch.items()}
+
+
+def to_host(x: jax.Array | np.ndarray) -> np.ndarray:
+  """The whole of `x` as numpy on every host (gathered across processes when no host holds all of it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))

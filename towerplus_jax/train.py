@@ -107,7 +107,7 @@ def _batch_tokens(batch: dict) -> int:
   return int(sum(np.size(v) for k, v in batch.items() if k.endswith("inputs")))
 
 
-def _to_host(tree) -> dict[str, float]:
+def _floats(tree) -> dict[str, float]:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
@@ -157,7 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _check_finite(pending, tcfg.max_nonfinite, step)
       pending = metrics
       if (step + 1) % tcfg.log_every == 0 or step + 1 == tcfg.steps:
-        last = writer.progress(step + 1, {**_to_host(metrics), **batches.host_metrics(), **counts.metrics()})
+        last = writer.progress(step + 1, {**_floats(metrics), **batches.host_metrics(), **counts.metrics()})
         writer.write(step + 1, last)
       if tcfg.eval_every and (step + 1) % tcfg.eval_every == 0 and run.eval_batches is not None:
         writer.write(step + 1, _evaluate(eval_step, state["params"], run), prefix="eval/")
@@ -223,7 +223,7 @@ def _evaluate(eval_step, params, run) -> dict[str, float]:
   weight = 0.0
   for batch in run.eval_batches():
     with jax.set_mesh(run.mesh):
-      metrics = _to_host(eval_step(params, run.ref_params, sharding.shard_global_batch(batch, run.mesh)))
+      metrics = _floats(eval_step(params, run.ref_params, sharding.shard_global_batch(batch, run.mesh)))
     w = metrics.pop("weight")
     totals = {k: totals.get(k, 0.0) + w * v for k, v in metrics.items()}
     weight += w

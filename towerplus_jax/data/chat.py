@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from towerplus_jax import rules
+from towerplus_jax import ifmt_rules
 from towerplus_jax.data import languages
 from towerplus_jax.data.tokenizers import Tokenizer
 
@@ -61,7 +61,7 @@ def translation_request(record: Mapping) -> str:
   `src`/`tgt` codes), preceded by its IF-MT rules (if any) as instructions."""
   prompt = translation_prompt(_language(record, "src"), _language(record, "tgt"), record["source"])
   if record.get("rules"):
-    prompt = f"{rules.describe(record['rules'])}\n{prompt}"
+    prompt = f"{ifmt_rules.describe(record['rules'])}\n{prompt}"
   return prompt
 
 
@@ -144,11 +144,6 @@ def chat_parts(template: str, messages: Sequence[Mapping], add_generation_prompt
   if add_generation_prompt:
     parts += [Part(START_OF_TURN[template], special=True), Part("model\n" if template == "gemma" else "assistant\n")]
   return parts
-
-
-def render_chat(template: str, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-  """The chat as text (as HF `apply_chat_template(..., tokenize=False)` renders it)."""
-  return "".join(p.text for p in chat_parts(template, messages, add_generation_prompt))
 
 
 def encode_chat(tokenizer: Tokenizer, template: str, messages: Sequence[Mapping] | Mapping,

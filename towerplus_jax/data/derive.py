@@ -13,8 +13,7 @@ import os
 from collections.abc import Iterable, Iterator
 
 from towerplus_jax.data import chat
-
-SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
+from towerplus_jax.data.sources import SAMPLE_DIR
 
 
 def preference_pairs(records: Iterable[dict]) -> Iterator[dict]:

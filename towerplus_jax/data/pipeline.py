@@ -46,7 +46,6 @@ from towerplus_jax.data.sources import RecordSource, open_source
 from towerplus_jax.data.tokenizers import Tokenizer
 
 KINDS = ("lm", "sft", "preference", "rl")
-DIRECTIONS = (None, "reverse", "random")
 SIDES = ("chosen", "rejected")
 REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
 MIN_PACKING_BINS = 32
@@ -61,15 +60,6 @@ def parallel_to_messages(record: dict) -> dict:
   the user turn, the reference as the assistant turn."""
   prompt = chat.translation_request(record)
   return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["reference"]}]}
-
-
-def reverse_parallel(record: dict) -> dict:
-  """The same pair in the other direction (source/reference, src_lang/tgt_lang, src/tgt swapped)."""
-  out = dict(record)
-  for a, b in (("source", "reference"), ("src_lang", "tgt_lang"), ("src", "tgt")):
-    if a in record and b in record:
-      out[a], out[b] = record[b], record[a]
-  return out
 
 
 def is_chat(record: dict) -> bool:
@@ -94,14 +84,9 @@ class Encoder:
   template: str
   seq_len: int
   max_prompt_len: int
-  direction: str | None
-  seed: int
 
   def __call__(self, index: int, record: dict) -> dict:
     records.check(self.kind, record)
-    if is_parallel(record) and (self.direction == "reverse" or (
-        self.direction == "random" and np.random.default_rng([self.seed, index]).random() < 0.5)):
-      record = reverse_parallel(record)
     example = getattr(self, f"_{self.kind}")(record)
     if self.kind == "preference":
       example["record_index"] = np.int32(index)  # position in the source: reference rows find their record by it
@@ -275,18 +260,12 @@ def _check_tokenizer(tokenizer: Tokenizer, template: str) -> None:
 
 def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokenizer: Tokenizer, *, seq_len: int,
                  batch_size: int, template: str, seed: int, shuffle: bool = True, repeat: bool = True,
-                 pack: bool = True, max_prompt_len: int | None = None, translation_direction: str | None = None,
-                 num_threads: int = 4) -> grain.IterDataset:
+                 pack: bool = True, max_prompt_len: int | None = None, num_threads: int = 4) -> grain.IterDataset:
   """A grain dataset of global batches (`batch_size` rows, the same on every host) of format `kind` (module
-  docstring).
-
-  translation_direction: None = parallel records as stored, 'reverse' = all swapped, 'random' = each record's
-  direction drawn once from (seed, record index). max_prompt_len (preference, rl): default seq_len // 2.
+  docstring). max_prompt_len (preference, rl): default seq_len // 2.
   """
   if kind not in KINDS:
     raise ValueError(f"unknown batch format {kind!r}; use one of {KINDS}")
-  if translation_direction not in DIRECTIONS:
-    raise ValueError(f"translation_direction={translation_direction!r}: use one of {DIRECTIONS}")
   max_prompt_len = max_prompt_len or seq_len // 2
   if kind == "preference" and max_prompt_len >= seq_len:
     raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for responses in rows of {seq_len} tokens")
@@ -294,7 +273,7 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
   if kind != "lm":
     _check_tokenizer(tokenizer, template)
 
-  encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len, translation_direction, seed)
+  encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len)
   ds = grain.MapDataset.source(source).map_with_index(_located(source, encode))
   num_records, prefetch = len(ds), 4 * batch_size
   if shuffle:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from towerplus_jax import rules
+from towerplus_jax import ifmt_rules
 from towerplus_jax.data import languages
 
 TEXT_FIELDS = ("text", "source", "reference", "src_lang", "tgt_lang", "src", "tgt")  # plain strings
@@ -50,7 +50,7 @@ def check(kind: str, record: Mapping[str, Any]) -> None:
   if "messages" in record:
     _check_messages("messages", record["messages"])
   if "rules" in record and record["rules"] is not None:
-    rules.validate(record["rules"])
+    ifmt_rules.validate(record["rules"])
   if kind == "test":
     for key in ("source", "reference"):
       if not isinstance(record.get(key), str):

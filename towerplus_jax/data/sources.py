@@ -1,6 +1,6 @@
 """Random-access record sources (`len`, `[i] -> dict`, `locate(i)` for error messages): JSONL, ArrayRecord
 (JSON-encoded records), TFDS (`tfds.data_source`, array_record format) and seqio tasks, and `open_source`, which
-picks one from a spec.
+picks one from a spec; `resolve_sources`, which expands a config's comma-separated spec.
 
 Specs: a path or glob (`.jsonl` / `.json` lines, or `*.array_record*`), `tfds:NAME[/CONFIG][:VERSION][?split=S&
 data_dir=D]`, `seqio:TASK_OR_MIXTURE[?split=S]`, or a list of those (concatenated in order).
@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 
 GLOB_CHARS = "*?["
+SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")  # the shipped sample records (`sample:NAME`)
 
 
 class RecordSource(Protocol):
@@ -265,3 +266,16 @@ def open_source(spec: str | Sequence[str]) -> RecordSource:
     return SeqioSource(name, split=options.get("split", "train"))
   files = [_open_file(p) for p in _expand(spec)]
   return files[0] if len(files) == 1 else ConcatSource(files)
+
+
+def resolve_sources(spec: str) -> list[str]:
+  """Comma-separated paths, globs, `sample:NAME` (a file shipped in towerplus_jax/data/sample), tfds:/seqio: specs."""
+  out = []
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    if part.startswith("sample:"):
+      out.append(os.path.join(SAMPLE_DIR, part[len("sample:"):] + ".jsonl"))
+    elif part.startswith(("tfds:", "seqio:")) or not any(c in part for c in GLOB_CHARS):
+      out.append(part)
+    else:
+      out.extend(sorted(glob.glob(part)) or [part])
+  return out

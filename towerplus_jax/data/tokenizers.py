@@ -15,9 +15,10 @@ import sentencepiece as spm
 from etils import epath
 import tokenizers as hf_tokenizers
 
-SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
+from towerplus_jax.data.sources import SAMPLE_DIR
 CHAT_SYMBOLS = ("<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>")
 SAMPLE_VOCAB_SIZE = 1024
+SAMPLE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "towerplus_jax")  # where `sample` is trained once
 
 
 class Tokenizer(Protocol):
@@ -189,3 +190,4 @@ def sample_tokenizer(cache_dir: str, vocab_size: int = SAMPLE_VOCAB_SIZE, sample
   if os.path.exists(prefix + ".model"):
     return prefix + ".model"
   return train_sentencepiece(texts, prefix, vocab_size, (*CHAT_SYMBOLS, "\n"))
+

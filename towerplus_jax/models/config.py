@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-from typing import Literal
+from typing import Literal, get_args
 
 from etils import epath
 
@@ -87,7 +87,7 @@ class ModelConfig:
   def _gemma2(cls, **kw) -> "ModelConfig":
     n = kw["num_layers"]
     base = dict(family="gemma2", vocab_size=256_000, head_dim=256, attn_logit_softcap=50.0,
-                final_logit_softcap=30.0, sliding_window=4096, layer_types=_alternate(n))
+                final_logit_softcap=30.0, sliding_window=4096, layer_types=alternating(n))
     return cls(**{**base, **kw})
 
   @classmethod
@@ -110,7 +110,7 @@ class ModelConfig:
   def _gemma3(cls, **kw) -> "ModelConfig":
     n = kw["num_layers"]
     base = dict(family="gemma3", vocab_size=262_208, head_dim=256, query_pre_attn_scalar=256,
-                sliding_window=1024, layer_types=_every_nth_full(n, 6), qk_norm=True, rope_theta=1e6,
+                sliding_window=1024, layer_types=every_nth_full(n, 6), qk_norm=True, rope_theta=1e6,
                 rope_local_theta=10_000.0, rope_scale=8.0)
     return cls(**{**base, **kw})
 
@@ -220,21 +220,18 @@ class ModelConfig:
     raise ValueError(f"unknown family {family!r}")
 
 
-def _alternate(n: int) -> tuple[LayerType, ...]:
+def alternating(n: int) -> tuple[LayerType, ...]:
   """Gemma 2: sliding on even layers, global on odd ones."""
   return tuple("sliding" if i % 2 == 0 else "full" for i in range(n))
 
 
-def _every_nth_full(n: int, k: int) -> tuple[LayerType, ...]:
+def every_nth_full(n: int, k: int) -> tuple[LayerType, ...]:
   """Gemma 3: five sliding layers, then one global."""
   return tuple("full" if (i + 1) % k == 0 else "sliding" for i in range(n))
 
 
-PRESETS = tuple(name for name in vars(ModelConfig) if name[0] != "_" and name.split("_")[0] in
-                ("gemma2", "gemma3", "qwen2", "qwen3"))
-
-
-FAMILIES = ("gemma2", "gemma3", "qwen2", "qwen3")
+FAMILIES: tuple[Family, ...] = get_args(Family)
+PRESETS = tuple(name for name in vars(ModelConfig) if name[0] != "_" and name.split("_")[0] in FAMILIES)
 
 
 def preset(name: str) -> ModelConfig:

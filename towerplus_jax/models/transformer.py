@@ -192,3 +192,9 @@ class Transformer(nnx.Module):
     if self.cfg.scan_layers:
       cache["stack"] = [layer(layout.num_groups(self.cfg)) for _ in range(self.cfg.scan_period)]
     return cache
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+  """A model of `cfg` as shapes and dtypes only (`nnx.eval_shape`): nothing is allocated; the target of restores,
+  HF imports and compile-only checks."""
+  return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

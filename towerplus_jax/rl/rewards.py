@@ -23,7 +23,7 @@ import numpy as np
 import sacrebleu
 
 from towerplus_jax import comet as comet_lib
-from towerplus_jax import metrics, rules
+from towerplus_jax import ifmt_rules, mt_metrics
 
 RewardFn = Callable[..., list[float | None]]
 CombinedFn = Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]]
@@ -88,14 +88,14 @@ def bleu_reward(prompts: Sequence, completions: Sequence, **columns) -> list[flo
   refs = _column(columns, "reference", len(completions))
   tgts = _column(columns, "tgt", len(completions))
   return [None if r is None else
-          _bleu(metrics.bleu_tokenizer(t) if t else "13a").sentence_score(_text(c), [r]).score / 100
+          _bleu(mt_metrics.bleu_tokenizer(t) if t else "13a").sentence_score(_text(c), [r]).score / 100
           for c, r, t in zip(completions, refs, tgts)]
 
 
 def rules_reward(prompts: Sequence, completions: Sequence, **columns) -> list[float | None]:
   """Fraction of the rules in column `rules` that the completion satisfies; None without rules."""
   rule_lists = _column(columns, "rules", len(completions))
-  return [rules.rule_adherence(rs, _text(c), s) if rs else None
+  return [ifmt_rules.rule_adherence(rs, _text(c), s) if rs else None
           for c, rs, s in zip(completions, rule_lists, _sources(prompts, columns))]
 
 
@@ -159,8 +159,8 @@ def _format_score(completion: str, source: str) -> float:
   text = completion.strip()
   if not text:
     return 0.0
-  extra = not rules.check_rule({"type": "no_extra_text"}, text, source)
-  long = rules.count_words(text) > _MAX_WORDS_FACTOR * rules.count_words(source) + _MAX_WORDS_SLACK
+  extra = not ifmt_rules.check_rule({"type": "no_extra_text"}, text, source)
+  long = ifmt_rules.count_words(text) > _MAX_WORDS_FACTOR * ifmt_rules.count_words(source) + _MAX_WORDS_SLACK
   open_fence = text.count("```") % 2 == 1
   cut = source.strip().endswith(tuple(_TERMINALS)) and not text.rstrip(_CLOSERS).endswith(tuple(_TERMINALS))
   return max(0.0, 1.0 - 0.5 * extra - 0.25 * long - 0.25 * (open_fence or cut))

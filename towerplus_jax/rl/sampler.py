@@ -228,7 +228,7 @@ def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_to
   graphdef, state = nnx.split(model)
   out = _generate(graphdef, state, batch["tokens"], batch["lengths"], rng, jnp.float32(temperature),
                   jnp.float32(top_p), stop_S, opts=opts)
-  tokens, lengths, logprobs, truncated = (_to_host(x, mesh) for x in out)
+  tokens, lengths, logprobs, truncated = (_host_rows(x, mesh) for x in out)
   return SampleOutput(tokens, lengths, logprobs if return_logprobs else None, truncated)
 
 
@@ -253,7 +253,7 @@ def _model_mesh(model: nnx.Module) -> Mesh | None:
   return None
 
 
-def _to_host(x: jax.Array, mesh: Mesh | None) -> np.ndarray:
+def _host_rows(x: jax.Array, mesh: Mesh | None) -> np.ndarray:
   """This host's rows of a batch-sharded global array."""
   if mesh is None or jax.process_count() == 1:
     return np.asarray(x)

