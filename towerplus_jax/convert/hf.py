@@ -32,8 +32,9 @@ from jax.sharding import Mesh, Sharding
 from safetensors import safe_open
 
 from towerplus_jax import checkpoint, sharding, storage
+from towerplus_jax.convert import hf_tokenizer
 from towerplus_jax.data import chat
-from towerplus_jax.data.tokenizers import SentencePieceTokenizer, Tokenizer
+from towerplus_jax.data.tokenizers import CHAT_SYMBOLS, SentencePieceTokenizer, Tokenizer
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.layout import layer_slot
@@ -615,8 +616,13 @@ def write_tokenizer_config(tokenizer: Tokenizer, template: str, folder: str) -> 
   (and missing special tokens) added."""
   path = epath.Path(folder) / "tokenizer_config.json"
   config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-  if not config and isinstance(tokenizer, SentencePieceTokenizer):  # transformers adds a <mask> unless told not to
-    config.update(tokenizer_class="GemmaTokenizer", add_bos_token=False, add_eos_token=False, mask_token=None,
+  if not config and isinstance(tokenizer, SentencePieceTokenizer):
+    # A tokenizer.json of the same ids for the generic fast class: a family's own class would rebuild the vocabulary
+    # its way (Qwen2Tokenizer as byte-level BPE, GemmaTokenizer with an extra <mask>).
+    json_path = epath.Path(folder) / "tokenizer.json"
+    if not json_path.exists():
+      json_path.write_text(hf_tokenizer.sentencepiece_to_json(tokenizer.path, CHAT_SYMBOLS).to_str(), encoding="utf-8")
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
                   unk_token=tokenizer.piece(tokenizer.unk_id))
   for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
     if i is not None:
