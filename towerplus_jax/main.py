@@ -21,6 +21,7 @@ from ml_collections import config_flags
 TREND_KEYS = {"lm": ("loss",), "sft": ("loss",), "preference": ("loss", "rewards/accuracies", "rewards/margins"),
               "rl": ("reward/mean",)}
 
+
 def _define_flags() -> dict:
   """CLI flags, defined only when run as a program, so that importing `run` defines none."""
   defined = {"config": config_flags.DEFINE_config_file("config", None, "Stage config file, e.g. configs/sft.py:tiny.",

@@ -611,9 +611,9 @@ def chat_token_ids(tokenizer: Tokenizer, template: str) -> dict[str, Any]:
 
 
 def write_tokenizer_config(tokenizer: Tokenizer, template: str, folder: str) -> None:
-  """`folder/tokenizer_config.json` with the run's special tokens and chat template, so that transformers'
-  AutoTokenizer + apply_chat_template work on an export. An existing file is kept, only a missing chat template
-  (and missing special tokens) added."""
+  """`folder/tokenizer_config.json` with the run's special tokens and chat template (and for a SentencePiece model
+  without one, a `tokenizer.json` of the same ids), so that transformers' AutoTokenizer + apply_chat_template work on
+  an export. An existing file is kept, only a missing chat template (and missing special tokens) added."""
   path = epath.Path(folder) / "tokenizer_config.json"
   config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
   if not config and isinstance(tokenizer, SentencePieceTokenizer):

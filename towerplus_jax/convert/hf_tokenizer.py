@@ -9,7 +9,7 @@ import tokenizers as hf_tokenizers
 from etils import epath
 from sentencepiece import sentencepiece_model_pb2
 
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # SentencePiece piece types
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # SentencePiece piece types
 BPE = 2  # SentencePiece model type
 
 
