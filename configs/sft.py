@@ -11,9 +11,7 @@ def get_config(arg: str = "tiny"):
   c = base(arg, loss="sft", kind="sft")
   c.data.train = "sample:chat,sample:parallel"  # chat + translation (Tower+ prompt) examples
   c.data.eval = "sample:test"
-  if c.model.preset.startswith("tiny"):
-    c.train.steps = 150  # the sample's loss curve flattens by then
-  else:
+  if not c.model.preset.startswith("tiny"):
     c.optimizer.lr = 7e-6
     c.train.steps = 4_000
   return finish(c, arg)

@@ -166,11 +166,12 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
   data, visibly does its own job: CPT/SFT loss falls, WPO's margins and accuracy rise, GRPO's mean reward rises."""
   from towerplus_jax import main
   c = tower_plus.get_config("tiny")
-  for name, steps in zip(c.stage_order, (20, 20, 24, 24)):
+  for name, steps in zip(c.stage_order, (12, 12, 16, 20)):
     c.stages[name].train.update(steps=steps, global_batch_size=4, log_every=1, checkpoint_every=0, eval_steps=1)
     if name != "grpo":
-      c.stages[name].data.seq_len = 64 if name != "wpo" else 112
-  c.stages.grpo.rl.update(num_generations=4, prompts_per_step=2, max_completion_len=16)
+      c.stages[name].data.seq_len = 64 if name != "wpo" else 96
+  c.stages.wpo.data.max_prompt_len = 64
+  c.stages.grpo.rl.update(num_generations=4, prompts_per_step=2, max_completion_len=12)
   c.eval_max_new_tokens = 4
   results = main.run(c, str(tmp_path))
   assert list(results) == ["cpt", "sft", "wpo", "grpo"]
