@@ -13,9 +13,11 @@ def get_config(arg: str = "tiny"):
   c.data.eval = ""
   c.data.pack = False
   c.optimizer.warmup_ratio = 0.1
-  if c.model.preset.startswith("tiny"):
-    c.optimizer.lr = 1e-4
-    c.train.steps = 20
+  if c.model.preset.startswith("tiny"):  # the sample's preferences are learnt visibly: accuracy and margins rise
+    c.optimizer.lr = 3e-4
+    c.loss.beta = 0.5
+    c.train.steps = 30
+    c.train.log_every = 1  # the summary's first -> last means need rows
   else:
     c.optimizer.lr = 1e-6  # reference run: 5e-7 … 1e-6, cosine, warmup 0.1, 1–2 epochs
     c.train.global_batch_size = 64

@@ -35,10 +35,10 @@ def test_bad_stage_value_is_one_line_naming_the_key(tmp_path, key, value, expect
 def test_rl_values_and_reward_weights():
   config = grpo.get_config("tiny")
   config.rl.top_p = 0.0
-  config.rl.reward_weights = (1.0,)
+  config.rl.reward_weights = (1.0, 0.5)
   found = config_check.errors(config)
   assert found == ["config.rl.top_p=0.0: must be in (0, 1] (1 = off)",
-                   "config.rl.reward_weights has 1 entries for 3 config.rl.rewards ('chrf', 'rules', 'format'): "
+                   "config.rl.reward_weights has 2 entries for 1 config.rl.rewards ('chrf',): "
                    "give one weight per reward function"]
 
 

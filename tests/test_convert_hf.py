@@ -220,6 +220,27 @@ def test_generation_config_and_tokenizer_files(imported, tmp_path):
   assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == [1, 107]
 
 
+def test_sentencepiece_export_has_a_tokenizer_json_of_our_ids(tmp_path):
+  """An export with a SentencePiece tokenizer also gets a tokenizer.json: the `tokenizers` library (and the generic
+  fast class) encodes every sample text, chat markers and byte-fallback characters included, to sentencepiece's ids
+  and decodes them back; the chat markers are special. (transformers >= 5 AutoTokenizer rebuilds any qwen2 tokenizer
+  as byte-level BPE, which no SentencePiece vocabulary survives: load such an export with PreTrainedTokenizerFast.)"""
+  import tokenizers as hf_tokenizers
+  ours = tokenizers.SentencePieceTokenizer(tokenizers.sample_tokenizer(str(tmp_path / "cache")))
+  out = tmp_path / "export"
+  out.mkdir()
+  hf.write_tokenizer_config(ours, "chatml", str(out))
+  (out / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+  texts = tokenizers.sample_texts() + [" ".join(tokenizers.CHAT_SYMBOLS) + "\n  x\t\u00e9\u65e5 \U0001f600 ~"]
+  plain = hf_tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+  assert [plain.encode(t, add_special_tokens=False).ids for t in texts] == [ours.encode(t) for t in texts]
+  tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
+  assert len(tok) == ours.vocab_size
+  assert [tok.decode(ours.encode(t), skip_special_tokens=True) for t in texts] == [
+      ours.decode(ours.encode(t)) for t in texts]
+  assert tok.convert_tokens_to_ids("<|im_end|>") == ours.token_id("<|im_end|>") and "<|im_end|>" in tok.all_special_tokens
+
+
 @pytest.mark.parametrize("text_prefix,vision_prefix", [("model.language_model.", "model."),  # transformers >= 4.52
                                                       ("language_model.model.", "")])  # original checkpoints
 def test_gemma3_multimodal_names(text_prefix, vision_prefix, tiny_hf_model, imported, tmp_path):

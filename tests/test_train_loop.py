@@ -161,14 +161,16 @@ def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf
 
 
 def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
+  """Each stage starts from the previous one's checkpoint and, with the shipped tiny learning rates, β, rewards and
+  data, visibly does its own job: CPT/SFT loss falls, WPO's margins and accuracy rise, GRPO's mean reward rises."""
   from towerplus_jax import main
   c = tower_plus.get_config("tiny")
-  for name in c.stage_order:
-    c.stages[name].train.update(steps=2, global_batch_size=4, log_every=1, checkpoint_every=0, eval_steps=1)
+  for name, steps in zip(c.stage_order, (12, 12, 16, 20)):
+    c.stages[name].train.update(steps=steps, global_batch_size=4, log_every=1, checkpoint_every=0, eval_steps=1)
     if name != "grpo":
-      c.stages[name].data.seq_len = 64
-  c.stages.grpo.rl.update(num_generations=2, prompts_per_step=2, max_completion_len=4)
-  c.stages.grpo.loss.max_completion_length = 4
+      c.stages[name].data.seq_len = 64 if name != "wpo" else 96
+  c.stages.wpo.data.max_prompt_len = 64
+  c.stages.grpo.rl.update(num_generations=4, prompts_per_step=2, max_completion_len=12)
   c.eval_max_new_tokens = 4
   results = main.run(c, str(tmp_path))
   assert list(results) == ["cpt", "sft", "wpo", "grpo"]
@@ -176,10 +178,18 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
     assert 0.0 <= results[name]["heldout/chrf"] <= 100.0
     assert os.path.exists(tmp_path / name / "eval" / "report.json")
   assert "reward/mean" in results["grpo"] and "rewards/margins" in results["wpo"]
+  moved = {name: main.trend(str(tmp_path / name), main.TREND_KEYS[c.stages[name].data.kind])[0]
+           for name in c.stage_order}
+  print(moved)
+  for name, key, sign in (("cpt", "loss", -1), ("sft", "loss", -1), ("wpo", "loss", -1),
+                          ("wpo", "rewards/margins", 1), ("wpo", "rewards/accuracies", 1), ("grpo", "reward/mean", 1)):
+    first, last = moved[name][key]
+    assert sign * (last - first) > 0, (name, key, first, last)
   import json
   for name in ("cpt", "sft"):  # end-of-stage eval loss and held-out scores sit next to the training metrics
     rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
     assert any("eval/loss" in r for r in rows) and any("heldout/chrf" in r for r in rows)
   text = main.summary(results, str(tmp_path), c)
   assert f"export --workdir={tmp_path / 'grpo'}" in text and "heldout/chrf" in text
+  assert "reward/mean " in text and " -> " in text
   assert str(tmp_path / "cpt" / "eval" / "report.json") in text

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import sys
+from collections.abc import Sequence
 
 import ml_collections
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
+
+# Each stage's own objective (by data.kind): the summary shows how it moved from the start to the end of training.
+TREND_KEYS = {"lm": ("loss",), "sft": ("loss",), "preference": ("loss", "rewards/accuracies", "rewards/margins"),
+              "rl": ("reward/mean",)}
+
 
 def _define_flags() -> dict:
   """CLI flags, defined only when run as a program, so that importing `run` defines none."""
@@ -84,8 +92,20 @@ def _append_metrics(workdir: str, step: int, metrics: dict[str, float]) -> None:
   writer.close()
 
 
+def trend(folder: str, keys: Sequence[str]) -> tuple[dict[str, tuple[float, float]], int]:
+  """`({key: (first, last)}, window)`: each key's mean over the first and over the last `window` training rows of
+  `folder/metrics.jsonl` (a quarter of them, at least one: single logged steps are noisy)."""
+  path = epath.Path(folder) / "metrics.jsonl"
+  lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+  rows = [row for line in lines if line.strip() and "loss" in (row := json.loads(line))]
+  window = max(1, len(rows) // 4)
+  mean = lambda part, k: sum(r[k] for r in part) / len(part)
+  return {k: (mean(rows[:window], k), mean(rows[-window:], k)) for k in keys if rows and k in rows[0]}, window
+
+
 def summary(results: dict, workdir: str, config) -> str:
-  """What a finished run produced: per stage the final/eval loss and held-out scores, and where things are."""
+  """What a finished run produced: per stage the final/eval loss and held-out scores, how its own objective moved
+  (first -> last logged steps), and where things are."""
   stages = results if "stages" in config else {"": results}
   lines = [f"run finished: {workdir}"]
   for name, metrics in stages.items():
@@ -93,6 +113,10 @@ def summary(results: dict, workdir: str, config) -> str:
     shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "eval/loss", "reward/mean", "heldout/chrf", "heldout/bleu")
              if k in metrics]
     lines.append(f"  {name or 'stage'}: {', '.join(shown) or 'no metrics'}")
+    moved, window = trend(folder, TREND_KEYS[(config.stages[name] if name else config).data.kind])
+    if moved:
+      lines.append(f"    {', '.join(f'{k} {a:.3g} -> {b:.3g}' for k, (a, b) in moved.items())} "
+                   f"(first -> last: means of {window} logged steps each)")
     lines.append(f"    checkpoints {os.path.join(folder, 'checkpoints')}, metrics "
                  f"{os.path.join(folder, 'metrics.jsonl')}")
     if os.path.exists(os.path.join(folder, "eval", "report.json")):

@@ -13,10 +13,10 @@ import ml_collections
 from etils import epath
 
 from towerplus_jax import config_check
-from towerplus_jax.convert import hf_config
+from towerplus_jax.convert import hf_config, hf_tokenizer
 from towerplus_jax.data import chat
-from towerplus_jax.data.tokenizers import (SAMPLE_CACHE, SentencePieceTokenizer, Tokenizer, load_tokenizer,
-                                          sample_tokenizer)
+from towerplus_jax.data.tokenizers import (CHAT_SYMBOLS, SAMPLE_CACHE, SentencePieceTokenizer, Tokenizer,
+                                          load_tokenizer, sample_tokenizer)
 from towerplus_jax.models import config as model_config
 
 MODEL_FILES = {"sp": "tokenizer.model", "hf": "tokenizer.json"}  # tokenizer spec prefix -> its file in a folder
@@ -57,13 +57,18 @@ def chat_token_ids(tokenizer: Tokenizer, template: str) -> dict[str, Any]:
 
 
 def write_tokenizer_config(tokenizer: Tokenizer, template: str, folder: str) -> None:
-  """`folder/tokenizer_config.json` with the run's special tokens and chat template, so that transformers'
-  AutoTokenizer + apply_chat_template work on an export. An existing file is kept, only a missing chat template
-  (and missing special tokens) added."""
+  """`folder/tokenizer_config.json` with the run's special tokens and chat template (and for a SentencePiece model
+  without one, a `tokenizer.json` of the same ids), so that transformers' AutoTokenizer + apply_chat_template work on
+  an export. An existing file is kept, only a missing chat template (and missing special tokens) added."""
   path = epath.Path(folder) / "tokenizer_config.json"
   config = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-  if not config and isinstance(tokenizer, SentencePieceTokenizer):  # transformers adds a <mask> unless told not to
-    config.update(tokenizer_class="GemmaTokenizer", add_bos_token=False, add_eos_token=False, mask_token=None,
+  if not config and isinstance(tokenizer, SentencePieceTokenizer):
+    # A tokenizer.json of the same ids for the generic fast class: a family's own class would rebuild the vocabulary
+    # its way (Qwen2Tokenizer as byte-level BPE, GemmaTokenizer with an extra <mask>).
+    json_path = epath.Path(folder) / "tokenizer.json"
+    if not json_path.exists():
+      json_path.write_text(hf_tokenizer.sentencepiece_to_json(tokenizer.path, CHAT_SYMBOLS).to_str(), encoding="utf-8")
+    config.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False,
                   unk_token=tokenizer.piece(tokenizer.unk_id))
   for name, i in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
     if i is not None:
