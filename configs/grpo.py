@@ -28,6 +28,8 @@ def rl_section(tiny: bool) -> ml_collections.ConfigDict:
   rl.reward_weights = (1.0,) if tiny else (1.0, 1.0, 0.2)  # one weight per reward function
   # Reward "comet": --config.rl.rewards='("chrf","comet")' --config.rl.reward_weights='(1.0,1.0)' plus
   # --config.rl.comet_model=DIR (a COMET folder; wmt22-comet-da needs references, CometKiwi scores rows without).
+  # Each process scores its own rows on an fsdp mesh over its local devices (params sharded over them, so
+  # XCOMET-XXL fits; rows split over them), independent of the policy's mesh and with no cross-host collective.
   rl.comet_model = ""  # COMET folder (checkpoints/model.ckpt + hparams.yaml) for the "comet" reward
   rl.comet_batch_size = 16  # COMET rows scored together (one compiled program per length bucket)
   return rl

@@ -5,8 +5,10 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
 from towerplus_jax.comet import Comet, CometCheckpointError, scorer
@@ -34,6 +36,39 @@ def test_scores_match_the_real_package(models, name, with_refs, key):
   out = models[name].score(SRC, MT, REF if with_refs else None)
   np.testing.assert_allclose(out["segments"], FIXTURE[key]["scores"], atol=1e-4, rtol=0)
   assert abs(out["system"] - FIXTURE[key]["system_score"]) <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def single():
+  """The unified and XL models on one device: the reference the sharded meshes must reproduce."""
+  mesh = sharding.make_mesh({}, jax.devices()[:1])
+  return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32) for name in ("unified", "unified_xl")}
+
+
+@pytest.mark.parametrize("axes", [{"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4}])
+@pytest.mark.parametrize("name,key", [("unified", "unified"), ("unified_xl", "unified_xl")])
+def test_sharded_params_score_as_one_device(single, axes, name, key):
+  """Parameters sharded by their logical axes (embed over fsdp, vocab/heads/mlp over tensor), loaded straight into
+  that layout: the scores equal one device's and the real package's."""
+  scorer_ = Comet.load(os.path.join(DATA, name), mesh=sharding.make_mesh(axes), batch_size=32)
+  enc = scorer_._state["encoder"]
+  tensor = "tensor" if axes.get("tensor", 1) > 1 else None
+  assert enc["word"]["embedding"].get_value().sharding.spec == P(tensor, "fsdp")
+  assert enc["layers"][0]["up"]["kernel"].get_value().sharding.spec == P("fsdp", tensor)
+  assert enc["layers"][0]["down"]["kernel"].get_value().sharding.spec == P(tensor, "fsdp")
+  shard = enc["layers"][0]["up"]["kernel"].get_value().addressable_shards[0].data
+  assert shard.size * axes["fsdp"] * axes.get("tensor", 1) == enc["layers"][0]["up"]["kernel"].get_value().size
+  out = scorer_.score(SRC, MT, REF)
+  np.testing.assert_allclose(out["segments"], single[name].score(SRC, MT, REF)["segments"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out["segments"], FIXTURE[key]["scores"], atol=1e-4, rtol=0)
+
+
+def test_cached_shards_over_this_process_devices():
+  """The evaluate / GRPO-reward model: an fsdp mesh over jax.local_devices(), parameters sharded over it."""
+  model = scorer.cached(os.path.join(DATA, "regression"))
+  assert model.mesh.devices.size == len(jax.local_devices()) and model.mesh.shape["fsdp"] == len(jax.local_devices())
+  assert model._state["encoder"]["layers"][0]["query"]["kernel"].get_value().sharding.spec == P("fsdp", None)
+  np.testing.assert_allclose(model.score(SRC, MT, REF)["segments"], FIXTURE["regression"]["scores"], atol=1e-4)
 
 
 def test_fixture_covers_empty_and_truncated_inputs(models):

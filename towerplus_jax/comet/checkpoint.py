@@ -138,21 +138,22 @@ def config_from(hparams: Mapping, encoder_config_path: str, dtype: str = "float3
       word_layer=int(hparams.get("word_layer", 36)) if xcomet else 24, dtype=dtype)
 
 
-def read_state_dict(ckpt: str) -> dict[str, np.ndarray]:
-  """The Lightning checkpoint's state_dict as float32 numpy arrays (tensors only: weights_only=True)."""
+def read_state_dict(ckpt: str) -> dict[str, Callable[[], np.ndarray]]:
+  """The Lightning checkpoint's state_dict, each tensor read (as float32 numpy) only when its thunk is called: the
+  file is memory-mapped (weights_only=True: tensors only), so no more than one tensor is in memory at a time."""
   try:
     import torch
   except ImportError:
     raise ImportError("reading a COMET model.ckpt needs torch: pip install 'towerplus_jax[hf]' (or torch)") from None
   try:
-    ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
   except Exception as e:
     raise CometCheckpointError(f"{ckpt}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                                f"{' '.join(str(e).split())[:200]})") from None
   state = ckpt_dict.get("state_dict") if isinstance(ckpt_dict, dict) else None
   if not isinstance(state, dict):
     raise CometCheckpointError(f"{ckpt}: no state_dict in the checkpoint")
-  return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+  return {k: (lambda v=v: v.float().numpy()) for k, v in state.items() if hasattr(v, "numpy")}
 
 
 def _target(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
@@ -167,22 +168,23 @@ def _target(name: str) -> tuple[str, Callable[[np.ndarray], np.ndarray]] | None:
   return None
 
 
-def convert(state: Mapping[str, np.ndarray], ckpt: str) -> dict[str, np.ndarray]:
-  """Our {"encoder.layers.0.query.kernel": array, ...} from the checkpoint's state dict (layer-mix weights
-  gathered into one vector)."""
-  out: dict[str, np.ndarray] = {}
-  mix: dict[int, np.ndarray] = {}
-  for name, value in state.items():
+def convert(state: Mapping[str, Callable[[], np.ndarray]], ckpt: str) -> dict[str, Callable[[], np.ndarray]]:
+  """Our {"encoder.layers.0.query.kernel": thunk of its array, ...} from the checkpoint's lazy state dict (layer-mix
+  weights gathered into one vector)."""
+  out: dict[str, Callable[[], np.ndarray]] = {}
+  mix: dict[int, Callable[[], np.ndarray]] = {}
+  for name, read in state.items():
     if _IGNORED.search(name):
       continue
     target = _target(name)
     if target is None:
       raise CometCheckpointError(f"{ckpt}: unexpected tensor {name!r} (not an XLM-R COMET model?)")
     path, fn = target
+    thunk = lambda read=read, fn=fn: fn(read())
     if path.startswith("mix.weights_L."):
-      mix[int(path.rsplit(".", 1)[1])] = fn(value)
+      mix[int(path.rsplit(".", 1)[1])] = thunk
     else:
-      out[path] = fn(value)
+      out[path] = thunk
   if mix:
-    out["mix.weights_L"] = np.stack([mix[i] for i in range(len(mix))])
+    out["mix.weights_L"] = lambda: np.stack([mix[i]() for i in range(len(mix))])
   return out

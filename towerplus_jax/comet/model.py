@@ -17,6 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Encoder parameters carry logical axis names (sharding.LOGICAL_AXIS_RULES: embed -> fsdp, heads/mlp/vocab ->
+# tensor) as the decoder's; a bias is split like its kernel's output only along tensor. The small heads and the
+# layer mix stay replicated.
+_BIAS_AXIS = {"q_heads": "q_heads", "mlp": "mlp"}
+
 _ACTIVATIONS = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu,
                 "gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu}
 
@@ -65,12 +70,20 @@ def _precision(cfg: CometConfig):
   return jax.lax.Precision.HIGHEST if cfg.dtype == "float32" else None
 
 
-def _linear(n_in: int, n_out: int, cfg: CometConfig, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(n_in, n_out, dtype=jnp.dtype(cfg.dtype), precision=_precision(cfg), rngs=rngs)
+def _linear(n_in: int, n_out: int, axes: tuple[str, str], cfg: CometConfig, rngs: nnx.Rngs) -> nnx.Linear:
+  """An encoder matmul whose kernel [in, out] carries logical axes (its bias those of `out`)."""
+  return nnx.Linear(n_in, n_out, dtype=jnp.dtype(cfg.dtype), precision=_precision(cfg), rngs=rngs,
+                    kernel_metadata={"axes": axes}, bias_metadata={"axes": (_BIAS_AXIS.get(axes[1]),)})
 
 
 def _norm(cfg: CometConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+  return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                       scale_metadata={"axes": ("norm",)}, bias_metadata={"axes": ("norm",)})
+
+
+def _embed(n: int, axis: str | None, cfg: CometConfig, rngs: nnx.Rngs) -> nnx.Embed:
+  return nnx.Embed(n, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                   embedding_metadata={"axes": (axis, "embed")})
 
 
 class Layer(nnx.Module):
@@ -80,11 +93,11 @@ class Layer(nnx.Module):
   def __init__(self, cfg: CometConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.cfg = cfg
-    self.query, self.key, self.value = (_linear(d, d, cfg, rngs) for _ in range(3))
-    self.attn_out = _linear(d, d, cfg, rngs)
+    self.query, self.key, self.value = (_linear(d, d, ("embed", "q_heads"), cfg, rngs) for _ in range(3))
+    self.attn_out = _linear(d, d, ("q_heads", "embed"), cfg, rngs)
     self.attn_norm = _norm(cfg, rngs)
-    self.up = _linear(d, cfg.intermediate_size, cfg, rngs)
-    self.down = _linear(cfg.intermediate_size, d, cfg, rngs)
+    self.up = _linear(d, cfg.intermediate_size, ("embed", "mlp"), cfg, rngs)
+    self.down = _linear(cfg.intermediate_size, d, ("mlp", "embed"), cfg, rngs)
     self.mlp_norm = _norm(cfg, rngs)
 
   def _attention(self, x_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
@@ -113,9 +126,9 @@ class Encoder(nnx.Module):
 
   def __init__(self, cfg: CometConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.word = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-    self.position = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-    self.token_type = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    self.word = _embed(cfg.vocab_size, "vocab", cfg, rngs)
+    self.position = _embed(cfg.max_position_embeddings, None, cfg, rngs)
+    self.token_type = _embed(cfg.type_vocab_size, None, cfg, rngs)
     self.embed_norm = None if cfg.pre_ln else _norm(cfg, rngs)
     self.layers = nnx.List([Layer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs) if cfg.pre_ln else None

@@ -1,7 +1,8 @@
 """Score (src, mt, ref?) triples with a COMET checkpoint folder: tokenisation and input building as unbabel-comet
 does them, length bucketing (rows sorted by length, each batch padded to a power-of-two length, at most the
-encoder's limit, and to a fixed row count; one compiled program per bucket shape), parameters replicated on the
-mesh and each batch split over its data axes.
+encoder's limit, and to a fixed row count; one compiled program per bucket shape), parameters sharded over the mesh
+by their logical axes as the decoder's (embed over fsdp, heads/mlp/vocab over tensor; each tensor placed onto its
+sharding as it is read from the checkpoint) and each batch split over the data axes (data, fsdp).
 
   scorer = Comet.load("/models/wmt22-comet-da")
   scorer.score(sources, hypotheses, references)  # {"system": float, "segments": [float, ...]}
@@ -47,6 +48,26 @@ def mqm_score(tags: Sequence[str]) -> float:
   return (25 - min(total, 25)) / 25
 
 
+def _load_sharded(cfg: CometConfig, params: dict, mesh: Mesh, ckpt: str, enc_dir: str) -> CometModel:
+  """The model built abstractly and filled tensor by tensor, each read and placed straight onto its NamedSharding
+  (every device copying only its part), so the whole model is never on one device."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CometModel(cfg, rngs=nnx.Rngs(0))))
+  shardings = sharding.state_shardings(abstract, mesh)
+  flat = {".".join(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(abstract)}
+  targets = {".".join(str(k) for k in path): leaf.get_value() for path, leaf in nnx.to_flat_state(shardings)}
+  missing = sorted(set(flat) - set(params))
+  if missing:
+    raise checkpoint.CometCheckpointError(f"{ckpt}: missing tensors for {missing[:4]} ({len(missing)} in all)")
+  for name, var in flat.items():
+    value = params[name]()
+    if value.shape != var.shape:
+      raise checkpoint.CometCheckpointError(f"{ckpt}: {name} has shape {value.shape}, the encoder's "
+                                            f"config.json in {enc_dir} says {var.shape}")
+    var.set_value(jax.make_array_from_callback(var.shape, targets[name],
+                                               lambda index, v=value: v[index].astype(np.float32)))
+  return nnx.merge(graphdef, abstract)
+
+
 class Comet:
   """A loaded COMET model; `score` is the public entry."""
 
@@ -54,7 +75,6 @@ class Comet:
     self.cfg, self.tokenizer, self.mesh, self.batch_size = cfg, tokenizer, mesh, batch_size
     self.cls_id, self.sep_id = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
     graphdef, state = nnx.split(model)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
     out = NamedSharding(mesh, P())
     # Separate programs for the encoder (one per bucket shape, shared by src, mt and ref) and the small head.
     self._sentence = jax.jit(lambda s, t: nnx.merge(graphdef, s).sentence(t))
@@ -75,21 +95,12 @@ class Comet:
     model_dir = os.path.dirname(hparams_path)
     enc_dir = checkpoint.encoder_folder(str(hparams.get("pretrained_model", "xlm-roberta-large")), model_dir)
     cfg = checkpoint.config_from(hparams, os.path.join(enc_dir, "config.json"), dtype)
-    params = checkpoint.convert(checkpoint.read_state_dict(ckpt), ckpt)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CometModel(cfg, rngs=nnx.Rngs(0))))
-    flat = {".".join(str(k) for k in path): leaf for path, leaf in nnx.to_flat_state(abstract)}
-    missing = sorted(set(flat) - set(params))
-    if missing:
-      raise checkpoint.CometCheckpointError(f"{ckpt}: missing tensors for {missing[:4]} ({len(missing)} in all)")
-    for name, var in flat.items():
-      if params[name].shape != var.shape:
-        raise checkpoint.CometCheckpointError(f"{ckpt}: {name} has shape {params[name].shape}, the encoder's "
-                                              f"config.json in {enc_dir} says {var.shape}")
-      var.set_value(jnp.asarray(params[name], jnp.float32))
+    mesh = mesh or sharding.make_mesh({"data": -1})
+    model = _load_sharded(cfg, checkpoint.convert(checkpoint.read_state_dict(ckpt), ckpt), mesh, ckpt, enc_dir)
     tokenizer = Tokenizer.from_file(os.path.join(enc_dir, "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(cfg.max_positions - 2)
-    return cls(cfg, nnx.merge(graphdef, abstract), tokenizer, mesh or sharding.make_mesh({"data": -1}), batch_size)
+    return cls(cfg, model, tokenizer, mesh, batch_size)
 
   @property
   def requires_references(self) -> bool:
@@ -176,7 +187,8 @@ class Comet:
 
 @functools.cache
 def cached(path: str, batch_size: int = 16, dtype: str = "float32") -> Comet:
-  """One loaded model per (folder, batch size, dtype) in this process, on a data mesh over this process's own
-  devices: each host scores the rows it is given, with no collective across hosts."""
-  mesh = sharding.make_mesh({"data": -1}, jax.local_devices())
+  """One loaded model per (folder, batch size, dtype) in this process, on an fsdp mesh over this process's own
+  devices: the parameters are sharded over them (XCOMET-XXL fits where one device could not hold it) and the rows
+  split over them; each host scores the rows it is given, with no collective across hosts."""
+  mesh = sharding.make_mesh({"fsdp": -1}, jax.local_devices())
   return Comet.load(path, mesh=mesh, batch_size=batch_size, dtype=dtype)
