@@ -1,17 +1,21 @@
 """Evaluation: corpus BLEU/chrF/chrF++ equal sacrebleu's CLI on the written hypotheses; IF-MT prompts and scoring."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
-from towerplus_jax import evaluate, sharding
+from towerplus_jax import comet, evaluate, sharding
 from towerplus_jax.data import chat, derive, sources
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +71,30 @@ def test_comet_in_the_report_equals_the_real_package(tmp_path):
   assert report["comet"] == pytest.approx(fixture["regression"]["system_score"], abs=1e-4)
   assert report["comet_segments"] == pytest.approx(real, abs=1e-4)
   assert report["by_pair"]["en-pt"]["comet"] == pytest.approx(sum(real[1::2]) / len(real[1::2]), abs=1e-4)
+
+
+def test_cli_reports_comet_as_the_scorer(tiny_hf_model, sample_sp_path, tmp_path):
+  """`python -m towerplus_jax.evaluate --hf=... --comet_model=DIR`: report.json carries the system, per-pair and
+  per-segment COMET that comet.cached(DIR) gives the written hypotheses."""
+  folder = tmp_path / "hf"
+  shutil.copytree(tiny_hf_model("gemma2", vocab_size=1024), folder)
+  shutil.copy(sample_sp_path, folder / "tokenizer.model")
+  data = os.path.join(os.path.dirname(__file__), "data", "comet")
+  triples = json.load(open(os.path.join(data, "scores.json"), encoding="utf-8"))["triples"][:6]
+  (tmp_path / "test.jsonl").write_text("".join(json.dumps({"source": t["src"], "reference": t["ref"], "src": "en",
+                                                           "tgt": ("de", "pt")[i % 2]}) + "\n"
+                                               for i, t in enumerate(triples)), encoding="utf-8")
+  model_dir = os.path.join(data, "regression")
+  out = subprocess.run([sys.executable, "-m", "towerplus_jax.evaluate", f"--hf={folder}",
+                        f"--data={tmp_path / 'test.jsonl'}", f"--out={tmp_path / 'eval'}", "--max_new_tokens=6",
+                        "--batch_size=6", f"--comet_model={model_dir}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.load(open(tmp_path / "eval" / "report.json", encoding="utf-8"))
+  rows = derive.read_jsonl(str(tmp_path / "eval" / "hypotheses.jsonl"))
+  expected = comet.cached(model_dir).score([r["source"] for r in rows], [r["hypothesis"] for r in rows],
+                                           [r["reference"] for r in rows])
+  assert report["comet"] == pytest.approx(expected["system"], abs=1e-5)
+  assert report["comet_segments"] == pytest.approx(expected["segments"], abs=1e-5)
+  for pair, k in (("en-de", 0), ("en-pt", 1)):
+    assert report["by_pair"][pair]["comet"] == pytest.approx(np.mean(expected["segments"][k::2]), abs=1e-5)
