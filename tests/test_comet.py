@@ -77,13 +77,34 @@ def test_fixture_covers_empty_and_truncated_inputs(models):
   assert len(set(np.round(FIXTURE["regression"]["scores"], 3))) > 20  # scores differ: a wrong term would show
 
 
+def _spans(tags):
+  labels = ("O", "I-minor", "I-major", "I-critical")
+  probs_TC = np.eye(4)[[labels.index(t) for t in tags]] * 0.7 + 0.075
+  return scorer.error_spans(probs_TC, labels, list(range(len(tags))), [(i, i + 1) for i in range(len(tags))], str)
+
+
 def test_mqm_score_counts_closed_spans_by_first_severity():
   """As UnifiedMetric.decode: a span's severity is its first token's; a span still open at the end is not counted."""
-  assert scorer.mqm_score(["O", "I-minor", "I-major", "O", "I-major", "O", "I-critical"]) == pytest.approx(19 / 25)
-  assert scorer.mqm_score(["I-critical", "O"] * 3) == 0.0  # penalty capped at 25
-  assert scorer.mqm_score(["O", "O"]) == 1.0
+  spans = _spans(["O", "I-minor", "I-major", "O", "I-major", "O", "I-critical"])
+  assert [(s["severity"], s["start"], s["end"], s["text"]) for s in spans] == [("minor", 1, 3, "[1, 2]"),
+                                                                                ("major", 4, 5, "[4]")]
+  assert scorer.mqm_score(spans) == pytest.approx(19 / 25) and spans[0]["confidence"] == pytest.approx(0.775)
+  assert scorer.mqm_score(_spans(["I-critical", "O"] * 3)) == 0.0  # penalty capped at 25
+  assert scorer.mqm_score(_spans(["O", "O"])) == 1.0
   mqm = FIXTURE["xcomet"]["mqm_scores"]
   assert 0 < min(m for m in mqm if m > 0) < max(mqm) == 1.0 and 0.0 in mqm  # the fixture exercises spans
+
+
+@pytest.mark.parametrize("with_refs,key", [(True, "xcomet"), (False, "xcomet_noref")])
+def test_xcomet_error_spans_match_the_real_package(models, with_refs, key):
+  """metadata.error_spans of the real XCOMETMetric: text, severity, character offsets equal, confidence to 1e-4."""
+  spans = models["xcomet"].score(SRC, MT, REF if with_refs else None)["error_spans"]
+  real = FIXTURE[key]["error_spans"]
+  assert sum(map(len, real)) > 100
+  assert [[{k: v for k, v in s.items() if k != "confidence"} for s in row] for row in spans] == (
+      [[{k: v for k, v in s.items() if k != "confidence"} for s in row] for row in real])
+  np.testing.assert_allclose([s["confidence"] for row in spans for s in row],
+                             [s["confidence"] for row in real for s in row], atol=1e-4)
 
 
 def test_bucketing_and_batch_size_do_not_change_scores(models):

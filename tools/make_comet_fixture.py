@@ -20,7 +20,7 @@ It writes (all random, seeded, from towerplus_jax/data/sample text; no hub acces
                 each: checkpoints/model.ckpt (a Lightning checkpoint) + hparams.yaml (pretrained_model: ../encoder*)
   scores.json   the triples and the real package's segment and system scores: regression, unified with
                 references, unified without references (CometKiwi mode), unified_xl and xcomet with and without
-                references (xcomet also the MQM score of its decoded error spans)
+                references (xcomet also its decoded error spans and their MQM score)
 Each model is saved, then loaded back with `comet.load_from_checkpoint` (as users do) before scoring.
 """
 from __future__ import annotations
@@ -122,6 +122,8 @@ def predict(folder: str, data: list[dict]) -> dict:
   out = {"scores": [float(s) for s in pred.scores], "system_score": float(pred.system_score)}
   if "mqm_scores" in pred.get("metadata", {}):
     out["mqm_scores"] = [float(s) for s in pred.metadata.mqm_scores]
+    out["error_spans"] = [[{**span, "confidence": float(span["confidence"])} for span in spans]
+                          for spans in pred.metadata.error_spans]
   return out
 
 

@@ -35,17 +35,29 @@ def _bucket(n: int, limit: int) -> int:
   return min(1 << max(n - 1, 1).bit_length(), limit)
 
 
-def mqm_score(tags: Sequence[str]) -> float:
-  """xCOMET's MQM-like score from the argmax tag of each mt token ("O", "I-minor", ...), as UnifiedMetric.decode
-  builds spans: a span starts at a tagged token after an "O" (its severity is its first token's) and counts only
-  once an "O" closes it; (25 - min(Σ penalties, 25)) / 25."""
-  total, severity = 0, None
-  for tag in tags:
-    if tag != "O" and severity is None:
-      severity = tag.split("-", 1)[1]
-    elif tag == "O" and severity is not None:
-      total, severity = total + MQM_PENALTY.get(severity, 0), None
-  return (25 - min(total, 25)) / 25
+def error_spans(probs_TC: np.ndarray, labels: Sequence[str], ids: Sequence[int], offsets: Sequence[tuple[int, int]],
+                decode) -> list[dict]:
+  """UnifiedMetric.decode for one row's mt tokens: a span starts at a tagged token (argmax not "O") after an "O"
+  (its severity is its first token's) and is kept only once an "O" closes it; text = decode(its token ids),
+  confidence = the mean of its tokens' top probabilities, start / end = character offsets in the mt."""
+  spans, span = [], None
+  for t, c in enumerate(np.argmax(probs_TC, -1)):
+    if labels[c] != "O":
+      if span is None:
+        span = {"tokens": [], "confidence": [], "severity": labels[c].split("-", 1)[1], "start": offsets[t][0]}
+      span["tokens"].append(ids[t])
+      span["confidence"].append(probs_TC[t, c])
+      span["end"] = offsets[t][1]
+    elif span is not None:
+      spans.append({"text": decode(span["tokens"]), "confidence": float(np.mean(span["confidence"])),
+                    "severity": span["severity"], "start": span["start"], "end": span["end"]})
+      span = None
+  return spans
+
+
+def mqm_score(spans: Sequence[dict]) -> float:
+  """xCOMET's MQM-like score of a row's error spans: (25 - min(Σ penalties, 25)) / 25."""
+  return (25 - min(sum(MQM_PENALTY.get(s["severity"], 0) for s in spans), 25)) / 25
 
 
 def _load_sharded(cfg: CometConfig, params: dict, mesh: Mesh, ckpt: str, enc_dir: str) -> CometModel:
@@ -144,17 +156,20 @@ class Comet:
   def _scores(self, fn, columns: Sequence[list[list[int]]]) -> np.ndarray:
     return np.array([r[0] for r in self._run(fn, columns)], np.float64)
 
-  def segment_scores(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> np.ndarray:
+  def predict(self, srcs: Sequence[str], mts: Sequence[str],
+              refs: Sequence[str] | None = None) -> tuple[np.ndarray, list[list[dict]] | None]:
+    """(segment scores, xCOMET's error spans per segment; None for the other models)."""
     if len(srcs) != len(mts) or (refs is not None and len(refs) != len(mts)):
       raise ValueError(f"COMET: {len(srcs)} sources, {len(mts)} hypotheses, {refs and len(refs)} references")
     if not mts:
-      return np.zeros(0)
+      return np.zeros(0), [] if self.cfg.kind == "xcomet" else None
     if refs is None and self.requires_references:
       raise ValueError(f"this COMET model ({self.cfg.kind}, inputs {self.cfg.input_segments}) needs references")
-    mt, src = self._tokens(mts), self._tokens(srcs)
+    mt_enc = self.tokenizer.encode_batch([str(t) for t in mts])
+    mt, src = [e.ids for e in mt_enc], self._tokens(srcs)
     ref = self._tokens(refs) if refs is not None else None
     if self.cfg.kind == "regression":
-      return self._scores(self._regression, [src, mt, ref])
+      return self._scores(self._regression, [src, mt, ref]), None
     segments = self.cfg.input_segments
     use_src, use_ref = "src" in segments, ref is not None and "ref" in segments
     if use_src and use_ref:  # the [mt, src], [mt, ref] and [mt, src, ref] inputs
@@ -163,26 +178,35 @@ class Comet:
       inputs = [(mt, *([src] if use_src else []), *([ref] if use_ref else []))]
     joint = [[[self._concat(p) for p in zip(*cols)]] for cols in inputs]
     if self.cfg.kind == "unified":  # UnifiedMetric: the mean of the inputs' scores
-      return np.mean([self._scores(self._unified, cols) for cols in joint], axis=0)
-    return self._xcomet_scores([self._run(self._xcomet, cols) for cols in joint], [len(t) for t in mt])
+      return np.mean([self._scores(self._unified, cols) for cols in joint], axis=0), None
+    return self._xcomet_scores([self._run(self._xcomet, cols) for cols in joint], mt_enc)
 
-  def _xcomet_scores(self, outputs: list[list[tuple[np.ndarray, np.ndarray]]], mt_lengths: list[int]) -> np.ndarray:
+  def segment_scores(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> np.ndarray:
+    return self.predict(srcs, mts, refs)[0]
+
+  def _xcomet_scores(self, outputs: list[list[tuple[np.ndarray, np.ndarray]]],
+                     mt_enc: Sequence) -> tuple[np.ndarray, list[list[dict]]]:
     """XCOMETMetric.predict_step: capped regression scores weighted (one input: by the three weights' sum) plus
     0.22 × the MQM score of the spans decoded from the inputs' weighted tag probabilities over the mt tokens."""
     score_w = XCOMET_SCORE_WEIGHTS[:3] if len(outputs) == 3 else (sum(XCOMET_SCORE_WEIGHTS[:3]),)
     span_w = XCOMET_SPAN_WEIGHTS if len(outputs) == 3 else (1.0,)
     labels = ("O", *(f"I-{e}" for e in self.cfg.error_labels))
-    final = np.zeros(len(mt_lengths))
-    for i, n in enumerate(mt_lengths):
+    decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
+    final, spans = np.zeros(len(mt_enc)), []
+    for i, enc in enumerate(mt_enc):
       regression = sum(w * min(out[i][0], 1.0) for w, out in zip(score_w, outputs))
-      probs_TC = sum(w * out[i][1][:n] for w, out in zip(span_w, outputs))
-      final[i] = regression + XCOMET_SCORE_WEIGHTS[3] * mqm_score([labels[c] for c in np.argmax(probs_TC, -1)])
-    return final
+      probs_TC = sum(w * out[i][1][:len(enc.ids)] for w, out in zip(span_w, outputs))
+      spans.append(error_spans(probs_TC, labels, enc.ids, enc.offsets, decode))
+      final[i] = regression + XCOMET_SCORE_WEIGHTS[3] * mqm_score(spans[-1])
+    return final, spans
 
   def score(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> dict:
-    """{"system": mean segment score, "segments": [score per triple]}; refs=None for reference-free models."""
-    seg = self.segment_scores(srcs, mts, refs)
-    return {"system": float(seg.mean()) if seg.size else float("nan"), "segments": [float(s) for s in seg]}
+    """{"system": mean segment score, "segments": [score per triple]} (xCOMET: and "error_spans", per triple a list
+    of {"text", "confidence", "severity", "start", "end"} as unbabel-comet's metadata.error_spans); refs=None for
+    reference-free models."""
+    seg, spans = self.predict(srcs, mts, refs)
+    out = {"system": float(seg.mean()) if seg.size else float("nan"), "segments": [float(s) for s in seg]}
+    return out if spans is None else {**out, "error_spans": spans}
 
 
 @functools.cache
