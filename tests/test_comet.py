@@ -20,10 +20,13 @@ TRIPLES = FIXTURE["triples"]
 SRC, MT, REF = ([t[k] for t in TRIPLES] for k in ("src", "mt", "ref"))
 
 
+MODELS_MESH = {"data": 2, "fsdp": 4}
+
+
 @pytest.fixture(scope="module")
 def models():
-  """Both models on a data-parallel mesh over the 8 test devices (parameters replicated, rows split)."""
-  mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+  """The models on a data × fsdp mesh over the 8 test devices (parameters sharded over fsdp, rows split)."""
+  mesh = sharding.make_mesh(MODELS_MESH)
   return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32)
           for name in ("regression", "unified", "unified_xl", "xcomet")}
 
@@ -45,12 +48,13 @@ def single():
   return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32) for name in ("unified", "unified_xl")}
 
 
-@pytest.mark.parametrize("axes", [{"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 4}])
+@pytest.mark.parametrize("axes", [{"fsdp": 4, "tensor": 2}, MODELS_MESH])
 @pytest.mark.parametrize("name,key", [("unified", "unified"), ("unified_xl", "unified_xl")])
-def test_sharded_params_score_as_one_device(single, axes, name, key):
+def test_sharded_params_score_as_one_device(models, single, axes, name, key):
   """Parameters sharded by their logical axes (embed over fsdp, vocab/heads/mlp over tensor), loaded straight into
   that layout: the scores equal one device's and the real package's."""
-  scorer_ = Comet.load(os.path.join(DATA, name), mesh=sharding.make_mesh(axes), batch_size=32)
+  scorer_ = models[name] if axes == MODELS_MESH else Comet.load(os.path.join(DATA, name),
+                                                                mesh=sharding.make_mesh(axes), batch_size=32)
   enc = scorer_._state["encoder"]
   tensor = "tensor" if axes.get("tensor", 1) > 1 else None
   assert enc["word"]["embedding"].get_value().sharding.spec == P(tensor, "fsdp")
