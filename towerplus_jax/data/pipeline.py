@@ -1,4 +1,4 @@
-"""grain pipelines from records to global numpy batches, one per batch format.
+"""grain pipelines from records to global numpy batches, one per batch format (the fields: `formats`).
 
   lm          packed; int32 [B, T] `inputs` (each document [bos, ...]), `targets` (shifted by one, [..., eos]),
               `segment_ids` (1..n, 0 = padding), `positions`; float32 `loss_mask` (0 on padding). Accepts {"text"},
@@ -41,13 +41,10 @@ import grain
 import numpy as np
 from absl import logging
 
-from towerplus_jax.data import chat, packing, records
+from towerplus_jax.data import chat, formats, packing, records
 from towerplus_jax.data.sources import RecordSource, open_source
 from towerplus_jax.data.tokenizers import Tokenizer
 
-KINDS = ("lm", "sft", "preference", "rl")
-SIDES = ("chosen", "rejected")
-REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
 MIN_PACKING_BINS = 32
 
 
@@ -114,7 +111,7 @@ class Encoder:
     prompt = chat.as_messages(record["prompt"], "user")
     prompt_ids, _ = chat.encode_chat(self.tokenizer, self.template, prompt, add_generation_prompt=True)
     example, cut = {}, len(prompt_ids) > self.max_prompt_len
-    for side in SIDES:
+    for side in formats.SIDES:
       ids, mask = chat.encode_chat(self.tokenizer, self.template, prompt + chat.as_messages(record[side], "assistant"))
       if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError(f"'{side}' must be assistant turns that continue the prompt")
@@ -126,7 +123,7 @@ class Encoder:
       row = packing.pad_row(packing.shifted_example(ids, mask), self.seq_len)
       example.update({f"{side}_{k}": v for k, v in row.items()})
     example.update(num_examples=np.int32(1), num_truncated=np.int32(cut))
-    for key in REFERENCE_KEYS:
+    for key in formats.PREFERENCE.reference:
       value = record.get(key)
       example[key] = np.float32("nan" if value is None else value)
     return example
@@ -241,7 +238,7 @@ def _reference_logps(batch: dict) -> dict:
   """Keep ref_*_logp when every real row has it; drop it when none has; else raise. Padding rows (a last, partial
   batch) count as neither."""
   rows_B = batch["chosen_segment_ids"].any(axis=1)
-  for key in REFERENCE_KEYS:
+  for key in formats.PREFERENCE.reference:
     missing_B = np.isnan(batch[key]) & rows_B
     if (missing_B == rows_B).all():
       del batch[key]
@@ -264,8 +261,7 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
   """A grain dataset of global batches (`batch_size` rows, the same on every host) of format `kind` (module
   docstring). max_prompt_len (preference, rl): default seq_len // 2.
   """
-  if kind not in KINDS:
-    raise ValueError(f"unknown batch format {kind!r}; use one of {KINDS}")
+  formats.get(kind)  # raises on an unknown format
   max_prompt_len = max_prompt_len or seq_len // 2
   if kind == "preference" and max_prompt_len >= seq_len:
     raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for responses in rows of {seq_len} tokens")
