@@ -17,7 +17,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-# Each stage's own objective (by its loss's batch format): the summary shows how it moved from the start to the end of training.
+# Each stage's own objective (by its loss's batch format): the summary shows how it moved from the start to the end
+# of training.
 TREND_KEYS = {"lm": ("loss",), "sft": ("loss",), "preference": ("loss", "rewards/accuracies", "rewards/margins"),
               "rl": ("reward/mean",)}
 

@@ -1,23 +1,22 @@
-"""grain pipelines from records to global numpy batches, one per batch format (the fields: `formats`).
+"""grain pipelines from records to global numpy batches of each batch format (their fields: `formats`).
 
-  lm          packed; int32 [B, T] `inputs` (each document [bos, ...]), `targets` (shifted by one, [..., eos]),
-              `segment_ids` (1..n, 0 = padding), `positions`; float32 `loss_mask` (0 on padding). Accepts {"text"},
-              chat records (through the chat template) and parallel records ("source\\nreference").
-  sft         the same keys, loss_mask on assistant tokens only (template mask shifted to the targets); packed or
+  lm          formats.LM rows, packed: each document [bos, ...] with targets [..., eos]. Accepts {"text"}, chat
+              records (through the chat template) and parallel records ("source\\nreference").
+  sft         formats.SFT rows, loss_mask on assistant tokens only (template mask shifted to the targets); packed or
               one example per row. Accepts {"messages"}, {"prompt","completion"} and parallel records (a Tower+
               translation chat).
-  preference  {"prompt" (string or messages), "chosen", "rejected"}: `{chosen,rejected}_{inputs,targets,loss_mask,
-              positions,segment_ids}` [B, T], right-padded, loss on the response only; float32 [B]
-              `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
-              `max_prompt_len` tokens; responses are cut to fit the row. int32 [B] `record_index` (the record's
-              position in the source).
-  All but rl also carry int32 [B] `num_examples` / `num_truncated`: the examples whose start is in each row and how
-  many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than max_prompt_len or
-  prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics (`DataCounts`).
-  rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
-              record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
-              `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
-              [B], `num_dropped` (int): prompts longer than P dropped while filling this batch (also logged).
+  preference  formats.PREFERENCE from {"prompt" (string or messages), "chosen", "rejected"}: right-padded rows, loss
+              on the response only; the reference log-probs when the records carry them. Prompts keep their last
+              `max_prompt_len` tokens; responses are cut to fit the row.
+  Data counts (lm, sft, preference): `num_examples` / `num_truncated` per row: the examples whose start is in it
+  and how many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than
+  max_prompt_len or prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics
+  (`DataCounts`).
+  rl          prompts, not training rows (the rollout makes formats.RL rows from them): {"prompt", + any columns}
+              or parallel records (prompt = the Tower+ translation prompt with the record's IF-MT rules as
+              instructions, added to the record): `records` (list of dicts), int32 `prompt_tokens` [B, P]
+              right-padded with pad_id (chat template + generation prompt), `prompt_lengths` [B], `num_dropped`
+              (int): prompts longer than P dropped while filling this batch (also logged).
 
 Records are shuffled per epoch from `seed` and repeated for training; `iter(dataset)` is a grain DatasetIterator
 whose get_state/set_state resume exactly. Without repeat the last batch is padded with empty rows (segment_ids 0)

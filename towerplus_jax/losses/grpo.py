@@ -1,9 +1,8 @@
 """GRPO clipped policy-gradient loss with optional k3 KL to a reference policy (TRL-compatible definitions).
 
-Batch (formats.RL): int32 [B, T] `inputs`, `targets`, `positions`, `segment_ids`; float32 [B, T] `loss_mask` (completion
-tokens; zero for masked truncated completions); float32 [B] `advantages`; optional float32 [B, T] `old_logps`
-(the policy before this rollout's first update, by `policy_logps`; absent -> stop_gradient of the current
-log-probs, ratio exactly 1) with optional int32 [] `old_is_current` (1: the same as absent, for a rollout's first
+Batch: formats.RL, `loss_mask` on completion tokens (zero for masked truncated completions), `advantages` per row;
+optional `old_logps` (the policy before this rollout's first update, by `policy_logps`; absent -> stop_gradient of
+the current log-probs, ratio exactly 1) with optional `old_is_current` (1: the same as absent, for a rollout's first
 update without a second batch layout to compile), and `ref_logps` (`reference_fn` computes them; required when
 beta != 0). All log-probs use logits / temperature.
 Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,

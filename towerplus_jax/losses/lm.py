@@ -1,7 +1,6 @@
 """Next-token cross entropy over loss-mask tokens (`lm` for CPT, `sft` for instruction tuning: the same loss).
 
-Batch: formats.LM / formats.SFT (int32 [B, T] `inputs`, `targets`, `segment_ids`, `positions`; float32 [B, T]
-`loss_mask`).
+Batch: formats.LM / formats.SFT rows (the loss on `loss_mask` tokens).
 Config (`loss` section): z_loss = 0.0 (weight of the auxiliary z_loss * logsumexp(logits)^2 per loss token);
 logprob_chunk (see common.DEFAULTS).
 Loss = (sum of CE + z-term over loss tokens) / loss_denominator (loss tokens of the global batch).

@@ -1,8 +1,7 @@
 """Sigmoid DPO and WPO (DPO weighted by the policy's own probability of the pair, Zhou et al. 2024).
 
-Batch (formats.PREFERENCE): for side in (chosen, rejected): int32 [B, T] `{side}_inputs`, `{side}_targets`, `{side}_positions`,
-`{side}_segment_ids`; float32 [B, T] `{side}_loss_mask` (response tokens only); float32 [B] `ref_chosen_logp`,
-`ref_rejected_logp` (summed reference log-probs; `reference_fn` computes them when absent).
+Batch: formats.PREFERENCE, a row per side (chosen, rejected) with `{side}_loss_mask` on response tokens only;
+`ref_chosen_logp`, `ref_rejected_logp` (summed reference log-probs; `reference_fn` computes them when absent).
 Config (`loss` section): beta = 0.1 (dpo) / 0.01 (wpo); label_smoothing = 0.0; wpo_weighting = False (dpo) /
 True (wpo); logprob_chunk (see common.DEFAULTS).
   Δ = (logπ(y_w) − logπ_ref(y_w)) − (logπ(y_l) − logπ_ref(y_l)),  L = −(1−ε)·logσ(βΔ) − ε·logσ(−βΔ)

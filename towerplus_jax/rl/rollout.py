@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from towerplus_jax import sharding, storage
-from towerplus_jax.data import chat, formats
+from towerplus_jax.data import chat
 from towerplus_jax.losses import grpo
 from towerplus_jax.rl import rewards, sampler
 
@@ -81,7 +81,7 @@ def training_rows(prompt_tokens_BP: np.ndarray, prompt_lengths_B: np.ndarray, co
           "segment_ids": (idx[None, :] < lengths[:, None]).astype(np.int32)}
   if logprobs_BC is not None:
     rows["old_logps"] = old_BS
-  return {k: v.astype(formats.RL.fields[k].dtype, copy=False) for k, v in rows.items()}
+  return rows
 
 
 def _encode(batch: dict[str, np.ndarray]) -> str:
