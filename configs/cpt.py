@@ -8,7 +8,7 @@ from towerplus_jax.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):
-  c = base(arg, loss="lm", kind="lm")
+  c = base(arg, loss="lm")
   c.data.train = "sample:mono,sample:parallel"  # ~2/3 monolingual, ~1/3 parallel in the Tower+ mix
   c.data.eval = "sample:test"
   c.loss.z_loss = 0.0  # add z_loss·logsumexp² to keep logits bounded (1e-4 is common)

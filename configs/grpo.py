@@ -36,7 +36,7 @@ def rl_section(tiny: bool) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "tiny"):
-  c = base(arg, loss="grpo", kind="rl")
+  c = base(arg, loss="grpo")
   tiny = c.model.preset.startswith("tiny")
   c.rl = rl_section(tiny)
   c.data.train = "sample:ifmt,sample:parallel"  # {"prompt"|"source", "reference"?, "rules"?, "answer"?}

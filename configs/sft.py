@@ -8,7 +8,7 @@ from towerplus_jax.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):
-  c = base(arg, loss="sft", kind="sft")
+  c = base(arg, loss="sft")
   c.data.train = "sample:chat,sample:parallel"  # chat + translation (Tower+ prompt) examples
   c.data.eval = "sample:test"
   if not c.model.preset.startswith("tiny"):

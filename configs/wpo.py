@@ -8,7 +8,7 @@ from towerplus_jax.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):
-  c = base(arg, loss="wpo", kind="preference")
+  c = base(arg, loss="wpo")
   c.data.train = "sample:preferences"  # {"prompt","chosen","rejected"} (+ optional precomputed ref_*_logp)
   c.data.eval = ""
   c.data.pack = False

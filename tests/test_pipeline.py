@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_chat import SPECIALS, CharTokenizer
 
-from towerplus_jax.data import chat, pipeline, tokenizers
+from towerplus_jax.data import chat, formats, pipeline, tokenizers
 
 TOK = CharTokenizer()
 EOT = SPECIALS["<end_of_turn>"]
@@ -63,7 +63,7 @@ def files(tmp_path):
   }
 
 
-@pytest.mark.parametrize("kind", pipeline.KINDS)
+@pytest.mark.parametrize("kind", formats.FORMATS)
 def test_resume_from_iterator_state(files, kind):
   it = iter(dataset(kind, files[kind]))
   take(it, 3)

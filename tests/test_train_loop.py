@@ -178,7 +178,7 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
     assert 0.0 <= results[name]["heldout/chrf"] <= 100.0
     assert os.path.exists(tmp_path / name / "eval" / "report.json")
   assert "reward/mean" in results["grpo"] and "rewards/margins" in results["wpo"]
-  moved = {name: main.trend(str(tmp_path / name), main.TREND_KEYS[c.stages[name].data.kind])[0]
+  moved = {name: main.trend(str(tmp_path / name), main.trend_keys(c.stages[name]))[0]
            for name in c.stage_order}
   print(moved)
   for name, key, sign in (("cpt", "loss", -1), ("sft", "loss", -1), ("wpo", "loss", -1),

@@ -30,13 +30,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from towerplus_jax import losses, optim, sharding, train, weights
-from towerplus_jax.data import datasets
+from towerplus_jax.data import formats
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import abstract_model
 
 GIB = 1024 ** 3
-ROW_FIELDS = {"inputs": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32, "positions": jnp.int32,
-              "segment_ids": jnp.int32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,25 +109,17 @@ def parse_mesh(spec: str, base: dict[str, int]) -> dict[str, int]:
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Shape and dtype of every array of one global batch of the stage's batch format (as its pipeline emits it)."""
-  b, fmt = config.train.global_batch_size, datasets.batch_format(config)
-  if fmt in ("lm", "sft"):
-    return {k: ((b, config.data.seq_len), dt) for k, dt in ROW_FIELDS.items()}
-  if fmt == "preference":
-    fields = {f"{side}_{k}": ((b, config.data.seq_len), dt) for side in ("chosen", "rejected")
-              for k, dt in ROW_FIELDS.items()}
-    if config.data.precomputed_reference:
-      fields.update({k: ((b,), jnp.float32) for k in losses.get(config.loss.name).reference_keys})
-    return fields
-  if fmt == "rl":
+  """Shape and dtype of every array of one global batch of the stage's batch format as the step receives it (the
+  data counts popped)."""
+  fmt = losses.get(config.loss.name).batch_format
+  b, t = config.train.global_batch_size, config.data.seq_len
+  optional = ["record_index"]  # preference rows carry their record's index
+  if config.data.precomputed_reference:
+    optional += fmt.reference
+  if fmt is formats.RL:
     t = (config.data.max_prompt_len or config.data.seq_len // 2) + config.rl.max_completion_len
-    fields = {k: ((b, t), dt) for k, dt in ROW_FIELDS.items()}
-    fields["advantages"] = ((b,), jnp.float32)
-    if config.rl.iterations > 1:
-      fields["old_logps"] = ((b, t), jnp.float32)
-      fields["old_is_current"] = ((), jnp.int32)
-    return fields
-  raise ValueError(f"config.data.kind={fmt!r}: the AOT check knows lm, sft, preference and rl")
+    optional += ["old_logps", "old_is_current"] if config.rl.iterations > 1 else []
+  return fmt.abstract({"B": b, "T": t}, optional)
 
 
 def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:

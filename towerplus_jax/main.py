@@ -17,7 +17,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-# Each stage's own objective (by data.kind): the summary shows how it moved from the start to the end of training.
+# Each stage's own objective (by its loss's batch format): the summary shows how it moved from the start to the end
+# of training.
 TREND_KEYS = {"lm": ("loss",), "sft": ("loss",), "preference": ("loss", "rewards/accuracies", "rewards/margins"),
               "rl": ("reward/mean",)}
 
@@ -103,6 +104,12 @@ def trend(folder: str, keys: Sequence[str]) -> tuple[dict[str, tuple[float, floa
   return {k: (mean(rows[:window], k), mean(rows[-window:], k)) for k in keys if rows and k in rows[0]}, window
 
 
+def trend_keys(stage_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The metrics of a stage's own objective: TREND_KEYS of its loss's batch format."""
+  from towerplus_jax import losses
+  return TREND_KEYS[losses.get(stage_config.loss.name).batch_format.name]
+
+
 def summary(results: dict, workdir: str, config) -> str:
   """What a finished run produced: per stage the final/eval loss and held-out scores, how its own objective moved
   (first -> last logged steps), and where things are."""
@@ -113,7 +120,7 @@ def summary(results: dict, workdir: str, config) -> str:
     shown = [f"{k} {metrics[k]:.4g}" for k in ("loss", "eval/loss", "reward/mean", "heldout/chrf", "heldout/bleu")
              if k in metrics]
     lines.append(f"  {name or 'stage'}: {', '.join(shown) or 'no metrics'}")
-    moved, window = trend(folder, TREND_KEYS[(config.stages[name] if name else config).data.kind])
+    moved, window = trend(folder, trend_keys(config.stages[name] if name else config))
     if moved:
       lines.append(f"    {', '.join(f'{k} {a:.3g} -> {b:.3g}' for k, (a, b) in moved.items())} "
                    f"(first -> last: means of {window} logged steps each)")

@@ -1,4 +1,4 @@
-"""Config sections shared by every stage file in configs/: `base(arg, loss=..., kind=...)`; a stage edits what differs
+"""Config sections shared by every stage file in configs/: `base(arg, loss=...)`; a stage edits what differs
 and ends with `return finish(c, arg)`.
 
 `arg` is `PRESET[,runlocal]`: a model preset (`tiny`, `tiny_qwen3`, `gemma2_2b`, `qwen2_5_7b`, ...) and optionally
@@ -23,7 +23,7 @@ def parse_arg(arg: str) -> tuple[str, bool]:
   return preset, "runlocal" in flags
 
 
-def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
+def base(arg: str, *, loss: str) -> ml_collections.ConfigDict:
   preset, _ = parse_arg(arg)
   tiny = preset.startswith("tiny")
   c = ml_collections.ConfigDict()
@@ -50,7 +50,6 @@ def base(arg: str, *, loss: str, kind: str) -> ml_collections.ConfigDict:
   c.mesh.tensor = 1  # heads / mlp / vocab split here
 
   c.data = ml_collections.ConfigDict()
-  c.data.kind = kind  # lm | sft | preference | rl (batch format; follows the loss)
   c.data.train = ""  # comma-separated JSONL/ArrayRecord paths or globs, sample:NAME, tfds:NAME, seqio:TASK
   c.data.eval = ""  # held-out set in the same formats ('' = no eval)
   c.data.seq_len = 128 if tiny else 2048  # tokens per row

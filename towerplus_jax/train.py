@@ -149,7 +149,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   stopped = False
   try:
     for step in range(start, tcfg.steps):
-      batch = counts.take(next(batches))
+      batch = next(batches)
+      if step == start:  # a batch off its format: one error naming the field, not one from inside jit
+        loss.batch_format.check(batch)
+      batch = counts.take(batch)
       writer.count_tokens(_batch_tokens(batch))
       with jax.set_mesh(run.mesh):
         state, metrics = train_step(state, run.ref_params, sharding.shard_global_batch(batch, run.mesh))

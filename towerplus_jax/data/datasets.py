@@ -7,15 +7,14 @@ from typing import Any
 
 import ml_collections
 
+from towerplus_jax import losses
 from towerplus_jax.data import pipeline
 from towerplus_jax.data.sources import resolve_sources
 
-BATCH_FORMAT_OF_LOSS = {"lm": "lm", "sft": "sft", "dpo": "preference", "wpo": "preference", "grpo": "rl"}  # loss -> format
-
 
 def batch_format(config: ml_collections.ConfigDict) -> str:
-  """The stage's batch format (pipeline.KINDS): its loss's, else config.data.kind."""
-  return BATCH_FORMAT_OF_LOSS.get(config.loss.name, config.data.kind)
+  """The name of the stage's batch format (formats.FORMATS): the one its loss reads."""
+  return losses.get(config.loss.name).batch_format.name
 
 
 def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, bool, int], Any]:

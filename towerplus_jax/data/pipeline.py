@@ -1,23 +1,22 @@
-"""grain pipelines from records to global numpy batches, one per batch format.
+"""grain pipelines from records to global numpy batches of each batch format (their fields: `formats`).
 
-  lm          packed; int32 [B, T] `inputs` (each document [bos, ...]), `targets` (shifted by one, [..., eos]),
-              `segment_ids` (1..n, 0 = padding), `positions`; float32 `loss_mask` (0 on padding). Accepts {"text"},
-              chat records (through the chat template) and parallel records ("source\\nreference").
-  sft         the same keys, loss_mask on assistant tokens only (template mask shifted to the targets); packed or
+  lm          formats.LM rows, packed: each document [bos, ...] with targets [..., eos]. Accepts {"text"}, chat
+              records (through the chat template) and parallel records ("source\\nreference").
+  sft         formats.SFT rows, loss_mask on assistant tokens only (template mask shifted to the targets); packed or
               one example per row. Accepts {"messages"}, {"prompt","completion"} and parallel records (a Tower+
               translation chat).
-  preference  {"prompt" (string or messages), "chosen", "rejected"}: `{chosen,rejected}_{inputs,targets,loss_mask,
-              positions,segment_ids}` [B, T], right-padded, loss on the response only; float32 [B]
-              `ref_chosen_logp` / `ref_rejected_logp` when the records carry them. Prompts keep their last
-              `max_prompt_len` tokens; responses are cut to fit the row. int32 [B] `record_index` (the record's
-              position in the source).
-  All but rl also carry int32 [B] `num_examples` / `num_truncated`: the examples whose start is in each row and how
-  many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than max_prompt_len or
-  prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics (`DataCounts`).
-  rl          {"prompt", + any columns} or parallel records (prompt = the Tower+ translation prompt with the
-              record's IF-MT rules as instructions, added to the record): `records` (list of dicts), int32
-              `prompt_tokens` [B, P] right-padded with pad_id (chat template + generation prompt), `prompt_lengths`
-              [B], `num_dropped` (int): prompts longer than P dropped while filling this batch (also logged).
+  preference  formats.PREFERENCE from {"prompt" (string or messages), "chosen", "rejected"}: right-padded rows, loss
+              on the response only; the reference log-probs when the records carry them. Prompts keep their last
+              `max_prompt_len` tokens; responses are cut to fit the row.
+  Data counts (lm, sft, preference): `num_examples` / `num_truncated` per row: the examples whose start is in it
+  and how many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than
+  max_prompt_len or prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics
+  (`DataCounts`).
+  rl          prompts, not training rows (the rollout makes formats.RL rows from them): {"prompt", + any columns}
+              or parallel records (prompt = the Tower+ translation prompt with the record's IF-MT rules as
+              instructions, added to the record): `records` (list of dicts), int32 `prompt_tokens` [B, P]
+              right-padded with pad_id (chat template + generation prompt), `prompt_lengths` [B], `num_dropped`
+              (int): prompts longer than P dropped while filling this batch (also logged).
 
 Records are shuffled per epoch from `seed` and repeated for training; `iter(dataset)` is a grain DatasetIterator
 whose get_state/set_state resume exactly. Without repeat the last batch is padded with empty rows (segment_ids 0)
@@ -41,13 +40,10 @@ import grain
 import numpy as np
 from absl import logging
 
-from towerplus_jax.data import chat, packing, records
+from towerplus_jax.data import chat, formats, packing, records
 from towerplus_jax.data.sources import RecordSource, open_source
 from towerplus_jax.data.tokenizers import Tokenizer
 
-KINDS = ("lm", "sft", "preference", "rl")
-SIDES = ("chosen", "rejected")
-REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
 MIN_PACKING_BINS = 32
 
 
@@ -114,7 +110,7 @@ class Encoder:
     prompt = chat.as_messages(record["prompt"], "user")
     prompt_ids, _ = chat.encode_chat(self.tokenizer, self.template, prompt, add_generation_prompt=True)
     example, cut = {}, len(prompt_ids) > self.max_prompt_len
-    for side in SIDES:
+    for side in formats.SIDES:
       ids, mask = chat.encode_chat(self.tokenizer, self.template, prompt + chat.as_messages(record[side], "assistant"))
       if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError(f"'{side}' must be assistant turns that continue the prompt")
@@ -126,7 +122,7 @@ class Encoder:
       row = packing.pad_row(packing.shifted_example(ids, mask), self.seq_len)
       example.update({f"{side}_{k}": v for k, v in row.items()})
     example.update(num_examples=np.int32(1), num_truncated=np.int32(cut))
-    for key in REFERENCE_KEYS:
+    for key in formats.PREFERENCE.reference:
       value = record.get(key)
       example[key] = np.float32("nan" if value is None else value)
     return example
@@ -241,7 +237,7 @@ def _reference_logps(batch: dict) -> dict:
   """Keep ref_*_logp when every real row has it; drop it when none has; else raise. Padding rows (a last, partial
   batch) count as neither."""
   rows_B = batch["chosen_segment_ids"].any(axis=1)
-  for key in REFERENCE_KEYS:
+  for key in formats.PREFERENCE.reference:
     missing_B = np.isnan(batch[key]) & rows_B
     if (missing_B == rows_B).all():
       del batch[key]
@@ -264,8 +260,7 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
   """A grain dataset of global batches (`batch_size` rows, the same on every host) of format `kind` (module
   docstring). max_prompt_len (preference, rl): default seq_len // 2.
   """
-  if kind not in KINDS:
-    raise ValueError(f"unknown batch format {kind!r}; use one of {KINDS}")
+  formats.get(kind)  # raises on an unknown format
   max_prompt_len = max_prompt_len or seq_len // 2
   if kind == "preference" and max_prompt_len >= seq_len:
     raise ValueError(f"max_prompt_len={max_prompt_len} leaves no room for responses in rows of {seq_len} tokens")

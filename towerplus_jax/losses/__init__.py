@@ -4,7 +4,8 @@ A loss is `fn(model, batch, rng, cfg) -> (loss, metrics)`; `cfg` is the config's
 it take the defaults of `default_config(name)`). The trainer puts `loss_denominator = count_fn(global_batch, cfg)`
 in every micro-batch, with the loss's `extra_counts(global_batch, cfg)` (further global denominators, e.g. GRPO's
 rows with loss tokens), so the micro-batch losses and metrics add up to global-batch means (see `common`).
-When `needs_reference(cfg)` and the batch lacks `reference_keys`, the trainer adds
+A loss names its batch format (`data/formats.py`); when `needs_reference(cfg)` and the batch lacks the format's
+`reference` fields (`reference_keys`), the trainer adds
 `reference_fn(ref_model, batch, cfg)` (a frozen reference model, no gradient) to the batch.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
+
+from towerplus_jax.data import formats
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, ml_collections.ConfigDict],
                   tuple[jax.Array, dict[str, jax.Array]]]
@@ -25,10 +28,11 @@ CountsFn = Callable[[Mapping[str, jax.Array], ml_collections.ConfigDict], dict[s
 class Loss(NamedTuple):
   name: str
   fn: LossFn
+  batch_format: formats.BatchFormat  # what its batches hold
   count_fn: CountFn  # loss tokens or sequences of a batch: the `loss_denominator` of a global batch
   defaults: Mapping[str, Any]  # every config key the loss reads, with its default
   reference_fn: ReferenceFn | None = None
-  reference_keys: tuple[str, ...] = ()  # batch keys that reference_fn returns
+  reference_keys: tuple[str, ...] = ()  # batch keys that reference_fn returns (its format's `reference`)
   needs_reference: Callable[[ml_collections.ConfigDict], bool] = lambda cfg: False
   extra_counts: CountsFn = lambda batch, cfg: {}  # further named counts of a global batch (metric denominators)
 
@@ -36,15 +40,18 @@ class Loss(NamedTuple):
 _REGISTRY: dict[str, Loss] = {}
 
 
-def register(name: str, *, count_fn: CountFn, defaults: Mapping[str, Any], reference_fn: ReferenceFn | None = None,
-             reference_keys: tuple[str, ...] = (),
+def register(name: str, *, batch_format: str, count_fn: CountFn, defaults: Mapping[str, Any],
+             reference_fn: ReferenceFn | None = None,
              needs_reference: Callable[[ml_collections.ConfigDict], bool] = lambda cfg: False,
              extra_counts: CountsFn = lambda batch, cfg: {}) -> Callable[[LossFn], LossFn]:
-  """Decorator registering `fn` under `name`."""
+  """Decorator registering `fn` under `name`, reading batches of format `batch_format` (formats.FORMATS)."""
+  fmt = formats.get(batch_format)
+
   def wrap(fn: LossFn) -> LossFn:
     if name in _REGISTRY:
       raise ValueError(f"loss '{name}' is already registered")
-    _REGISTRY[name] = Loss(name, fn, count_fn, dict(defaults), reference_fn, reference_keys, needs_reference,
+    reference_keys = fmt.reference if reference_fn else ()
+    _REGISTRY[name] = Loss(name, fn, fmt, count_fn, dict(defaults), reference_fn, reference_keys, needs_reference,
                            extra_counts)
     return fn
   return wrap

@@ -1,9 +1,8 @@
 """GRPO clipped policy-gradient loss with optional k3 KL to a reference policy (TRL-compatible definitions).
 
-Batch: int32 [B, T] `inputs`, `targets`, `positions`, `segment_ids`; float32 [B, T] `loss_mask` (completion
-tokens; zero for masked truncated completions); float32 [B] `advantages`; optional float32 [B, T] `old_logps`
-(the policy before this rollout's first update, by `policy_logps`; absent -> stop_gradient of the current
-log-probs, ratio exactly 1) with optional int32 [] `old_is_current` (1: the same as absent, for a rollout's first
+Batch: formats.RL, `loss_mask` on completion tokens (zero for masked truncated completions), `advantages` per row;
+optional `old_logps` (the policy before this rollout's first update, by `policy_logps`; absent -> stop_gradient of
+the current log-probs, ratio exactly 1) with optional `old_is_current` (1: the same as absent, for a rollout's first
 update without a second batch layout to compile), and `ref_logps` (`reference_fn` computes them; required when
 beta != 0). All log-probs use logits / temperature.
 Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,
@@ -26,13 +25,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from towerplus_jax.data import formats
 from towerplus_jax.losses import common, logprobs, register
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 DEFAULTS = {**common.DEFAULTS, "epsilon_low": 0.2, "epsilon_high": 0.2, "beta": 0.0, "temperature": 1.0,
             "aggregation": "token_mean", "max_completion_length": 0}
-KEYS = ("inputs", "targets", "loss_mask", "advantages")
-REFERENCE_KEYS = ("ref_logps",)
 
 
 def _config(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
@@ -91,16 +89,16 @@ def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDi
   return {"ref_logps": policy_logps(ref_model, batch, cfg)}
 
 
-@register("grpo", count_fn=count, defaults=DEFAULTS, reference_fn=reference_logps, reference_keys=REFERENCE_KEYS,
+@register("grpo", batch_format="rl", count_fn=count, defaults=DEFAULTS, reference_fn=reference_logps,
           needs_reference=lambda cfg: _config(cfg).beta != 0, extra_counts=extra_counts)
 def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict
               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Clipped surrogate (PPO-style, per token) with group-relative advantages and optional k3 KL."""
   del rng
   c = _config(cfg)
-  common.require(batch, KEYS, "grpo")
+  common.require(batch, formats.RL.required, "grpo")
   if c.beta != 0:
-    common.require(batch, REFERENCE_KEYS, "grpo with beta != 0 (add them with get('grpo').reference_fn)")
+    common.require(batch, formats.RL.reference, "grpo with beta != 0 (add them with get('grpo').reference_fn)")
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   on_BT = mask_BT > 0
   stats = logprobs.token_stats(model, batch, chunk=c.logprob_chunk, temperature=c.temperature,

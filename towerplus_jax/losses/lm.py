@@ -1,6 +1,6 @@
 """Next-token cross entropy over loss-mask tokens (`lm` for CPT, `sft` for instruction tuning: the same loss).
 
-Batch: int32 [B, T] `inputs`, `targets`, `segment_ids`, `positions`; float32 [B, T] `loss_mask`.
+Batch: formats.LM / formats.SFT rows (the loss on `loss_mask` tokens).
 Config (`loss` section): z_loss = 0.0 (weight of the auxiliary z_loss * logsumexp(logits)^2 per loss token);
 logprob_chunk (see common.DEFAULTS).
 Loss = (sum of CE + z-term over loss tokens) / loss_denominator (loss tokens of the global batch).
@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from towerplus_jax.data import formats
 from towerplus_jax.losses import common, logprobs, register
 
 DEFAULTS = {**common.DEFAULTS, "z_loss": 0.0}
-KEYS = ("inputs", "targets", "loss_mask")
 
 
 def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> jax.Array:
@@ -25,7 +25,7 @@ def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> 
 
 def cross_entropy_loss(model, batch: common.Batch, cfg: ml_collections.ConfigDict, name: str
                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  common.require(batch, KEYS, name)
+  common.require(batch, formats.LM.required, name)
   c = common.read_config(cfg, DEFAULTS, name)
   mask_BT = batch["loss_mask"].astype(jnp.float32)
   denom = common.denominator(batch, count(batch))
@@ -41,14 +41,14 @@ def cross_entropy_loss(model, batch: common.Batch, cfg: ml_collections.ConfigDic
   return ce + z, metrics
 
 
-@register("lm", count_fn=count, defaults=DEFAULTS)
+@register("lm", batch_format="lm", count_fn=count, defaults=DEFAULTS)
 def lm_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict):
   """Token-mean cross entropy (continued pre-training)."""
   del rng
   return cross_entropy_loss(model, batch, cfg, "lm")
 
 
-@register("sft", count_fn=count, defaults=DEFAULTS)
+@register("sft", batch_format="sft", count_fn=count, defaults=DEFAULTS)
 def sft_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict):
   """Token-mean cross entropy over response tokens (supervised fine-tuning)."""
   del rng

@@ -1,8 +1,7 @@
 """Sigmoid DPO and WPO (DPO weighted by the policy's own probability of the pair, Zhou et al. 2024).
 
-Batch: for side in (chosen, rejected): int32 [B, T] `{side}_inputs`, `{side}_targets`, `{side}_positions`,
-`{side}_segment_ids`; float32 [B, T] `{side}_loss_mask` (response tokens only); float32 [B] `ref_chosen_logp`,
-`ref_rejected_logp` (summed reference log-probs; `reference_fn` computes them when absent).
+Batch: formats.PREFERENCE, a row per side (chosen, rejected) with `{side}_loss_mask` on response tokens only;
+`ref_chosen_logp`, `ref_rejected_logp` (summed reference log-probs; `reference_fn` computes them when absent).
 Config (`loss` section): beta = 0.1 (dpo) / 0.01 (wpo); label_smoothing = 0.0; wpo_weighting = False (dpo) /
 True (wpo); logprob_chunk (see common.DEFAULTS).
   Δ = (logπ(y_w) − logπ_ref(y_w)) − (logπ(y_l) − logπ_ref(y_l)),  L = −(1−ε)·logσ(βΔ) − ε·logσ(−βΔ)
@@ -18,14 +17,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from towerplus_jax.data import formats
 from towerplus_jax.losses import common, logprobs, register
 
 DPO_DEFAULTS = {**common.DEFAULTS, "beta": 0.1, "label_smoothing": 0.0, "wpo_weighting": False}
 WPO_DEFAULTS = {**common.DEFAULTS, "beta": 0.01, "label_smoothing": 0.0, "wpo_weighting": True}
-SIDES = ("chosen", "rejected")
-FIELDS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
-REFERENCE_KEYS = ("ref_chosen_logp", "ref_rejected_logp")
-REQUIRED = tuple(f"{s}_{f}" for s in SIDES for f in ("inputs", "targets", "loss_mask"))
 
 
 def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> jax.Array:
@@ -35,10 +31,10 @@ def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> 
 
 def _both_sides(batch: common.Batch) -> dict[str, jax.Array]:
   """Chosen rows then rejected rows, as one [2B, T] batch (the shorter side right-padded)."""
-  t = max(batch[f"{s}_inputs"].shape[1] for s in SIDES)
+  t = max(batch[f"{s}_inputs"].shape[1] for s in formats.SIDES)
   pad = lambda x: jnp.pad(jnp.asarray(x), ((0, 0), (0, t - x.shape[1])))
-  return {f: jnp.concatenate([pad(batch[f"{s}_{f}"]) for s in SIDES])
-          for f in FIELDS if f"chosen_{f}" in batch}
+  return {f: jnp.concatenate([pad(batch[f"{s}_{f}"]) for s in formats.SIDES])
+          for f in formats.ROW if f"chosen_{f}" in batch}
 
 
 def _split(x_2B: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -59,13 +55,13 @@ def reference_logps(ref_model, batch: common.Batch, cfg: ml_collections.ConfigDi
   both = _both_sides(batch)
   logp_BT = logprobs.token_stats(ref_model, both, chunk=chunk)["logp"]
   logp_B = jnp.sum(logp_BT * both["loss_mask"].astype(jnp.float32), axis=-1)
-  return dict(zip(REFERENCE_KEYS, _split(jax.lax.stop_gradient(logp_B))))
+  return dict(zip(formats.PREFERENCE.reference, _split(jax.lax.stop_gradient(logp_B))))
 
 
 def preference_loss(model, batch: common.Batch, cfg: ml_collections.ConfigDict, name: str, defaults: dict
                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  common.require(batch, REQUIRED, name)
-  common.require(batch, REFERENCE_KEYS, f"{name} (add them with get('{name}').reference_fn)")
+  common.require(batch, formats.PREFERENCE.required, name)
+  common.require(batch, formats.PREFERENCE.reference, f"{name} (add them with get('{name}').reference_fn)")
   c = common.read_config(cfg, defaults, name)
   both = _both_sides(batch)
   mask_BT = both["loss_mask"].astype(jnp.float32)
@@ -95,16 +91,16 @@ def preference_loss(model, batch: common.Batch, cfg: ml_collections.ConfigDict, 
   return loss, metrics
 
 
-@register("dpo", count_fn=count, defaults=DPO_DEFAULTS, reference_fn=reference_logps,
-          reference_keys=REFERENCE_KEYS, needs_reference=lambda cfg: True)
+@register("dpo", batch_format="preference", count_fn=count, defaults=DPO_DEFAULTS,
+          reference_fn=reference_logps, needs_reference=lambda cfg: True)
 def dpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict):
   """Sigmoid DPO with label smoothing."""
   del rng
   return preference_loss(model, batch, cfg, "dpo", DPO_DEFAULTS)
 
 
-@register("wpo", count_fn=count, defaults=WPO_DEFAULTS, reference_fn=reference_logps,
-          reference_keys=REFERENCE_KEYS, needs_reference=lambda cfg: True)
+@register("wpo", batch_format="preference", count_fn=count, defaults=WPO_DEFAULTS,
+          reference_fn=reference_logps, needs_reference=lambda cfg: True)
 def wpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.ConfigDict):
   """DPO weighted by the policy's own (stop-gradient) probability of the pair."""
   del rng

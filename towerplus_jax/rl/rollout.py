@@ -60,7 +60,8 @@ def group_advantages(rewards_N: np.ndarray, group: int, scale_std: bool = True, 
 def training_rows(prompt_tokens_BP: np.ndarray, prompt_lengths_B: np.ndarray, completion_BC: np.ndarray,
                   completion_lengths_B: np.ndarray, logprobs_BC: np.ndarray | None, mask_rows_B: np.ndarray,
                   pad_id: int) -> dict[str, np.ndarray]:
-  """prompt ⧺ completion rows (length P + C) with targets shifted by one and the loss on completion tokens only."""
+  """prompt ⧺ completion rows (length P + C) of formats.RL (without `advantages`) with targets shifted by one and the
+  loss on completion tokens only."""
   b, p = prompt_tokens_BP.shape
   c = completion_BC.shape[1]
   seq_BS = np.full((b, p + c + 1), pad_id, np.int32)
