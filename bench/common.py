@@ -41,14 +41,15 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--scan_layers", action="store_true", help="our layers as one lax.scan over stacked groups")
 
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
-  """The family's preset conventions (softcaps, norms, layer pattern, rope) at the requested size."""
+def model_config(args: argparse.Namespace, config_cls: type = ModelConfig) -> ModelConfig:
+  """The family's preset conventions (softcaps, norms, layer pattern, rope) at the requested size (`config_cls`:
+  another copy of the package's ModelConfig, as bench/compare_refs.py uses)."""
   kw = dict(vocab_size=args.vocab, embed_dim=args.embed_dim, mlp_dim=args.mlp_dim, num_layers=args.layers,
             num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
             scan_layers=args.scan_layers)
   if args.family.startswith("gemma"):
     kw["query_pre_attn_scalar"] = args.head_dim
-  return getattr(ModelConfig, f"_{args.family}")(**kw)
+  return getattr(config_cls, f"_{args.family}")(**kw)
 
 
 def our_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

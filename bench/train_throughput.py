@@ -9,6 +9,7 @@ reported. MFU = tokens/s × train.flops_per_token / the measured peak matmul FLO
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Callable
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from towerplus_jax import losses, optim, sharding, train
+from towerplus_jax import train
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -31,9 +32,11 @@ def token_batch(cfg: ModelConfig, batch: int, seq: int) -> dict[str, np.ndarray]
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
 
 
-def ours_step(model: Transformer, batch: dict[str, np.ndarray], total_steps: int, logprob_chunk: int
-              ) -> Callable[[], None]:
-  """One blocking call = one jitted train step (`train.make_step_fns`, donated state)."""
+def ours_step(model: Transformer, batch: dict[str, np.ndarray], total_steps: int, logprob_chunk: int,
+              lib: str = "towerplus_jax") -> Callable[[], None]:
+  """One blocking call = one jitted train step (`train.make_step_fns`, donated state) of package `lib`."""
+  sharding, optim, losses, train = (importlib.import_module(f"{lib}.{m}")
+                                    for m in ("sharding", "optim", "losses", "train"))
   mesh = sharding.make_mesh({}, jax.devices()[:1])
   graphdef, params = nnx.split(model)
   tx, lr = optim.make(ml_collections.ConfigDict(OPTIMIZER), total_steps)

@@ -24,6 +24,12 @@ def test_train_throughput_prints_ratio_and_mfu():
   assert stdout.count("MFU") == 2, stdout
 
 
+def test_compare_refs_times_a_git_ref_against_the_working_tree():
+  stdout = run_bench("bench.compare_refs", "--ref=HEAD", "--family=gemma2", "--batch=2", "--seq=16")
+  assert re.search(r"^ towerplus_jax_ref: +\d+\.\d ms/step \(median\)$", stdout, re.M), stdout
+  assert re.search(r"^speed-up working tree / HEAD: \d+\.\d{3}x \(medians\)$", stdout, re.M), stdout
+
+
 def test_sampler_throughput_prints_greedy_and_sampled_ratios():
   stdout = run_bench("bench.sampler_throughput", "--family=gemma2", "--batch=2", "--prompt=8", "--new=4")
   assert [m.strip() for m in RATIO.findall(stdout)] == ["greedy", "sampled"], stdout

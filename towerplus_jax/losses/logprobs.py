@@ -49,23 +49,47 @@ def token_stats(model, batch: Mapping[str, jax.Array], *, chunk: int, temperatur
 def full_stats(logits_BTV: jax.Array, targets_BT: jax.Array, want: Sequence[str]) -> dict[str, jax.Array]:
   """The statistics from materialised float32 logits (plain XLA; the reference for the chunked kernel)."""
   logits_BTV = logits_BTV.astype(jnp.float32)
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  # A one-hot select, not take_along_axis: its gradient is a cheap where, not a scatter into a zero [B, T, V].
-  hit_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
   out = {}
   if "logp" in want:
-    out["logp"] = jnp.sum(jnp.where(hit_BTV, logp_BTV, 0.0), axis=-1)
+    out["logp"] = target_logp(logits_BTV, targets_BT)
   if "lse" in want:
     out["lse"] = jax.nn.logsumexp(logits_BTV, axis=-1)
-  if "lse2" in want:
-    out["lse2"] = jax.nn.logsumexp(2.0 * logp_BTV, axis=-1)
-  if "entropy" in want:
-    out["entropy"] = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
+  if {"lse2", "entropy"} & set(want):
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    if "lse2" in want:
+      out["lse2"] = jax.nn.logsumexp(2.0 * logp_BTV, axis=-1)
+    if "entropy" in want:
+      out["entropy"] = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
   if "correct" in want:
     const_BTV = jax.lax.stop_gradient(logits_BTV)
-    target_BT = jnp.sum(jnp.where(hit_BTV, const_BTV, 0.0), axis=-1)
-    out["correct"] = (target_BT >= jnp.max(const_BTV, axis=-1)).astype(jnp.float32)
+    out["correct"] = (_pick(const_BTV, targets_BT) >= jnp.max(const_BTV, axis=-1)).astype(jnp.float32)
   return out
+
+
+def _pick(x_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """x at the targets [B, T] by a one-hot select (its gradient is a where, not a scatter into a zero [B, T, V])."""
+  return jnp.sum(jnp.where(jnp.arange(x_BTV.shape[-1]) == targets_BT[..., None], x_BTV, 0.0), axis=-1)
+
+
+@jax.custom_vjp
+def target_logp(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+  """log softmax(logits)[target] [B, T]; the backward pass is one fused [B, T, V] pass, g · (onehot − softmax)."""
+  return _target_logp_fwd(logits_BTV, targets_BT)[0]
+
+
+def _target_logp_fwd(logits_BTV, targets_BT):
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  return _pick(logits_BTV, targets_BT) - lse_BT, (logits_BTV, targets_BT, lse_BT)
+
+
+def _target_logp_bwd(res, g_BT):
+  logits_BTV, targets_BT, lse_BT = res
+  hit_BTV = jnp.arange(logits_BTV.shape[-1]) == targets_BT[..., None]
+  p_BTV = jnp.exp(logits_BTV - lse_BT[..., None])
+  return g_BT[..., None] * (hit_BTV.astype(p_BTV.dtype) - p_BTV), None
+
+
+target_logp.defvjp(_target_logp_fwd, _target_logp_bwd)
 
 
 def chunked_stats(h_BTD: jax.Array, w_DV: jax.Array, targets_BT: jax.Array, *, softcap: float | None,
