@@ -29,7 +29,9 @@ OPTIMIZER = dict(lr=1e-4, schedule="constant", warmup_steps=0, warmup_ratio=0.0,
 
 def token_batch(cfg: ModelConfig, batch: int, seq: int) -> dict[str, np.ndarray]:
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq + 1)).astype(np.int32)
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32)}
+  positions = np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((batch, seq), np.float32),
+          "positions": positions, "segment_ids": np.ones((batch, seq), np.int32)}  # one unpacked example per row
 
 
 def ours_step(model: Transformer, batch: dict[str, np.ndarray], total_steps: int, logprob_chunk: int,
