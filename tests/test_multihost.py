@@ -37,7 +37,8 @@ pytestmark = pytest.mark.slow
 
 
 def child_env(**extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_", "TOWERPLUS_"))}
+  env = {k: v for k, v in os.environ.items()  # the test session's compilation cache stays (conftest.py)
+         if not k.startswith(("XLA_", "JAX_", "TOWERPLUS_")) or k.startswith(("JAX_COMPILATION_", "JAX_PERSISTENT_"))}
   env.update({"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
               "TOWERPLUS_HEARTBEAT_TIMEOUT": "30", **extra})
   return env
