@@ -6,11 +6,14 @@ Both sides get the same random weights: our model is exported with `convert.hf.s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +61,50 @@ def our_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
   return sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 
-def hf_twin(model: Transformer, torch_device):
-  """The Hugging Face model with the same weights (exported by our converter, float32, no eos token)."""
+def save_hf_twin(model: Transformer, directory: str) -> None:
+  """Our weights as a Hugging Face folder (our converter, float32, no eos token)."""
+  hf.save_hf(model, model.cfg, directory, dtype="float32", generation_config={"pad_token_id": 0})
+
+
+def load_hf(directory: str, torch_device):
+  """The Hugging Face model of `save_hf_twin`'s folder, float32, on `torch_device`."""
   import transformers
   transformers.utils.logging.disable_progress_bar()
+  return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype="float32").to(torch_device)
+
+
+def hf_twin(model: Transformer, torch_device):
+  """The Hugging Face model with the same weights, in this process."""
   with tempfile.TemporaryDirectory() as tmp:
-    hf.save_hf(model, model.cfg, tmp, dtype="float32", generation_config={"pad_token_id": 0})
-    return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype="float32").to(torch_device)
+    save_hf_twin(model, tmp)
+    return load_hf(tmp, torch_device)
+
+
+@contextlib.contextmanager
+def worker_step(module: str, args: list[str], env: dict[str, str]) -> Iterator[Callable[[], None]]:
+  """A blocking step run by a worker process (`python -m module *args`, which prints `ready`, then `done` for each
+  `step` line it reads); the worker is killed on exit."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=root, env=env, text=True, stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE)
+
+  def expect(word: str) -> None:
+    for line in proc.stdout:
+      if line.strip() == word:
+        return
+      print(line, end="", file=sys.stderr)  # a library's own output
+    raise RuntimeError(f"{module} exited with {proc.wait()} before printing {word!r} (its error is above)")
+
+  def one() -> None:
+    proc.stdin.write("step\n")
+    proc.stdin.flush()
+    expect("done")
+  try:
+    expect("ready")
+    yield one
+  finally:
+    proc.kill()
+    proc.wait()
 
 
 def torch_setup():
