@@ -42,6 +42,30 @@ def test_large_temporaries_are_reused_instead_of_page_faulted_every_call():
   assert system > kept, (kept, system)  # glibc's defaults: every call maps them afresh (the measurement can fail)
 
 
+BREAK_CHILD = """
+import ctypes, json
+import towerplus_jax
+libc = ctypes.CDLL(None)
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes, libc.sbrk.argtypes = [ctypes.c_size_t], [ctypes.c_void_p], [ctypes.c_long]
+start = libc.sbrk(0)
+block = libc.malloc(5 << 29)  # 2.5 GiB, never touched
+grown = libc.sbrk(0)
+libc.free(block)
+print(json.dumps([grown - start, libc.sbrk(0) - start]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc")
+def test_a_freed_block_over_2_gib_stays_in_the_heap():
+  """mallopt's trim threshold is an int: only -1 keeps a larger top of the heap (a 4 GiB step was trimmed)."""
+  env = os.environ | {host_memory.ENV: "1"}
+  out = subprocess.run([sys.executable, "-c", BREAK_CHILD], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  grown, after_free = json.loads(out.stdout)
+  assert grown > 2 << 30 and after_free == grown, (grown, after_free)
+
+
 def test_auto_is_on_for_cpu_only_jax():
   assert host_memory.wanted("auto", "cpu")
   assert not host_memory.wanted("auto", "tpu")

@@ -24,7 +24,7 @@ import platform
 ENV = "TOWERPLUS_KEEP_HOST_MEMORY"
 # mallopt(3) parameters (malloc.h): heap trim threshold, largest number of mmap'd chunks, number of arenas.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-NEVER_TRIM = 2 ** 31 - 1  # the largest value mallopt takes (an int)
+NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
 
 
 def accelerator_plugin_installed() -> bool:
