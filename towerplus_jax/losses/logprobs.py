@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
+from towerplus_jax.models import matmul
 
 STATS = ("logp", "lse", "lse2", "entropy", "correct")
 
@@ -156,7 +157,7 @@ def _block_stats(h_CD: jax.Array, w_DV: jax.Array, targets_C: jax.Array, *, soft
                  temperature: float, want: tuple[str, ...], vocab_axes: tuple[str, ...]) -> dict[str, jax.Array]:
   """Statistics of one chunk [C]; `w_DV` is float32 and, with `vocab_axes`, this device's slice of the vocab."""
   psum = (lambda x: jax.lax.psum(x, vocab_axes)) if vocab_axes else (lambda x: x)
-  logits_CV = (h_CD @ w_DV.astype(h_CD.dtype)).astype(jnp.float32)  # the matmul in the compute dtype, as model.logits
+  logits_CV = matmul.dot(h_CD, w_DV.astype(h_CD.dtype)).astype(jnp.float32)  # the matmul in the compute dtype, as model.logits
   if softcap is not None:
     logits_CV = jnp.tanh(logits_CV / softcap) * softcap
   if temperature != 1.0:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from towerplus_jax.models import attention
+from towerplus_jax.models.matmul import matmul_2d
 from towerplus_jax.models.config import ModelConfig
 
 
@@ -48,12 +49,6 @@ class Embedder(nnx.Module):
     if self.scale is not None:  # HF casts the normaliser to the activation dtype first
       x_BTD = x_BTD * jnp.asarray(self.scale, self.dtype)
     return x_BTD
-
-
-def matmul_2d(x_BTD: jax.Array, w_DF: jax.Array) -> jax.Array:
-  """[B, T, D] @ [D, F] as one 2-D matmul: XLA (on CPU especially) then needs no transposes in the backward pass."""
-  b, t, d = x_BTD.shape
-  return (x_BTD.reshape(b * t, d) @ w_DF).reshape(b, t, w_DF.shape[-1])
 
 
 def rope(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, scale: float = 1.0) -> jax.Array:

@@ -15,7 +15,8 @@ from jax.ad_checkpoint import checkpoint_name
 from towerplus_jax import sharding
 from towerplus_jax.models import layout
 from towerplus_jax.models.config import ModelConfig
-from towerplus_jax.models.layers import MLP, Attention, Embedder, RMSNorm, matmul_2d
+from towerplus_jax.models.layers import MLP, Attention, Embedder, RMSNorm
+from towerplus_jax.models.matmul import matmul_2d
 
 # Mirrors the block tree: cache[name][k] belongs to getattr(model, name)[k] for name in "layers" (unrolled model)
 # or "stack" / "tail" (scanned model); each {"k": [B, S, K, H], "v": ...}, with a leading [G] axis under "stack".
