@@ -93,3 +93,27 @@ def test_kv_cache_decoding_equals_full_forward(case, scan, imported, tokens_BT):
     logits, cache = _decode(model, tokens[:, i:i + 1], positions[:, i:i + 1], cache)
     got.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_is_hugging_faces_rotate_half_formula():
+  """layers.rope (a flip of the two halves, the sign in the sin table) equals HF's rotate_half formula written out
+  (x1·cos − x2·sin, x2·cos + x1·sin) bit for bit, and transformers' own apply_rotary_pos_emb to float32 rounding."""
+  import torch
+  from transformers.models.qwen2 import modeling_qwen2
+
+  from towerplus_jax.models.layers import rope
+  rng = np.random.default_rng(0)
+  x_BTNH = rng.standard_normal((2, 7, 3, 16)).astype(np.float32)
+  positions_BT = np.stack([np.arange(7), np.array([5, 6, 0, 1, 2, 9, 40])])
+  theta, scale = 1000.0, 4.0
+  inv_freq = 1.0 / theta ** (np.arange(0, 16, 2, dtype=np.float32) / 16)
+  angles = jnp.asarray(positions_BT / scale, jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+  x1, x2 = x_BTNH[..., :8], x_BTNH[..., 8:]
+  written_out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  ours = rope(jnp.asarray(x_BTNH), jnp.asarray(positions_BT), theta, scale)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(written_out))
+  emb = torch.cat([torch.from_numpy(np.asarray(angles))] * 2, dim=-1)
+  q = torch.from_numpy(x_BTNH).transpose(1, 2)  # HF: [B, N, T, H]
+  hf_q, _ = modeling_qwen2.apply_rotary_pos_emb(q, q, emb.cos(), emb.sin())
+  np.testing.assert_allclose(np.asarray(ours), hf_q.transpose(1, 2).numpy(), rtol=1e-6, atol=1e-6)
