@@ -92,3 +92,11 @@ def test_inside_shard_map_with_operands_varying_over_different_axes():
     return jax.jit(jax.grad(f, argnums=(0, 1)))(x_MD, w_DF)
   for got, want in zip(grads(matmul.dot), grads(jnp.matmul)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_accelerator_form_traces_the_plain_matmul_on_the_cpu():
+  x_MD, w_DF = _inputs(*SHAPES[0], jnp.float32)
+  grad = lambda: jax.jit(jax.grad(lambda x, w: _loss(matmul.dot, x, w), argnums=1)).lower(x_MD, w_DF).as_text()
+  with matmul.accelerator_form():
+    inside = grad()
+  assert "optimization_barrier" not in inside and "optimization_barrier" in grad()

@@ -9,7 +9,8 @@ real train step (`train.make_step_fns`, with the shardings training uses) is low
 `--devices=N` compiles for N fake CPU devices, so a TPU pod slice can be checked from a laptop; XLA's per-device
 memory analysis of the compiled step (arguments, outputs, temporaries) is printed and compared with `--hbm_gib`.
 The architecture is `config.model.preset` (vocab `config.model.vocab_size`, else the preset's) with the config's
-dtype / param_dtype / remat. CPU compilation approximates an accelerator's memory use (fusion and layout differ).
+dtype / param_dtype / remat, traced as on an accelerator (`matmul.accelerator_form`). CPU compilation approximates an
+accelerator's memory use (fusion and layout differ).
 With `--hbm_gib`, the exit status is 1 when the step does not fit.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ml_collections import config_flags
 
 from towerplus_jax import losses, optim, sharding, train, weights
 from towerplus_jax.data import formats
+from towerplus_jax.models import matmul
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import abstract_model
 
@@ -148,7 +150,7 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh) -> jax.sta
   fns = train.make_step_fns(graphdef, loss, config.loss, tx, lr, config.train.micro_batches, use_reference)
   step = jax.jit(fns.train, in_shardings=(state_sh, ref_sh, jax.tree.map(lambda x: x.sharding, batch)),
                  out_shardings=(state_sh, None), donate_argnums=0)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), matmul.accelerator_form():
     return step.lower(state, ref_params, batch).compile()
 
 

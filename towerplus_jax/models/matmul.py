@@ -5,12 +5,30 @@ the M = B·T rows) is computed by first materialising the transpose of the small
 running an ordinary row-major matmul: XLA CPU's matmul kernels (YNNPACK) run the transposed-operand form at about
 half their peak at these shapes (86 vs 162 GFLOP/s for [2048, 256]ᵀ @ [2048, 4096], bench/README.md), and the
 optimization barriers keep XLA's algebraic simplifier from folding the transposes back into the dot. Other
-platforms lower the plain matmul (`lax.platform_dependent`), so TPU/GPU programs are unchanged.
+platforms lower the plain matmul (`lax.platform_dependent`), so TPU/GPU programs are unchanged; inside
+`accelerator_form()` every platform traces the plain matmul (aot.py: an accelerator's program compiled on the CPU).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
+
+
+_ACCELERATOR_FORM = contextvars.ContextVar("accelerator_form", default=False)
+
+
+@contextlib.contextmanager
+def accelerator_form() -> Iterator[None]:
+  """Within: functions traced (not ones already traced and cached) use the plain matmul on the CPU too."""
+  token = _ACCELERATOR_FORM.set(True)
+  try:
+    yield
+  finally:
+    _ACCELERATOR_FORM.reset(token)
 
 
 def _vma(x: jax.Array) -> frozenset[str]:
@@ -48,6 +66,8 @@ _cpu_dot.defvjp(_cpu_dot_fwd, _cpu_dot_bwd)
 
 def dot(x_MD: jax.Array, w_DF: jax.Array) -> jax.Array:
   """x_MD @ w_DF, with the CPU-friendly weight gradient above on the CPU."""
+  if _ACCELERATOR_FORM.get():
+    return x_MD @ w_DF
   axes = _vma(x_MD) | _vma(w_DF)  # a custom VJP's cotangents must vary as its inputs do
   return jax.lax.platform_dependent(_vary(x_MD, axes), _vary(w_DF, axes), cpu=_cpu_dot, default=jnp.matmul)
 
