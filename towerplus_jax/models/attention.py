@@ -19,6 +19,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
+from towerplus_jax.models import matmul
 from towerplus_jax.models.config import ATTENTION_IMPLS
 
 NEG_INF = -2.3819763e38  # large finite mask value: fully masked (padding) rows stay NaN-free
@@ -117,15 +118,18 @@ def _xla(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, q_segments_BT, 
     idx_T, idx_S = jnp.arange(q_BTNH.shape[1]), jnp.arange(k_BSKH.shape[1])
     mask_BTS &= idx_T[:, None] >= idx_S[None, :]
   b, t, n, h = q_BTNH.shape
-  kv = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h) * jnp.asarray(scale, q_BTNH.dtype)
-  logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
+  kv, g = k_BSKH.shape[2], n // k_BSKH.shape[2]
+  # Batched 2-D matmuls over (B, K) with the G query heads of a kv head stacked along the rows (M = G·T): XLA CPU
+  # then needs fewer transposes than with einsums over five dimensions (matmul.py has the CPU backward).
+  q_BKMH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)
+  logits_BKGTS = matmul.dot(q_BKMH.reshape(b, kv, g * t, h), k_BSKH.transpose(0, 2, 3, 1),
+                            jnp.float32).reshape(b, kv, g, t, -1)
   if softcap is not None:
     logits_BKGTS = jnp.tanh(logits_BKGTS / softcap) * softcap
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
-  return out_BTKGH.reshape(b, t, n, h)
+  probs_BKMS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype).reshape(b, kv, g * t, -1)
+  out_BKGTH = matmul.dot(probs_BKMS, v_BSKH.transpose(0, 2, 1, 3)).reshape(b, kv, g, t, h)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def dot_product(q_BTNH, k_BTKH, v_BTKH, segments_BT, window, scale, implementation: str) -> jax.Array:

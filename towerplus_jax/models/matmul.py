@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 
 import jax
@@ -42,34 +43,45 @@ def _vary(x: jax.Array, axes: frozenset[str]) -> jax.Array:
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
-@jax.custom_vjp
-def _cpu_dot(x_MD: jax.Array, w_DF: jax.Array) -> jax.Array:
-  return x_MD @ w_DF
+def _t(x: jax.Array) -> jax.Array:
+  return jnp.swapaxes(x, -1, -2)
 
 
-def _cpu_dot_fwd(x_MD: jax.Array, w_DF: jax.Array):
-  return x_MD @ w_DF, (x_MD, w_DF)
+def _matmul(x_MD: jax.Array, w_DF: jax.Array, out_dtype) -> jax.Array:
+  return jnp.matmul(x_MD, w_DF, preferred_element_type=out_dtype)
 
 
-def _cpu_dot_bwd(res, g_MF: jax.Array) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_dot(x_MD: jax.Array, w_DF: jax.Array, out_dtype) -> jax.Array:
+  return _matmul(x_MD, w_DF, out_dtype)
+
+
+def _cpu_dot_fwd(x_MD: jax.Array, w_DF: jax.Array, out_dtype):
+  return _matmul(x_MD, w_DF, out_dtype), (x_MD, w_DF)
+
+
+def _cpu_dot_bwd(out_dtype, res, g_MF: jax.Array) -> tuple[jax.Array, jax.Array]:
   x_MD, w_DF = res
   barrier = jax.lax.optimization_barrier
-  if w_DF.shape[0] <= w_DF.shape[1]:  # transpose x: [D, M] @ [M, F]
-    dw_DF = barrier(barrier(x_MD.T) @ g_MF)
+  if w_DF.shape[-2] <= w_DF.shape[-1]:  # transpose x: [D, M] @ [M, F]
+    dw_DF = barrier(barrier(_t(x_MD)) @ g_MF)
   else:  # transpose g: ([F, M] @ [M, D])ᵀ
-    dw_DF = barrier(barrier(g_MF.T) @ x_MD).T
-  return (g_MF @ w_DF.T).astype(x_MD.dtype), dw_DF.astype(w_DF.dtype)
+    dw_DF = _t(barrier(barrier(_t(g_MF)) @ x_MD))
+  return (g_MF @ _t(w_DF)).astype(x_MD.dtype), dw_DF.astype(w_DF.dtype)
 
 
 _cpu_dot.defvjp(_cpu_dot_fwd, _cpu_dot_bwd)
 
 
-def dot(x_MD: jax.Array, w_DF: jax.Array) -> jax.Array:
-  """x_MD @ w_DF, with the CPU-friendly weight gradient above on the CPU."""
+def dot(x_MD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
+  """x_MD @ w_DF (leading batch dims alike; the result in `out_dtype`, else the inputs' promoted dtype), with the
+  CPU-friendly weight gradient above on the CPU."""
   if _ACCELERATOR_FORM.get():
-    return x_MD @ w_DF
+    return _matmul(x_MD, w_DF, out_dtype)
   axes = _vma(x_MD) | _vma(w_DF)  # a custom VJP's cotangents must vary as its inputs do
-  return jax.lax.platform_dependent(_vary(x_MD, axes), _vary(w_DF, axes), cpu=_cpu_dot, default=jnp.matmul)
+  return jax.lax.platform_dependent(_vary(x_MD, axes), _vary(w_DF, axes),
+                                    cpu=lambda x, w: _cpu_dot(x, w, out_dtype),
+                                    default=lambda x, w: _matmul(x, w, out_dtype))
 
 
 def matmul_2d(x_BTD: jax.Array, w_DF: jax.Array) -> jax.Array:
