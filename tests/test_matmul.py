@@ -37,6 +37,21 @@ def test_values_and_gradients_match_the_plain_matmul(shape, dtype, tol):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("d,f", [(16, 48), (48, 16)])
+def test_batched_with_an_output_dtype(d, f):
+  """Leading batch dims, bfloat16 inputs and float32 results (attention's scores): as jnp.matmul's."""
+  kx, kw = jax.random.split(jax.random.key(d))
+  x = jax.random.normal(kx, (2, 3, 40, d)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (2, 3, d, f)).astype(jnp.bfloat16)
+  def run(mm):
+    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(mm(x, w))), argnums=(0, 1)))(x, w)
+  got = run(lambda x, w: matmul.dot(x, w, jnp.float32))
+  want = run(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == r.dtype and g.shape == r.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2e-2, atol=2e-2)
+
+
 def _dot_dims(hlo: str) -> list[tuple[str, str]]:
   return re.findall(r"dot\([^)]*\), lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}", hlo)
 
