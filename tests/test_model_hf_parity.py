@@ -113,7 +113,7 @@ def test_rope_is_hugging_faces_rotate_half_formula():
   written_out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   ours = rope(jnp.asarray(x_BTNH), jnp.asarray(positions_BT), theta, scale)
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(written_out))
-  emb = torch.cat([torch.from_numpy(np.asarray(angles))] * 2, dim=-1)
+  emb = torch.cat([torch.from_numpy(np.array(angles))] * 2, dim=-1)
   q = torch.from_numpy(x_BTNH).transpose(1, 2)  # HF: [B, N, T, H]
   hf_q, _ = modeling_qwen2.apply_rotary_pos_emb(q, q, emb.cos(), emb.sin())
   np.testing.assert_allclose(np.asarray(ours), hf_q.transpose(1, 2).numpy(), rtol=1e-6, atol=1e-6)
