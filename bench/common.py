@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from towerplus_jax import sharding
+from towerplus_jax import host_memory, sharding
 from towerplus_jax.convert import hf
 from towerplus_jax.models.config import FAMILIES, ModelConfig
 from towerplus_jax.models.transformer import Transformer
@@ -73,11 +73,25 @@ def load_hf(directory: str, torch_device):
   return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype="float32").to(torch_device)
 
 
-def hf_twin(model: Transformer, torch_device):
-  """The Hugging Face model with the same weights, in this process."""
+@contextlib.contextmanager
+def hf_worker(model: Transformer, kind: str, inputs: dict[str, np.ndarray], arg: str,
+              malloc: str = "glibc") -> Iterator[tuple[Callable[[], None], str]]:
+  """(one blocking HF call, DIR): `python -m bench.hf_worker KIND DIR ARG` on our weights and `inputs` saved in the
+  temporary folder DIR, in a process with glibc's default malloc (as transformers users have it) or with ours."""
+  env = dict(os.environ)
+  if malloc == "glibc":
+    env[host_memory.ENV] = "0"
   with tempfile.TemporaryDirectory() as tmp:
     save_hf_twin(model, tmp)
-    return load_hf(tmp, torch_device)
+    np.savez(f"{tmp}/inputs.npz", **inputs)
+    with worker_step("bench.hf_worker", [kind, tmp, arg], env) as one:
+      yield one, tmp
+
+
+def add_hf_malloc_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--hf_malloc", choices=("glibc", "ours"), default="glibc",
+                      help="HF's process (its own): glibc's default malloc, as transformers users have it, or "
+                           "towerplus_jax's host_memory setting")
 
 
 @contextlib.contextmanager

@@ -4,12 +4,15 @@
 
 Same architecture and weights, same prompts (all rows `--prompt` tokens), `--new` new tokens per row (no stop
 token, so every row runs to the end), greedy and sampled (temperature, top-k, top-p); HF uses its KV cache
-(use_cache=True). Warm-up calls (compilation) are excluded; the median of `--steps` calls per side is reported as
-new tokens/s. Ours returns no log-probs here (HF computes none); a greedy agreement line checks both decode alike.
+(use_cache=True) in a worker process of its own (bench/hf_worker.py), with glibc's default malloc unless
+`--hf_malloc=ours`. Warm-up calls (compilation) are excluded; the two take turns call by call and the median of
+`--steps` calls per side is reported as new tokens/s. Ours returns no log-probs here (HF computes none); a greedy
+agreement line checks both decode alike.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 
 import jax
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--top_k", type=int, default=50)
   parser.add_argument("--top_p", type=float, default=0.9)
+  common.add_hf_malloc_flag(parser)
   args = parser.parse_args(argv)
   cfg = common.model_config(args)
   torch_device = common.torch_setup()[1]
@@ -65,14 +69,15 @@ def main(argv: list[str] | None = None) -> None:
   print(common.model_line(cfg) + f"; batch {args.batch}, prompt {args.prompt}, new tokens {args.new}")
   prompts_BP = np.random.default_rng(0).integers(1, cfg.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   model = common.our_model(cfg)
-  hf_model = common.hf_twin(model, torch_device)
   for mode, greedy in (("greedy", True), ("sampled", False)):
-    fns = {"hf": hf_generate(hf_model, prompts_BP, args.new, greedy, args),
-           "ours": ours_generate(model, prompts_BP, args.new, greedy, args)}
-    if greedy:
-      same = (fns["hf"]() == fns["ours"]()).all(axis=1)
-      print(f"greedy agreement: {int(same.sum())}/{args.batch} rows identical to HF")
-    seconds = common.median_seconds(fns, args.steps, args.warmup)
+    options = dict(new=args.new, greedy=greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    ours = ours_generate(model, prompts_BP, args.new, greedy, args)
+    with common.hf_worker(model, "generate", {"prompts_BP": prompts_BP}, json.dumps(options),
+                          args.hf_malloc) as (hf, directory):
+      if greedy:
+        same = (np.load(f"{directory}/tokens.npy") == ours()).all(axis=1)
+        print(f"greedy agreement: {int(same.sum())}/{args.batch} rows identical to HF")
+      seconds = common.median_seconds({"hf": hf, "ours": ours}, args.steps, args.warmup)
     for name, s in seconds.items():
       print(f"{mode:>7} {name:>4}: {s * 1e3:8.1f} ms/call  {args.batch * args.new / s:9.0f} new tokens/s")
     print(f"ratio ours/hf {mode}: {seconds['hf'] / seconds['ours']:.2f}x tokens/s")

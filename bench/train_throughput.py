@@ -3,7 +3,7 @@
   python -m bench.train_throughput [--family=gemma2] [--batch=8] [--seq=256] [--steps=10] [--dtype=float32]
 
 Same architecture and weights, same random token batch, same optimizer (AdamW, global-norm clipping 1.0). The HF step
-runs in a worker process of its own (bench/hf_train_worker.py), with glibc's default malloc unless `--hf_malloc=ours`.
+runs in a worker process of its own (bench/hf_worker.py), with glibc's default malloc unless `--hf_malloc=ours`.
 Warm-up steps (compilation) are excluded; the two take turns step by step and the median step time of `--steps`
 steps is reported. MFU = tokens/s × train.flops_per_token / the measured peak matmul FLOP/s of this machine.
 """
@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from towerplus_jax import host_memory, train
+from towerplus_jax import train
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -85,20 +83,6 @@ def hf_step(model, dtype: str, batch: dict[str, np.ndarray]) -> Callable[[], Non
   return one
 
 
-@contextlib.contextmanager
-def hf_process_step(model: Transformer, dtype: str, batch: dict[str, np.ndarray],
-                    malloc: str) -> Iterator[Callable[[], None]]:
-  """`hf_step` in a worker process (bench/hf_train_worker.py) with glibc's default malloc, or with ours."""
-  env = dict(os.environ)
-  if malloc == "glibc":
-    env[host_memory.ENV] = "0"
-  with tempfile.TemporaryDirectory() as tmp:
-    common.save_hf_twin(model, tmp)
-    np.savez(f"{tmp}/batch.npz", **batch)
-    with common.worker_step("bench.hf_train_worker", [tmp, f"{tmp}/batch.npz", dtype], env) as one:
-      yield one
-
-
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   common.add_model_flags(parser)
@@ -108,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation, allocator)")
   parser.add_argument("--peak_size", type=int, default=0, help="matmul size for the peak (0: 2048 CPU, 8192 GPU)")
   parser.add_argument("--skip_hf", action="store_true", help="time our step only")
-  parser.add_argument("--hf_malloc", choices=("glibc", "ours"), default="glibc",
-                      help="HF's process (its own): glibc's default malloc, as transformers users have it, or "
-                           "towerplus_jax's host_memory setting")
+  common.add_hf_malloc_flag(parser)
   parser.add_argument("--logprob_chunk", type=int, default=0,
                       help="loss.logprob_chunk: 0 = full logits (tiny presets' default), 512 = real presets'")
   args = parser.parse_args(argv)
@@ -125,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
   steps = {}
   with contextlib.ExitStack() as stack:
     if not args.skip_hf:  # exported before our step donates (frees) the initial weights
-      steps["hf"] = stack.enter_context(hf_process_step(model, cfg.dtype, batch, args.hf_malloc))
+      steps["hf"] = stack.enter_context(common.hf_worker(model, "train", batch, cfg.dtype, args.hf_malloc))[0]
     steps["ours"] = ours_step(model, batch, args.steps + args.warmup, args.logprob_chunk)
     seconds = common.median_seconds(steps, args.steps, args.warmup)
   for name, s in seconds.items():
