@@ -16,6 +16,9 @@ from towerplus_jax import storage
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
               "B200": 2250e12}
+# The progress line's figures, in order: metric key -> name shown.
+PROGRESS = {"loss": "loss", "reward/mean": "reward", "lr": "lr", "grad_norm": "grad_norm",
+            "perf/tokens_per_sec": "tokens/s", "perf/mfu": "mfu"}
 
 
 def peak_flops_per_device() -> float | None:
@@ -87,8 +90,7 @@ class MetricsWriter:
     else:
       eta = float("nan")
     self.last_t, self.last_step, self.tokens = now, step, 0
-    shown = " ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                     if k in ("loss", "lr", "grad_norm", "perf/tokens_per_sec", "perf/mfu", "reward/mean"))
+    shown = " ".join(f"{name}={metrics[k]:.4g}" for k, name in PROGRESS.items() if k in metrics)
     logging.info("step %d/%d %s eta=%s", step, self.total_steps, shown, _hms(eta))
     return metrics
 
