@@ -1,5 +1,6 @@
-"""AOT compile check: the real train step compiles for a mesh of 8 fake devices from abstract state, and XLA's
-per-device argument bytes match params + AdamW moments split 8 ways (hand arithmetic)."""
+"""AOT compile check on fake CPU devices (the fallback without libtpu; test_aot_tpu.py has the TPU compiler): the real
+train step compiles for a mesh of 8 fake devices from abstract state, and XLA's per-device argument bytes match
+params + AdamW moments split 8 ways (hand arithmetic)."""
 import json
 import os
 import subprocess
@@ -10,7 +11,8 @@ import pytest
 from flax import nnx
 
 from configs.sft import get_config
-from towerplus_jax import aot, sharding
+from towerplus_jax import sharding
+from towerplus_jax.aot import cli, programs
 from towerplus_jax.models.transformer import abstract_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_fsdp8_argument_bytes_are_params_and_moments_over_8():
   config = get_config("tiny")
-  cfg = aot.model_config(config)
-  report = aot.memory_report(aot.compile_train_step(config, sharding.make_mesh({"fsdp": 8})))
+  cfg = programs.architecture(config)
+  report = programs.train_step(config, sharding.make_mesh({"fsdp": 8})).memory
   assert min(report.argument, report.output, report.temp) > 0 and report.total > report.argument
   params = nnx.state(abstract_model(cfg))
   param_bytes = 4 * sum(x.size for x in jax.tree.leaves(params))  # float32
@@ -37,32 +39,37 @@ def test_cli_compiles_wpo_with_reference_on_fake_devices_and_fails_over_budget()
                         "--mesh=data=2,fsdp=4", "--devices=8", "--hbm_gib=0.001", "--json"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1, out.stderr[-3000:]  # does not fit -> non-zero exit
-  assert "of 8 cpu devices" in out.stdout and "'data': 2, 'fsdp': 4" in out.stdout
-  assert "does NOT fit in 0.001 GiB" in out.stdout
+  assert "on 8 cpu devices" in out.stdout and "'data': 2, 'fsdp': 4" in out.stdout
+  assert "XLA:CPU estimate" in out.stdout and "does NOT fit in 0.001 GiB" in out.stdout
   row = json.loads(out.stdout.strip().splitlines()[-1])
-  assert row["fits"] is False and row["total_gib"] > 0.001 and row["compile_s"] > 0
+  assert row["fits"] is False and row["peak_gib"] > 0.001 and row["compile_s"] > 0
+  assert [p["name"] for p in row["programs"]] == ["train step", "eval step",
+                                                  "reference log-probs (towerplus_jax.reference)"]
 
 
 def test_sweep_reports_a_failed_row_and_returns_false(capsys, monkeypatch):
   monkeypatch.chdir(ROOT)
-  bad = aot.Target("no such config", "configs/nope.py:tiny", 8, "fsdp=8", 15)
-  assert aot.sweep((bad,), timeout_s=120) is False
+  bad = cli.Target("no such config", "configs/nope.py:tiny", "v5e-8")
+  assert cli.sweep((bad,), timeout_s=120) is False
   table = capsys.readouterr().out.splitlines()
   assert table[0].startswith("| target |") and table[2].startswith("| no such config |")
   assert "failed:" in table[2] and table[2].endswith("| no |")
 
 
 def test_targets_are_the_production_rows():
-  names = [t.config for t in aot.TARGETS]
-  assert names == ["configs/sft.py:gemma2_2b", "configs/wpo.py:gemma2_2b", "configs/grpo.py:gemma2_2b",
-                   "configs/sft.py:gemma2_9b", "configs/sft.py:qwen2_5_72b"]
-  assert [t.budget_gib for t in aot.TARGETS] == [15, 15, 15, 15, 90]
+  rows = {(t.config, t.topology, t.num_slices) for t in cli.TARGETS}
+  assert {("configs/sft.py:gemma2_2b", "v5e-8", 1), ("configs/wpo.py:gemma2_2b", "v5e-8", 1),
+          ("configs/grpo.py:gemma2_2b", "v5e-8", 1), ("configs/sft.py:gemma2_9b", "v5e-16", 1),
+          ("configs/sft.py:qwen2_5_72b", "v5p-64", 1), ("configs/sft.py:gemma2_2b", "v5e-8", 2)} <= rows
+  for family in ("v6e", "v5p"):  # one target per stage on each
+    stages = {t.config.split("/")[1].split(".")[0] for t in cli.TARGETS if t.topology.startswith(family)}
+    assert stages == {"cpt", "sft", "wpo", "grpo"}, family
 
 
 def test_bad_mesh_flag_names_the_entry():
   with pytest.raises(ValueError, match="fsdp:8"):
-    aot.parse_mesh("fsdp:8", {"data": 1})
-  assert aot.parse_mesh("fsdp=8, tensor=2", {"data": 1, "fsdp": -1}) == {"data": 1, "fsdp": 8, "tensor": 2}
+    cli.parse_mesh("fsdp:8", {"data": 1})
+  assert cli.parse_mesh("fsdp=8, tensor=2", {"data": 1, "fsdp": -1}) == {"data": 1, "fsdp": 8, "tensor": 2}
 
 
 def test_new_memory_defaults_cut_a_mid_size_step_by_a_large_factor():
@@ -75,7 +82,7 @@ def test_new_memory_defaults_cut_a_mid_size_step_by_a_large_factor():
     config.train.global_batch_size, config.data.seq_len = 8, 1024
     if old_defaults:
       config.model.scan_layers, config.model.remat, config.loss.logprob_chunk = False, "dots_no_batch", 0
-    return aot.memory_report(aot.compile_train_step(config, mesh)).total
+    return programs.train_step(config, mesh).memory.total
 
   new, old = total(False), total(True)
   assert old > 5 * new, (old / 2 ** 30, new / 2 ** 30)  # measured: 9.2 GiB -> 1.4 GiB
@@ -86,7 +93,7 @@ def test_grpo_with_iterations_compiles_the_old_logps_layout():
   from configs import grpo
   config = grpo.get_config("tiny")
   config.rl.iterations = 2
-  batch = aot.abstract_batch(config, sharding.make_mesh({"fsdp": -1}))
+  batch = programs.abstract_batch(config, sharding.make_mesh({"fsdp": -1}))
   assert batch["old_logps"].shape == batch["inputs"].shape and batch["old_logps"].dtype == "float32"
   assert batch["old_is_current"].shape == () and batch["old_is_current"].sharding.spec == jax.sharding.PartitionSpec()
 
@@ -94,5 +101,5 @@ def test_grpo_with_iterations_compiles_the_old_logps_layout():
 def test_the_step_is_compiled_as_on_an_accelerator():
   """Not models/matmul.py's CPU-only form (every dot row-major, transposes materialised) but XLA's own weight
   gradients, which contract the rows of their left operand."""
-  compiled = aot.compile_train_step(get_config("tiny"), sharding.make_mesh({"fsdp": 8}))
+  compiled = programs.train_step(get_config("tiny"), sharding.make_mesh({"fsdp": 8})).compiled
   assert "lhs_contracting_dims={0}" in compiled.as_text()

@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 TPU_RUN = REPO / "launch" / "tpu_run.sh"
 LOCAL_RUN = REPO / "launch" / "local_run.sh"
 
-# Logs its argv (shell-quoted, one call per line); `describe` plays the comma-separated FAKE_TPU_STATES in turn
-# (the last one repeats; NOT_FOUND fails like gcloud); ssh running towerplus_jax.main fails FAKE_RUN_FAILS times.
+# Logs its argv (shell-quoted, one call per line, in one write: the slices' runs call it at once); `describe` plays
+# the comma-separated FAKE_TPU_STATES in turn (the last one repeats; NOT_FOUND fails like gcloud); ssh running
+# towerplus_jax.main fails FAKE_RUN_FAILS times per node (only on node FAKE_FAIL_NODE when set) and, with
+# FAKE_RUN_TOGETHER=N, fails unless N runs have started within 10 s.
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
-printf '%q ' "$@" >>"$FAKE_DIR/calls"; echo >>"$FAKE_DIR/calls"
+line=$(printf '%q ' "$@"); printf '%s\n' "$line" >>"$FAKE_DIR/calls"
 args=" $* "
 count() { local n; n=$(cat "$FAKE_DIR/$1" 2>/dev/null || echo 0); echo $((n + 1)) >"$FAKE_DIR/$1"; echo "$n"; }
 command=""
@@ -42,13 +44,32 @@ case $args in
   *" tpu-vm ssh "*)
     if [[ $command == *towerplus_jax.main* ]]; then
       printf '%s' "$command" >"$FAKE_DIR/run_command"
-      if (($(count runs) < ${FAKE_RUN_FAILS:-0})); then echo "worker 1: terminated" >&2; exit "${FAKE_RUN_EXIT:-3}"; fi
-      echo "training done"
+      touch "$FAKE_DIR/started-$5"
+      if [[ -n ${FAKE_RUN_TOGETHER:-} ]]; then
+        for _ in $(seq 100); do (($(ls "$FAKE_DIR" | grep -c '^started-') >= FAKE_RUN_TOGETHER)) && break; sleep 0.1; done
+        (($(ls "$FAKE_DIR" | grep -c '^started-') >= FAKE_RUN_TOGETHER)) || { echo "$5 started alone" >&2; exit 9; }
+      fi
+      if [[ ${FAKE_FAIL_NODE:-$5} == "$5" ]] && (($(count "runs-$5") < ${FAKE_RUN_FAILS:-0})); then
+        echo "worker 1: terminated" >&2; exit "${FAKE_RUN_EXIT:-3}"
+      fi
+      echo "training done on $5"
     elif [[ $command == *pip* ]]; then
       printf '%s' "$command" >"$FAKE_DIR/install_command"
     fi ;;
 esac
 exit 0
+"""
+
+# The pre-flight's `python3 -m towerplus_jax.aot ...` (on the launching machine): records its argv and folder, prints a
+# report, exits FAKE_PREFLIGHT_EXIT (0 fits, 1 does not fit, 2 cannot run).
+FAKE_PREFLIGHT_PYTHON = r"""#!/usr/bin/env bash
+printf '%s\n' "$@" >"$FAKE_DIR/preflight_argv"
+printf '%s' "$PWD" >"$FAKE_DIR/preflight_cwd"
+code=${FAKE_PREFLIGHT_EXIT:-0}
+if ((code == 2)); then echo "error: libtpu is not installed: pip install 'jax[tpu]'" >&2; exit 2; fi
+echo "memory report: 9.6 GiB of 16.0 GiB per chip"
+((code == 0)) || echo "does not fit: lower --config.train.per_device_batch_size"
+exit "$code"
 """
 
 BASE_ARGS = ["--name=tower", "--project=proj", "--zone=us-central2-b", "--config=configs/sft.py:tiny",
@@ -75,7 +96,9 @@ def run_tpu(tmp_path: Path, *args: str, **fake_env: str) -> tuple[subprocess.Com
   fake_dir = tmp_path / "fake"
   fake_dir.mkdir(exist_ok=True)
   _write_exe(tmp_path / "bin" / "gcloud", FAKE_GCLOUD)
-  env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "FAKE_DIR": str(fake_dir), **fake_env}
+  _write_exe(tmp_path / "bin" / "python3", FAKE_PREFLIGHT_PYTHON)
+  env = {k: v for k, v in os.environ.items() if k != "PREFLIGHT_PYTHON"}
+  env.update(PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", FAKE_DIR=str(fake_dir), **fake_env)
   proc = subprocess.run(["bash", str(TPU_RUN), *args], env=env, capture_output=True, text=True, timeout=60)
   calls_file = fake_dir / "calls"
   calls = [shlex.split(line) for line in calls_file.read_text().splitlines()] if calls_file.exists() else []
@@ -84,6 +107,11 @@ def run_tpu(tmp_path: Path, *args: str, **fake_env: str) -> tuple[subprocess.Com
 
 def _one(calls: list[list[str]], kind: str) -> list[str]:
   return next(c for c in calls if _kind(c) == kind)
+
+
+def _preflight_argv(tmp_path: Path) -> list[str] | None:
+  path = tmp_path / "fake" / "preflight_argv"
+  return path.read_text().splitlines() if path.exists() else None
 
 
 def test_scripts_parse_and_print_help():
@@ -203,6 +231,149 @@ def test_run_command_executes_main_with_args_env_and_log(tmp_path):
   assert len(logs) == 1 and "step 1" in logs[0].read_text()
   failed = subprocess.run(["bash", "-c", command], cwd=home, env={**env, "FAKE_EXIT": "5"}, capture_output=True)
   assert failed.returncode == 5  # through the tee
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight check
+
+def test_help_documents_preflight_and_multislice_flags():
+  out = subprocess.run(["bash", str(TPU_RUN), "--help"], capture_output=True, text=True, check=True).stdout
+  for flag in ("--skip-preflight", "--hbm-gib", "--num-slices", "PREFLIGHT_PYTHON"):
+    assert flag in out
+
+
+def test_preflight_passes_with_the_config_flags_then_launches(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--create", "--accelerator-type=v5litepod-16", "--hbm-gib=15.5",
+                        "--", "--config.train.steps=100", "--seed=3", "--config.data.train=a b.jsonl",
+                        FAKE_TPU_STATES="NOT_FOUND,READY")
+  assert proc.returncode == 0, proc.stderr
+  assert _preflight_argv(tmp_path) == [
+      "-m", "towerplus_jax.aot", "--config=configs/sft.py:tiny", "--topology=v5litepod-16", "--hbm_gib=15.5",
+      "--config.train.steps=100", "--config.data.train=a b.jsonl"]
+  assert (tmp_path / "fake" / "preflight_cwd").read_text() == str(REPO)
+  assert "memory report" in proc.stdout  # streamed to the user
+  assert [_kind(c) for c in calls] == ["describe", "create", "describe", "scp", "ssh:install", "ssh:run"]
+  assert "--seed=3" in " ".join(_one(calls, "ssh:run"))
+
+
+def test_preflight_python_from_the_environment(tmp_path):
+  _write_exe(tmp_path / "bin" / "mypy3", '#!/usr/bin/env bash\necho "$0 $*" >"$FAKE_DIR/mypy3"\n')
+  proc, _ = run_tpu(tmp_path, *BASE_ARGS, PREFLIGHT_PYTHON=f"{tmp_path / 'bin' / 'mypy3'} -X utf8")
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / "fake" / "mypy3").read_text().startswith(f"{tmp_path / 'bin' / 'mypy3'} -X utf8 -m towerplus_jax.aot")
+  assert _preflight_argv(tmp_path) is None
+
+
+@pytest.mark.parametrize("states", ["NOT_FOUND", "READY"])
+def test_preflight_does_not_fit_stops_before_touching_the_tpu(tmp_path, states):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--create", "--accelerator-type=v4-8", "--delete-after",
+                        FAKE_TPU_STATES=states, FAKE_PREFLIGHT_EXIT="1")
+  assert proc.returncode == 1
+  assert "does not fit: lower" in proc.stdout
+  assert ("tpu_run.sh: error: pre-flight: configs/sft.py:tiny does not fit v4-8 (see the report above; "
+          "--skip-preflight to launch anyway)") in proc.stderr.splitlines()
+  assert [_kind(c) for c in calls] == ["describe"]  # no create / scp / ssh, and --delete-after deletes nothing
+
+
+def test_preflight_that_cannot_run_exits_2(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--accelerator-type=v4-8", FAKE_PREFLIGHT_EXIT="2")
+  assert proc.returncode == 2
+  assert "error: libtpu is not installed: pip install 'jax[tpu]'" in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "pre-flight could not run" in last and "--skip-preflight" in last
+  assert [_kind(c) for c in calls] == ["describe"]
+
+
+def test_preflight_python_missing_exits_2(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, PREFLIGHT_PYTHON=str(tmp_path / "no-such-python"))
+  assert proc.returncode == 2 and "pre-flight could not run" in proc.stderr
+  assert [_kind(c) for c in calls] == ["describe"]
+
+
+@pytest.mark.parametrize("flag", ["--skip-preflight", "--skip_preflight"])
+def test_skip_preflight(tmp_path, flag):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, flag, FAKE_PREFLIGHT_EXIT="1")
+  assert proc.returncode == 0, proc.stderr
+  assert _preflight_argv(tmp_path) is None
+  assert [_kind(c) for c in calls] == ["describe", "scp", "ssh:install", "ssh:run"]
+
+
+def test_preflight_reads_the_accelerator_type_of_the_existing_node(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, FAKE_ACCEL="v6e-8")
+  assert proc.returncode == 0, proc.stderr
+  assert "--topology=v6e-8" in _preflight_argv(tmp_path)
+  assert [_kind(c) for c in calls] == ["describe", "scp", "ssh:install", "ssh:run"]
+
+
+def test_preflight_without_a_node_or_accelerator_type_fails(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--create", FAKE_TPU_STATES="NOT_FOUND")
+  assert proc.returncode == 2
+  errors = [line for line in proc.stderr.splitlines() if "error" in line]
+  assert len(errors) == 1 and errors[0].startswith("tpu_run.sh: error: pre-flight:")
+  assert "--accelerator-type" in proc.stderr and "--skip-preflight" in proc.stderr
+  assert _preflight_argv(tmp_path) is None and [_kind(c) for c in calls] == ["describe"]
+
+
+# ------------------------------------------------------------------------------------------------------ multislice
+
+def _node(call: list[str]) -> str:
+  """The node of a tpu-vm call: compute tpus tpu-vm VERB NODE ... / compute tpus tpu-vm scp LOCAL NODE:PATH."""
+  return call[5].split(":")[0] if call[3] == "scp" else call[4]
+
+
+def test_multislice_creates_one_queued_resource_and_runs_every_slice_at_once(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--create", "--queued", "--spot", "--num-slices=2",
+                        "--accelerator-type=v5litepod-16", "--delete-after", "--", "--config.train.steps=5",
+                        FAKE_TPU_STATES="NOT_FOUND,NOT_FOUND,READY", FAKE_RUN_TOGETHER="2")
+  assert proc.returncode == 0, proc.stderr
+  assert "training done on tower-0" in proc.stdout and "training done on tower-1" in proc.stdout
+  assert [_kind(c) for c in calls] == ["describe", "describe", "qr-describe", "qr-create", "describe", "describe",
+                                       "scp", "scp", "ssh:install", "ssh:install", "ssh:run", "ssh:run", "qr-delete"]
+  assert [_node(c) for c in calls if _kind(c) in ("describe", "scp", "ssh:install")] == ["tower-0", "tower-1"] * 4
+  assert {_node(c) for c in calls if _kind(c) == "ssh:run"} == {"tower-0", "tower-1"}
+  assert all("--worker=all" in c for c in calls if _kind(c) in ("scp", "ssh:install", "ssh:run"))
+  create = _one(calls, "qr-create")
+  assert create[4] == "tower"
+  assert {"--node-count=2", "--node-prefix=tower", "--accelerator-type=v5litepod-16",
+          "--runtime-version=v2-alpha-tpuv5-lite", "--spot"} <= set(create)
+  assert not any(a.startswith("--node-id") for a in create)
+  assert _one(calls, "qr-delete")[4] == "tower"
+  run = " ".join(_one(calls, "ssh:run"))
+  assert "--config.mesh.slices=2" in run and "--config.train.steps=5" in run
+  assert _preflight_argv(tmp_path) == ["-m", "towerplus_jax.aot", "--config=configs/sft.py:tiny",
+                                       "--topology=v5litepod-16", "--num_slices=2", "--config.train.steps=5"]
+
+
+def test_multislice_exit_status_is_the_failed_slices(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--num-slices=2", FAKE_FAIL_NODE="tower-1", FAKE_RUN_FAILS="1",
+                        FAKE_RUN_EXIT="7")
+  assert proc.returncode == 7
+  assert [_kind(c) for c in calls].count("ssh:run") == 2 and "training done on tower-0" in proc.stdout
+
+
+def test_multislice_preempted_slice_recreates_the_queued_resource(tmp_path):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, "--queued", "--spot", "--num-slices=2", "--retries=1",
+                        FAKE_TPU_STATES="READY,READY,PREEMPTED,READY", FAKE_FAIL_NODE="tower-1", FAKE_RUN_FAILS="1",
+                        FAKE_ACCEL="v4-8")
+  assert proc.returncode == 0, proc.stderr
+  setup = ["scp", "scp", "ssh:install", "ssh:install", "ssh:run", "ssh:run"]
+  assert [_kind(c) for c in calls] == ["describe", "describe", *setup, "describe", "describe", "qr-delete",
+                                       "qr-describe", "qr-create", "describe", "describe", *setup]
+  assert {"--node-count=2", "--node-prefix=tower", "--accelerator-type=v4-8",
+          "--runtime-version=tpu-ubuntu2204-base"} <= set(_one(calls, "qr-create"))
+  assert "--topology=v4-8" in _preflight_argv(tmp_path) and "--num_slices=2" in _preflight_argv(tmp_path)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--create", "--num-slices=2", "--accelerator-type=v4-8"], "--queued"),
+    (["--num-slices=0"], "--num-slices=0"), (["--num-slices=two"], "--num-slices=two"),
+    (["--num-slices=1.5"], "--num-slices=1.5"), (["--num-slices=-2"], "--num-slices=-2"),
+    (["--hbm-gib=0"], "--hbm-gib=0"), (["--hbm-gib=0.0"], "--hbm-gib=0.0"), (["--hbm-gib=-4"], "--hbm-gib=-4"),
+    (["--hbm-gib=lots"], "--hbm-gib=lots"), (["--hbm-gib="], "--hbm-gib=")])
+def test_bad_slice_and_preflight_values_fail_in_one_line(tmp_path, extra, message):
+  proc, calls = run_tpu(tmp_path, *BASE_ARGS, *extra)
+  assert proc.returncode == 2 and message in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  assert calls == [] and _preflight_argv(tmp_path) is None
 
 
 def _make_repo(root: Path) -> None:

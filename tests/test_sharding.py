@@ -59,3 +59,17 @@ def test_shard_global_batch_places_every_row(rows):
   np.testing.assert_array_equal(np.asarray(out["x"]), x)
   assert out["x"].sharding.spec[0] == (("data", "fsdp") if rows % 8 == 0 else "data")
   np.testing.assert_array_equal(sharding.process_rows(mesh, rows), np.arange(rows))  # one process holds all rows
+
+
+def test_embedding_gradient_is_a_reduction_over_data_shards_and_equals_take():
+  """layers._lookup's backward (per data shard, then summed over "data") equals jnp.take's gradient, sharded or not."""
+  from towerplus_jax.models import layers
+  table = jax.random.normal(jax.random.key(0), (64, 16))
+  tokens = jax.random.randint(jax.random.key(1), (8, 12), 0, 64)
+  cot = jax.random.normal(jax.random.key(2), (8, 12, 16))
+  def grad(lookup):
+    return jax.jit(jax.grad(lambda t: (lookup(t, tokens) * cot).sum()))(table)
+  expected = grad(lambda t, i: jax.numpy.take(t, i, axis=0))
+  np.testing.assert_allclose(grad(layers._lookup), expected, rtol=1e-6, atol=1e-6)
+  with jax.set_mesh(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):  # the per-data-shard backward
+    np.testing.assert_allclose(grad(layers._lookup), expected, rtol=1e-6, atol=1e-6)

@@ -111,3 +111,24 @@ def test_remat_policies_give_the_same_gradients():
     grads[policy] = nnx.to_pure_dict(nnx.grad(loss_fn)(model))
   for policy in ("full", "dots_no_batch"):
     assert_trees_close(grads[policy], grads["none"], atol=1e-6)
+
+
+def test_select_guard_equals_optax_apply_if_finite():
+  """optim.apply_if_finite (jnp.where, no lax.cond: the cond cost 3.7 GiB per chip in the compiled gemma2_9b step
+  with libtpu 0.0.42) gives optax's updates and state bit for bit over finite, NaN and inf steps, up to giving up."""
+  import optax
+  inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1))
+  ours, ref = optim.apply_if_finite(inner, 3), optax.apply_if_finite(inner, 3)
+  params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+  s_ours, s_ref = ours.init(params), ref.init(params)
+  assert jax.tree.structure(s_ours) == jax.tree.structure(s_ref)
+  for i, bad in enumerate([None, jnp.nan, None, jnp.inf, jnp.nan, jnp.nan, jnp.nan, None]):
+    grads = {"w": jnp.full((2, 3), 0.1 * (i + 1)), "b": jnp.linspace(-1, 1, 3)}
+    if bad is not None:
+      grads["b"] = grads["b"].at[1].set(bad)
+    u_ours, s_ours = jax.jit(ours.update)(grads, s_ours, params)
+    u_ref, s_ref = jax.jit(ref.update)(grads, s_ref, params)
+    for a, b in zip(jax.tree.leaves((u_ours, s_ours)), jax.tree.leaves((u_ref, s_ref))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    params = optax.apply_updates(params, u_ref)
+  assert int(s_ours.total_notfinite) == 5 and int(s_ours.notfinite_count) == 0

@@ -28,6 +28,7 @@ CHECKS: tuple[Check, ...] = (
     ("train.checkpoint_every", *_NON_NEGATIVE),
     ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1 (the final checkpoint is always kept)"),
     ("train.max_nonfinite", *_AT_LEAST_1),
+    ("mesh.slices", *_AT_LEAST_1),
     ("data.seq_len", lambda v: v >= 2, "must be >= 2 (a row needs an input and a target token)"),
     ("data.max_prompt_len", *_NON_NEGATIVE),
     ("optimizer.lr", *_POSITIVE),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -42,7 +43,37 @@ def make(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.Gradie
       optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask,
                   mu_dtype=cfg.get("mu_dtype") or None),  # absent in older configs: the param dtype
   )
-  return optax.apply_if_finite(tx, MAX_NONFINITE), lr
+  return apply_if_finite(tx, MAX_NONFINITE), lr
+
+
+def apply_if_finite(inner: optax.GradientTransformation, max_consecutive_errors: int
+                    ) -> optax.GradientTransformationExtraArgs:
+  """`optax.apply_if_finite` (same state) choosing with `jnp.where` instead of `lax.cond`: the inner update always
+  runs and a non-finite step keeps the old state and gives zero updates. The cond costs 3.5 GiB more per device in
+  the compiled gemma2_9b v5e-16 step with libtpu 0.0.42 (its memory analysis: 16.3 GiB instead of 12.6 GiB)."""
+  inner = optax.with_extra_args_support(inner)
+
+  def init(params):
+    return optax.ApplyIfFiniteState(notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.array(True, jnp.bool_),
+                                    total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+
+  def update(updates, state, params=None, **extra_args):
+    isfinite = jnp.all(jnp.array([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+    notfinite_count = jnp.where(isfinite, jnp.zeros([], jnp.int32), _increment(state.notfinite_count))
+    apply = jnp.logical_or(isfinite, notfinite_count > max_consecutive_errors)
+    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(apply, u, jnp.zeros_like(u)), new_updates)
+    new_inner = jax.tree.map(lambda n, o: jnp.where(apply, n, o), new_inner, state.inner_state)
+    total = jnp.where(isfinite, state.total_notfinite, _increment(state.total_notfinite))
+    return new_updates, optax.ApplyIfFiniteState(notfinite_count=notfinite_count, last_finite=isfinite,
+                                                 total_notfinite=total, inner_state=new_inner)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _increment(count: jax.Array) -> jax.Array:
+  """count + 1, saturating at the int32 maximum (optax's safe_increment)."""
+  return jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)
 
 
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:

@@ -3,6 +3,9 @@
 Parameters carry logical axis names (`axes` metadata, e.g. ("embed", "mlp")); `LOGICAL_AXIS_RULES` map each logical
 name to mesh axes. A mesh axis that does not divide a dimension is dropped for that dimension (it stays replicated
 there), so a model with 2 kv heads still runs on tensor=4.
+
+Multislice (`mesh.slices` > 1): the data axis spans the slices (data parallel over DCN), fsdp and tensor stay inside
+a slice (ICI); the other sizes describe one slice.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -39,18 +42,42 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     raise ValueError(f"mesh: at most one axis may be -1, got {unknown}")
   known = math.prod(sizes.get(a, 1) for a in MESH_AXES if a not in unknown)
   if num_devices % known:
-    raise ValueError(f"mesh {sizes} does not divide {num_devices} devices")
+    raise ValueError(f"mesh {({a: sizes.get(a, 1) for a in MESH_AXES})} does not divide {num_devices} devices")
   shape = tuple(num_devices // known if a in unknown else sizes.get(a, 1) for a in MESH_AXES)
   if math.prod(shape) != num_devices:
     raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} uses {math.prod(shape)} of {num_devices} devices")
   return shape
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+  """How many TPU slices the devices span (1 for CPU/GPU devices, which have no `slice_index`)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh with Auto axis types, e.g. make_mesh({"fsdp": -1})."""
+  """A ("data", "fsdp", "tensor") mesh with Auto axis types, e.g. make_mesh({"fsdp": -1}).
+
+  `sizes["slices"]` (default 1) must be the number of slices the devices span; with S > 1 the axis sizes describe one
+  slice and the data axis is S times `sizes["data"]`, ordered by jax's hybrid-mesh helper so that only the data
+  axis crosses slices."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  slices, found = sizes.get("slices", 1), num_slices(devices)
+  if slices != found:
+    raise ValueError(f"config.mesh.slices={slices} but the {len(devices)} devices form {found} slice(s): set "
+                     f"config.mesh.slices={found}")
+  shape = mesh_shape(sizes, len(devices) // slices)
+  types = (AxisType.Auto,) * len(MESH_AXES)
+  if slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
+  return Mesh(mesh_utils.create_hybrid_device_mesh(shape, dcn, devices), MESH_AXES, axis_types=types)
+
+
+def platform() -> str:
+  """The platform ('cpu' | 'gpu' | 'tpu') of the devices of the mesh being traced under (`jax.set_mesh`), else JAX's
+  default backend: kernels follow the devices a program is compiled for (TPU devices on a CPU host for `aot`)."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,

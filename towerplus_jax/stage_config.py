@@ -48,6 +48,8 @@ def base(arg: str, *, loss: str) -> ml_collections.ConfigDict:
   c.mesh.data = 1  # pure data parallelism (replicated params)
   c.mesh.fsdp = -1  # params and batch split here; -1 = all remaining devices
   c.mesh.tensor = 1  # heads / mlp / vocab split here
+  # TPU slices (multislice over DCN): data, fsdp and tensor describe one slice; the data axis spans the slices.
+  c.mesh.slices = 1
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # comma-separated JSONL/ArrayRecord paths or globs, sample:NAME, tfds:NAME, seqio:TASK

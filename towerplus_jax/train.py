@@ -124,7 +124,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   params_sh = sharding.state_shardings(params, run.mesh)
   replicated = NamedSharding(run.mesh, P())
   with jax.set_mesh(run.mesh):
-    opt_state = jax.jit(tx.init, out_shardings=_opt_shardings(tx, params, params_sh, replicated))(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings(tx, params, params_sh, replicated))(params)
   state = {"params": params, "opt_state": opt_state,
            "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
            "rng": jax.device_put(jax.random.key_data(jax.random.key(tcfg.seed)), replicated)}
@@ -190,7 +190,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   return last
 
 
-def _opt_shardings(tx, params, params_sh, replicated):
+def opt_shardings(tx, params, params_sh, replicated):
   """Optimizer-state leaves that mirror a parameter get its sharding; the rest (counts, scalars) are replicated."""
   abstract = jax.eval_shape(tx.init, params)
   return optax.tree_map_params(tx, lambda _, s: s, abstract, params_sh,

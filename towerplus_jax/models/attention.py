@@ -77,8 +77,8 @@ def _log_once(message: str) -> None:
 
 
 def resolve(impl: str, *, softcap: float | None, dtype, head_dim: int) -> str:
-  """`choose()` for the default backend; logs the choice and its reason once."""
-  platform = jax.default_backend()
+  """`choose()` for the platform of the mesh's devices (`sharding.platform`); logs the choice and its reason once."""
+  platform = sharding.platform()
   max_h = 128
   if platform == "gpu":  # cuDNN takes head_dim 256 from Hopper on
     max_h = 256 if float(getattr(jax.devices()[0], "compute_capability", "0")) >= 9.0 else 128
@@ -152,7 +152,7 @@ def _splash(q_BTNH, k_BTKH, v_BTKH, segments_BT, window, softcap, scale, block) 
   q_BNTH = _pad_t(q_BTNH * jnp.asarray(scale, q_BTNH.dtype), pad).transpose(0, 2, 1, 3)
   k_BKTH, v_BKTH = (_pad_t(x, pad).transpose(0, 2, 1, 3) for x in (k_BTKH, v_BTKH))
   seg_BT = None if segments_BT is None else _pad_t(segments_BT, pad)
-  interpret = jax.default_backend() != "tpu"
+  interpret = sharding.platform() != "tpu"
 
   def rows(q_BNTH, k_BKTH, v_BKTH, seg_BT):
     kernel = _kernel(q_BNTH.shape[1], t + pad, window, softcap, blk, interpret)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from towerplus_jax import sharding
 from towerplus_jax.models import attention
 from towerplus_jax.models.matmul import matmul_2d
 from towerplus_jax.models.config import ModelConfig
@@ -35,6 +37,35 @@ class RMSNorm(nnx.Module):
     return w.astype(x.dtype) * normed.astype(x.dtype)
 
 
+@jax.custom_vjp
+def _lookup(table_VD: jax.Array, tokens_BT: jax.Array) -> jax.Array:
+  """Rows of the table. Its gradient under a mesh with a data axis is each data shard's scatter-add, summed over
+  "data" (a gradient reduction, as for every weight), not the scatter of every shard's activation gradients gathered
+  first, which XLA chooses otherwise (between slices, activations over DCN)."""
+  return jnp.take(table_VD, tokens_BT, axis=0)
+
+
+def _lookup_fwd(table_VD: jax.Array, tokens_BT: jax.Array):
+  return jnp.take(table_VD, tokens_BT, axis=0), (table_VD, tokens_BT)
+
+
+def _lookup_bwd(res, g_BTD: jax.Array):
+  table_VD, tokens_BT = res
+  mesh = jax.sharding.get_abstract_mesh()
+  d = 1 if mesh.empty else mesh.shape.get("data", 1)
+  zeros_VD = jnp.zeros(table_VD.shape, g_BTD.dtype)
+  if d == 1 or tokens_BT.shape[0] % d:
+    return zeros_VD.at[tokens_BT].add(g_BTD).astype(table_VD.dtype), None
+  ids_dN, g_dND = tokens_BT.reshape(d, -1), g_BTD.reshape(d, -1, g_BTD.shape[-1])
+  part_dVD = jax.vmap(lambda ids_N, g_ND: zeros_VD.at[ids_N].add(g_ND))(ids_dN, g_dND)
+  spec = sharding.logical_to_spec(("vocab", "embed"), table_VD.shape, mesh)
+  part_dVD = jax.lax.with_sharding_constraint(part_dVD, P("data", *spec))
+  return part_dVD.sum(0).astype(table_VD.dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
 class Embedder(nnx.Module):
   """Token embedding table [V, D] (also the output projection when embeddings are tied)."""
 
@@ -45,7 +76,7 @@ class Embedder(nnx.Module):
     self.dtype = jnp.dtype(cfg.dtype)
 
   def encode(self, tokens_BT: jax.Array) -> jax.Array:
-    x_BTD = jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.dtype)
+    x_BTD = _lookup(self.table_VD[...], tokens_BT).astype(self.dtype)
     if self.scale is not None:  # HF casts the normaliser to the activation dtype first
       x_BTD = x_BTD * jnp.asarray(self.scale, self.dtype)
     return x_BTD

@@ -4,9 +4,10 @@
 the M = B·T rows) is computed by first materialising the transpose of the smaller of the two operands and then
 running an ordinary row-major matmul: XLA CPU's matmul kernels (YNNPACK) run the transposed-operand form at about
 half their peak at these shapes (86 vs 162 GFLOP/s for [2048, 256]ᵀ @ [2048, 4096], bench/README.md), and the
-optimization barriers keep XLA's algebraic simplifier from folding the transposes back into the dot. With another
-default backend (TPU/GPU) the plain matmul is traced, so those programs are unchanged, and inside
-`accelerator_form()` the CPU traces it too (aot.py: an accelerator's program compiled on the CPU). The choice is
+optimization barriers keep XLA's algebraic simplifier from folding the transposes back into the dot. For TPU/GPU
+devices (the platform of the mesh traced under, else the default backend: `sharding.platform`) the plain matmul is
+traced, so those programs are unchanged, and inside `accelerator_form()` a CPU mesh traces it too (aot: an
+accelerator's program estimated on fake CPU devices). The choice is
 made when tracing (not by `lax.platform_dependent`, which traces both forms: ~0.4 s more per train-step trace).
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+
+from towerplus_jax import sharding
 
 
 _ACCELERATOR_FORM = contextvars.ContextVar("accelerator_form", default=False)
@@ -76,8 +79,8 @@ _cpu_dot.defvjp(_cpu_dot_fwd, _cpu_dot_bwd)
 
 def dot(x_MD: jax.Array, w_DF: jax.Array, out_dtype=None) -> jax.Array:
   """x_MD @ w_DF (leading batch dims alike; the result in `out_dtype`, else the inputs' promoted dtype), with the
-  CPU-friendly weight gradient above when JAX's default backend is the CPU."""
-  if _ACCELERATOR_FORM.get() or jax.default_backend() != "cpu":
+  CPU-friendly weight gradient above when the program is for CPU devices."""
+  if _ACCELERATOR_FORM.get() or sharding.platform() != "cpu":
     return _matmul(x_MD, w_DF, out_dtype)
   axes = _vma(x_MD) | _vma(w_DF)  # a custom VJP's cotangents must vary as its inputs do
   return _cpu_dot(_vary(x_MD, axes), _vary(w_DF, axes), out_dtype)

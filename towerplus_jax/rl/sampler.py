@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from towerplus_jax import sharding
 from towerplus_jax.data import chat
+from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Cache, Transformer
 
 STOP_SLOTS = 4
@@ -198,6 +199,35 @@ def _check_args(tokens_BP: np.ndarray, lengths_B: np.ndarray, max_new_tokens: in
     raise ValueError(f"sample: top_p must be in (0, 1], got {top_p}")
 
 
+def _options(cfg: ModelConfig, mesh: Mesh | None, global_rows: int, max_new_tokens: int, top_k: int, top_p: float,
+             greedy: bool, return_logprobs: bool, pad_id: int) -> _Options:
+  """The static options of `_generate`: rows split over the batch axes, the cache's kv heads over "tensor"."""
+  rows_sharding = cache_sharding = None
+  if mesh is not None:
+    rows_spec = sharding.batch_spec(1, mesh, global_rows)
+    kv_spec = sharding.logical_to_spec(("kv_heads",), (cfg.num_kv_heads,), mesh)
+    rows_sharding = NamedSharding(mesh, rows_spec)
+    cache_sharding = NamedSharding(mesh, P(rows_spec[0], None, kv_spec[0], None))
+  truncate = not greedy and (top_k > 0 or top_p < 1.0)
+  return _Options(max_new_tokens, truncate, top_k if truncate else 0, pad_id, greedy, return_logprobs,
+                  rows_sharding, cache_sharding)
+
+
+def lower(graphdef: nnx.GraphDef, state: nnx.State, rows: int, prompt_len: int, *, mesh: Mesh, max_new_tokens: int,
+          top_k: int = 0, top_p: float = 1.0, greedy: bool = False, return_logprobs: bool = True
+          ) -> jax.stages.Lowered:
+  """The program `sample` runs (prefill, then the decode loop over a KV cache of prompt_len + max_new_tokens slots)
+  for `rows` global prompt rows, lowered from abstract state (`jax.ShapeDtypeStruct`s): for memory checks (aot)."""
+  opts = _options(nnx.merge(graphdef, state).cfg, mesh, rows, max_new_tokens, top_k, top_p, greedy,
+                  return_logprobs, 0)
+  tokens = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32, sharding=opts.rows_sharding)
+  lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=opts.rows_sharding)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32)
+  with jax.set_mesh(mesh):
+    return _generate.lower(graphdef, state, tokens, lengths, jax.eval_shape(lambda: jax.random.key(0)), scalar,
+                           scalar, jax.ShapeDtypeStruct((STOP_SLOTS,), jnp.int32), opts=opts)
+
+
 def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_tokens: int, rng: jax.Array,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
            pad_id: int = 0, greedy: bool = False, return_logprobs: bool = True,
@@ -212,17 +242,11 @@ def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_to
   lengths_B = np.asarray(prompt_lengths_B, np.int32)
   _check_args(tokens_BP, lengths_B, max_new_tokens, temperature, top_k, top_p, model.cfg.vocab_size)
   mesh = _active_mesh(mesh)
-  rows_sharding = cache_sharding = None
   batch = {"tokens": tokens_BP, "lengths": lengths_B}
+  opts = _options(model.cfg, mesh, tokens_BP.shape[0] * jax.process_count(), max_new_tokens, top_k, top_p, greedy,
+                  return_logprobs, pad_id)
   if mesh is not None:
-    rows_spec = sharding.batch_spec(1, mesh, tokens_BP.shape[0] * jax.process_count())
-    kv_spec = sharding.logical_to_spec(("kv_heads",), (model.cfg.num_kv_heads,), mesh)
-    rows_sharding = NamedSharding(mesh, rows_spec)
-    cache_sharding = NamedSharding(mesh, P(rows_spec[0], None, kv_spec[0], None))
     batch = sharding.shard_batch(batch, mesh)
-  truncate = not greedy and (top_k > 0 or top_p < 1.0)
-  opts = _Options(max_new_tokens, truncate, top_k if truncate else 0, pad_id, greedy, return_logprobs,
-                  rows_sharding, cache_sharding)
   stop_S = np.full((-(-max(len(stop_ids), 1) // STOP_SLOTS) * STOP_SLOTS,), -1, np.int32)
   stop_S[:len(stop_ids)] = stop_ids
   graphdef, state = nnx.split(model)

@@ -1,0 +1,196 @@
+"""Every program a stage runs, lowered and compiled from abstract state for a mesh (nothing is allocated), with the
+compiler's per-chip memory analysis and what else the stage holds on the chip while each one runs.
+
+Programs: the train step (with the frozen reference when the loss needs one), the eval step (data stages), the
+GRPO rollout sampler (prefill + decode loop over the KV cache, one program) and, with rl.iterations > 1, the old
+log-probs forward pass; for preference losses also `towerplus_jax.reference`'s precompute (its own process).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from towerplus_jax import losses, optim, sharding, train, weights
+from towerplus_jax.data import formats
+from towerplus_jax.models import matmul
+from towerplus_jax.models.config import ModelConfig, preset
+from towerplus_jax.models.transformer import abstract_model
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+  """Per-chip bytes of one compiled executable (the compiler's memory analysis)."""
+
+  argument: int
+  output: int
+  alias: int  # outputs written into donated arguments (counted once)
+  temp: int
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp
+
+  @classmethod
+  def of(cls, compiled: jax.stages.Compiled) -> MemoryReport:
+    m = compiled.memory_analysis()
+    if m is None:
+      raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis of compiled executables")
+    return cls(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One compiled program of a stage and the chip memory it needs."""
+
+  name: str
+  compiled: jax.stages.Compiled
+  memory: MemoryReport
+  held: int  # bytes per chip the stage keeps while it runs that are not its arguments (optimizer state, reference)
+  seconds: float  # compile time
+  own_process: bool = False  # runs in a process of its own (towerplus_jax.reference), not beside the training state
+
+  @property
+  def peak(self) -> int:
+    return self.memory.total + self.held
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractStage:
+  """A stage's model, optimizer and state as sharded shapes (`jax.ShapeDtypeStruct`s with their shardings)."""
+
+  cfg: ModelConfig
+  graphdef: nnx.GraphDef
+  state: dict[str, Any]  # {"params", "opt_state", "step", "rng"} as the train step takes it
+  reference: nnx.State | None  # the frozen reference params (same layout as the policy's), when the loss needs one
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+
+
+def architecture(config: ml_collections.ConfigDict) -> ModelConfig:
+  """The stage's architecture: its preset with the config's vocab size, dtypes and remat policy."""
+  cfg = preset(config.model.preset)
+  return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, **weights.model_overrides(config))
+
+
+def _with_shardings(tree, shardings):
+  """Shapes of `tree` carrying `shardings` (a tree of the same structure, or one sharding for every leaf)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded shapes (the largest shard of each leaf)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def abstract_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> AbstractStage:
+  """Params, optimizer state, step and RNG as training lays them out on `mesh` (train.py's shardings)."""
+  cfg = architecture(config)
+  graphdef, params = nnx.split(abstract_model(cfg))
+  tx, lr = optim.make(config.optimizer, config.train.steps)
+  replicated = NamedSharding(mesh, P())
+  params_sh = sharding.state_shardings(params, mesh)
+  params = _with_shardings(params, params_sh)
+  opt_state = _with_shardings(jax.eval_shape(tx.init, params), train.opt_shardings(tx, params, params_sh, replicated))
+  state = {"params": params, "opt_state": opt_state,
+           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+           "rng": _with_shardings(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), replicated)}
+  loss = losses.get(config.loss.name)
+  uses_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
+  return AbstractStage(cfg, graphdef, state, params if uses_reference else None, tx, lr)
+
+
+def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Shape and dtype of every array of one global batch of the stage's batch format as the step receives it (the
+  data counts popped)."""
+  fmt = losses.get(config.loss.name).batch_format
+  b, t = config.train.global_batch_size, config.data.seq_len
+  optional = ["record_index"]  # preference rows carry their record's index
+  if config.data.precomputed_reference:
+    optional += fmt.reference
+  if fmt is formats.RL:
+    t = prompt_len(config) + config.rl.max_completion_len
+    optional += ["old_logps", "old_is_current"] if config.rl.iterations > 1 else []
+  return fmt.abstract({"B": b, "T": t}, optional)
+
+
+def prompt_len(config: ml_collections.ConfigDict) -> int:
+  """Prompt tokens per rollout row (the prompt dataset pads to this)."""
+  return config.data.max_prompt_len or config.data.seq_len // 2
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch as sharded shapes (split over the batch axes, as `sharding.shard_global_batch` does)."""
+  spec = lambda shape: sharding.batch_spec(len(shape), mesh, shape[0]) if shape else P()
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec(shape)))
+          for k, (shape, dt) in batch_fields(config).items()}
+
+
+def _compile(name: str, lower: Callable[[], jax.stages.Lowered], mesh: Mesh, held: int = 0,
+             own_process: bool = False) -> Program:
+  start = time.perf_counter()
+  with jax.set_mesh(mesh), matmul.accelerator_form():
+    compiled = lower().compile()
+  return Program(name, compiled, MemoryReport.of(compiled), held, time.perf_counter() - start, own_process)
+
+
+def train_step(config: ml_collections.ConfigDict, mesh: Mesh, stage: AbstractStage | None = None) -> Program:
+  """The stage's train step (train.py's jit: state donated, its shardings kept)."""
+  stage = stage or abstract_stage(config, mesh)
+  loss = losses.get(config.loss.name)
+  fns = train.make_step_fns(stage.graphdef, loss, config.loss, stage.tx, stage.lr, config.train.micro_batches,
+                            stage.reference is not None)
+  state_sh = jax.tree.map(lambda x: x.sharding, stage.state)
+  step = jax.jit(fns.train, out_shardings=(state_sh, None), donate_argnums=0)
+  return _compile("train step", lambda: step.lower(stage.state, stage.reference, abstract_batch(config, mesh)), mesh)
+
+
+def compile_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
+  """Every program the stage runs, each with what the stage holds besides its arguments while it runs."""
+  from towerplus_jax.rl import sampler  # the RL stack only for RL stages
+  stage = abstract_stage(config, mesh)
+  loss = losses.get(config.loss.name)
+  params, reference = stage.state["params"], stage.reference
+  besides_params = chip_bytes({k: v for k, v in stage.state.items() if k != "params"})
+  ref_bytes = chip_bytes(reference) if reference is not None else 0
+  batch = abstract_batch(config, mesh)
+  programs = [train_step(config, mesh, stage)]
+  if loss.batch_format is formats.RL:
+    c = config.rl
+    rows = c.prompts_per_step * c.num_generations
+    programs.append(_compile(
+        "rollout sampler (prefill + decode loop)",
+        lambda: sampler.lower(stage.graphdef, params, rows, prompt_len(config), mesh=mesh,
+                              max_new_tokens=c.max_completion_len, top_k=c.top_k, top_p=c.top_p),
+        mesh, besides_params + ref_bytes))
+    if c.iterations > 1:
+      from towerplus_jax.losses import grpo
+      keys = ("inputs", "targets", "positions", "segment_ids")
+      logps = jax.jit(lambda p, b: grpo.policy_logps(nnx.merge(stage.graphdef, p), b, config.loss),
+                      out_shardings=NamedSharding(mesh, P()))
+      programs.append(_compile("old log-probs (rl.iterations > 1)",
+                               lambda: logps.lower(params, {k: batch[k] for k in keys}), mesh,
+                               besides_params + ref_bytes))
+  else:
+    fns = train.make_step_fns(stage.graphdef, loss, config.loss, stage.tx, stage.lr, 1, reference is not None)
+    programs.append(_compile("eval step", lambda: jax.jit(fns.eval).lower(params, reference, batch), mesh,
+                             besides_params))
+  if loss.batch_format is formats.PREFERENCE and loss.reference_fn is not None:
+    ref_batch = {k: v for k, v in batch.items() if k not in loss.reference_keys}
+    precompute = jax.jit(lambda p, b: loss.reference_fn(nnx.merge(stage.graphdef, p), b, config.loss))
+    programs.append(_compile("reference log-probs (towerplus_jax.reference)",
+                             lambda: precompute.lower(params, ref_batch), mesh, own_process=True))
+  return programs
