@@ -5,6 +5,15 @@ HF = ["transformers>=4.56", "torch==2.13.0"]
 TFDS = ["tensorflow-datasets>=4.9", "array-record"]
 SEQIO = ["seqio"]
 TEST = HF + ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"]
+# The two stacks we support and test: python 3.11 with jax 0.10, python >= 3.12 with jax 0.12.
+JAX = ['jax>=0.10.2,<0.11; python_version < "3.12"', 'jax>=0.12.1,<0.13; python_version >= "3.12"']
+# The TPU compiler (libtpu, for `python -m towerplus_jax.aot --topology` and TPU runs): wheels for x86-64 Linux only,
+# elsewhere this extra installs nothing and aot says so in one line. jax[tpu]==0.12.1 asks for a libtpu that was
+# never published (0.0.53): 0.0.52 compiles for it.
+_X86_LINUX = 'platform_system == "Linux" and platform_machine == "x86_64"'
+TPU = [f'jax[tpu]==0.10.2; python_version < "3.12" and {_X86_LINUX}',
+       f'jax==0.12.1; python_version >= "3.12" and {_X86_LINUX}',
+       f'libtpu==0.0.52; python_version >= "3.12" and {_X86_LINUX}']
 
 setup(
     name="towerplus_jax",
@@ -12,9 +21,9 @@ setup(
     description="JAX/TPU-native Tower+ post-training: CPT, SFT, WPO, GRPO for multilingual translation LLMs",
     packages=find_packages(include=["towerplus_jax", "towerplus_jax.*"]),
     package_data={"towerplus_jax": ["data/sample/*.jsonl"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=[
-        "jax>=0.7",
+        *JAX,
         "flax>=0.11",
         "optax",
         "orbax-checkpoint",
@@ -35,6 +44,7 @@ setup(
         "tfds": TFDS,
         "seqio": SEQIO,
         "test": TEST,
+        "tpu": TPU,
         "all": sorted(set(HF + TFDS + SEQIO + TEST)),
     },
 )
