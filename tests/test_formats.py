@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from configs import sft, wpo
-from towerplus_jax import aot, losses, main
+from towerplus_jax import losses, main
+from towerplus_jax.aot import programs
 from towerplus_jax.data import datasets, formats, tokenizer_files
 from towerplus_jax.rl import rollout
 
@@ -61,7 +62,7 @@ def test_aot_abstract_batch_is_the_pipelines_batch(module, sample_tok):
   batch = next(iter(datasets.dataset_fn(config, sample_tok)(config.data.train, True, 4)))
   losses.get(config.loss.name).batch_format.check(batch)
   real = {k: (np.shape(v), np.dtype(v.dtype)) for k, v in batch.items() if k not in formats.DATA_COUNTS}
-  assert real == {k: (shape, np.dtype(dt)) for k, (shape, dt) in aot.batch_fields(config).items()}
+  assert real == {k: (shape, np.dtype(dt)) for k, (shape, dt) in programs.batch_fields(config).items()}
 
 
 def test_train_loop_stops_at_a_bad_first_batch_naming_the_field(tmp_path, monkeypatch):
