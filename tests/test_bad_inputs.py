@@ -90,6 +90,86 @@ def test_verbosity_1_shows_the_traceback_the_error_line_points_to(tmp_path):
       out.stderr)
 
 
+def _small(config, **data):
+  config.train.update(steps=1, global_batch_size=4, checkpoint_every=0)
+  config.data.update(seq_len=64, eval="", **data)
+  return config
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_folder(tmp_path):
+  """Resuming a gemma2 run with another model family is refused before its model_config.json and tokenizer files
+  are rewritten (export / evaluate of its checkpoints still read them)."""
+  workdir = tmp_path / "run"
+  main.run(_small(sft.get_config("tiny")), str(workdir))
+  files = {p: p.read_bytes() for p in [workdir / "model_config.json", *(workdir / "tokenizer").iterdir()]}
+  with pytest.raises(ValueError, match=rf"^{workdir} holds checkpoints of another model than this config gives "
+                     r"\(family='gemma2' there, 'qwen3' here; .*start a new --workdir$"):
+    main.run(_small(sft.get_config("tiny_qwen3")), str(workdir))
+  assert {p: p.read_bytes() for p in files} == files
+  assert sorted(os.listdir(workdir / "tokenizer")) == sorted(p.name for p in files if p.parent.name == "tokenizer")
+  assert os.listdir(workdir / "checkpoints") == ["1"]
+
+
+def test_a_failed_first_run_leaves_no_workdir(tmp_path):
+  """A bad record found at the first batch: the workdir this run created is removed; one that existed stays."""
+  path = tmp_path / "bad.jsonl"
+  path.write_text(json.dumps({"messages": None}) + "\n")
+  with pytest.raises(ValueError, match=rf"^{path}:1: field 'messages' must be a non-empty list"):
+    main.run(_small(sft.get_config("tiny"), train=str(path)), str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
+  (tmp_path / "old").mkdir()
+  with pytest.raises(ValueError, match=rf"^{path}:1: "):
+    main.run(_small(sft.get_config("tiny"), train=str(path)), str(tmp_path / "old"))
+  assert (tmp_path / "old").is_dir()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_RECORD = {"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "de"}
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["main", "--config=configs/nope.py:tiny", "--workdir={t}/w"],
+     "error: --config=configs/nope.py:tiny: no config file configs/nope.py (paths are relative to " + REPO + ")"),
+    (["main", "--config=configs/sft.py:tiny", "--workdir={t}/w", "--config.model.dtype=float33"],
+     "error: config.model.dtype='float33': must be one of float32, bfloat16, float16; did you mean 'float32'?"),
+    (["main", "--config=configs/sft.py:tiny", "--workdir={t}/w", "--config.data.template=gemmma"],
+     "error: config.data.template='gemmma': must be one of auto, gemma, chatml; did you mean 'gemma'?"),
+    (["main", "--config=configs/sft.py:tiny", "--workdirr={t}/w"],
+     "error: Unknown command line flag 'workdirr'. Did you mean: workdir ?"),
+    (["main", "--config=configs/sft.py:tiny", "--workdir={t}/test.jsonl"],
+     "error: --workdir={t}/test.jsonl is an existing file, not a run folder: choose another --workdir"),
+    (["main", "--config=configs/sft.py:tiny", "--workdir={t}/w", "--config.loss.name=dpo"],
+     'error: config.loss.name=dpo needs preference data ({"prompt","chosen","rejected"}) but '
+     "config.data.train='sample:chat,sample:parallel' is not: "),
+    (["main", "--config=configs/wpo.py:tiny", "--workdir={t}/w", "--config.data.precomputed_reference=True"],
+     "error: config.data.precomputed_reference=True needs ref_chosen_logp and ref_rejected_logp in every record"),
+    (["reference", "--config=configs/wpo.py:tiny", "--workdir={t}/w", "--out=/no/such/dir/x.jsonl"],
+     "error: --out=/no/such/dir/x.jsonl: folder /no/such/dir does not exist"),
+    (["reference", "--config=configs/sft.py:tiny", "--workdir={t}/w", "--out={t}/x.jsonl"],
+     "error: config.loss.name='sft' has no reference log-probs to precompute; use a config of one of dpo, wpo"),
+    (["evaluate", "--workdir={t}/w", "--data={t}/missing.jsonl"], "error: data file {t}/missing.jsonl does not exist"),
+    (["evaluate", "--workdir={t}/w", "--data={t}/test.jsonl"],
+     "error: {t}/w/model_config.json not found: is {t}/w a towerplus_jax run folder?"),
+    (["convert.hf", "import", "--hf={t}/hf", "--out={t}/w"],
+     "error: {t}/hf/model.safetensors: not a readable safetensors file (Error while deserializing header: "),
+])
+def test_cli_bad_input_is_one_error_line_without_a_traceback(tmp_path, tiny_hf_model, args, expected):
+  """Each CLI, run as a program: exit status 1, the last line `error: ...` naming the file / key / flag, no traceback,
+  and no workdir left behind."""
+  import subprocess
+  import sys
+  (tmp_path / "test.jsonl").write_text(json.dumps(TEST_RECORD) + "\n")
+  if args[0] == "convert.hf":  # a truncated download
+    weights = _copy_hf(tiny_hf_model("qwen2"), tmp_path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+  argv = [a.replace("{t}", str(tmp_path)) for a in args[1:]]
+  out = subprocess.run([sys.executable, "-m", f"towerplus_jax.{args[0]}", *argv], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(expected.replace("{t}", str(tmp_path))), out.stderr[-3000:]
+  assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------- data records: file:line + the field + what to do
 import json  # noqa: E402
 import re  # noqa: E402
@@ -213,6 +293,7 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, tiny_hf_model):
               "hold it"),
     ("int", "tensor model.norm.weight is int32, not floating-point weights"),
     ("nan", "tensor model.norm.weight holds 1 NaN/Inf values"),
+    ("truncated", "model.safetensors: not a readable safetensors file (Error while deserializing header: "),
 ])
 def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
   import numpy as np
@@ -223,6 +304,8 @@ def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
   tensors = safetensors.numpy.load_file(str(weights))
   if damage == "config":
     (folder / "config.json").write_text('{"model_type": "qwen2",')
+  elif damage == "truncated":  # an interrupted download
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
   elif damage == "index":
     safetensors.numpy.save_file({"x": np.zeros(2, np.float32)}, str(folder / "wrong.safetensors"))
     weight_map = {k: "wrong.safetensors" if k == "model.embed_tokens.weight" else "model.safetensors" for k in tensors}

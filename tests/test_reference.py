@@ -28,5 +28,7 @@ def test_precomputed_reference_equals_frozen_reference(tmp_path):
   assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == derive.read_jsonl(str(prefs))
   c.data.update(train=str(with_ref), precomputed_reference=True)
   precomputed = train.train(c, str(tmp_path / "precomputed"))
+  # Reference sums computed in batches of 3 rows vs 4 differ in float32's last bits, and the training steps carry
+  # that on: the metrics agree to ~2e-5 relative (8.6e-6 absolute on a fresh jax 0.10.2 install).
   for key in ("loss", "rewards/margins", "logps/chosen", "wpo/weight"):
-    np.testing.assert_allclose(precomputed[key], frozen[key], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(precomputed[key], frozen[key], rtol=1e-4, atol=1e-5)

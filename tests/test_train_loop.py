@@ -156,6 +156,8 @@ def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf
   c.init_from = f"hf:{folder}"
   shutil.copy(sample_sp_path, os.path.join(folder, "tokenizer.model"))
   run = setup_run.setup_run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()  # setup only checks: the files are written once the run is known valid
+  run.save_files()
   assert run.tokenizer.path == os.path.join(folder, "tokenizer.model") and c.data.template == "chatml"
   assert "<|im_end|>" in open(tmp_path / "w" / "tokenizer" / "tokenizer_config.json").read()
 

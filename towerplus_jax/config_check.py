@@ -5,12 +5,13 @@ Each rule names a config key, a predicate on its value and what the value must b
 """
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-from towerplus_jax.models.config import preset
+from towerplus_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, preset
 
 Check = tuple[str, Callable[[Any], bool], str]
 
@@ -50,6 +51,18 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+  """Keys that name one of a fixed set of values (imported here, not at module level: losses pull in jax)."""
+  from towerplus_jax import losses
+  from towerplus_jax.data import chat
+  return {"model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": REMAT_POLICIES,
+          "model.attention": ATTENTION_IMPLS, "data.template": ("auto", *chat.TEMPLATES),
+          "loss.name": tuple(losses.names())}
+
+
 def _get(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
   node: Any = config
   for part in key.split("."):
@@ -80,6 +93,12 @@ def errors(config: ml_collections.ConfigDict, prefix: str = "config") -> list[st
     present, value = _get(config, key)
     if present and not ok(value):
       out.append(f"{prefix}.{key}={value!r}: {must}")
+  for key, allowed in _choices().items():
+    present, value = _get(config, key)
+    if present and value not in allowed:
+      close = difflib.get_close_matches(str(value), allowed, n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      out.append(f"{prefix}.{key}={value!r}: must be one of {', '.join(allowed)}{hint}")
   return out + [e.replace("config.", f"{prefix}.") for e in _cross_checks(config)]
 
 

@@ -118,9 +118,12 @@ def main(argv):
     records = records_lib.read_all(sources.open_source(sources.resolve_sources(_F["data"].value)), "test")
     if _F["comet"].value:
       comet.cached(_F["comet"].value)  # a bad COMET folder fails before decoding
-  except ValueError as e:  # bad test records or COMET folder: one line naming the file, before loading the model
+  except (ValueError, FileNotFoundError, IsADirectoryError) as e:
+    # a missing data file, bad test records or COMET folder: one line naming the file, before loading the model
     raise SystemExit(f"error: {e}") from None
-  model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
+  from towerplus_jax.main import one_line_errors
+  with one_line_errors():  # a missing / damaged run or HF folder
+    model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
   out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")
   report = evaluate(model, tokenizer, _F["template"].value or template, records, out, _F["comet"].value,
                     max_new_tokens=_F["max_new"].value, batch_size=_F["batch"].value, greedy=not _F["sample"].value,

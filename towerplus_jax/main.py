@@ -5,12 +5,13 @@ runs its stages in order, each in WORKDIR/<stage>, each initialised from the pre
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 from absl import app, flags, logging
@@ -32,13 +33,37 @@ def _define_flags() -> dict:
   return defined
 
 
+BAD_INPUT = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def run(config, workdir: str) -> dict:
-  """Check every stage's values, then train the stage, or each stage of a chain in order."""
+  """Check every stage's values, then train the stage, or each stage of a chain in order. A workdir this call
+  created is removed again when bad input stops the run before any checkpoint was saved (nothing half-made is left);
+  an existing one is never touched before the run is known to be valid (see setup_run)."""
+  import jax
+
   from towerplus_jax import config_check, distributed, run_lock
   config_check.check(config)
   distributed.initialize()
-  with run_lock.hold(workdir):
-    return _run_locked(config, workdir)
+  folder = epath.Path(workdir)
+  if folder.exists() and not folder.is_dir():
+    raise NotADirectoryError(f"--workdir={workdir} is an existing file, not a run folder: choose another --workdir")
+  new = not folder.exists()
+  try:
+    with run_lock.hold(workdir):
+      return _run_locked(config, workdir)
+  except BAD_INPUT:
+    if new and jax.process_index() == 0 and folder.exists() and not _has_checkpoints(folder):
+      folder.rmtree()
+    raise
+
+
+def _has_checkpoints(folder: epath.Path) -> bool:
+  """Whether a run folder (or a chain's stage folder in it) holds a saved checkpoint step."""
+  for steps in (folder / "checkpoints", *(p / "checkpoints" for p in folder.iterdir() if p.is_dir())):
+    if steps.is_dir() and any(p.name.split(".")[0].isdigit() for p in steps.iterdir()):
+      return True
+  return False
 
 
 def _run_locked(config, workdir: str) -> dict:
@@ -158,7 +183,7 @@ def quiet_libraries() -> None:
 def main(argv):
   import jax
 
-  from towerplus_jax import checkpoint, run_lock
+  from towerplus_jax import checkpoint
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if logging.get_verbosity() < logging.INFO:  # progress lines by default; --verbosity=1 (tracebacks) stays
@@ -166,11 +191,8 @@ def main(argv):
   quiet_libraries()
   _check_names(_F["config"].value)
   try:
-    results = run(_F["config"].value, _F["workdir"].value)
-  except (run_lock.WorkdirBusy, ValueError, FileNotFoundError, IsADirectoryError) as e:
-    # Bad input (data, tokenizer, checkpoint or HF folder): one line; the traceback only with --verbosity=1.
-    logging.debug("traceback of the error below", exc_info=True)
-    raise SystemExit(f"error: {str(e).strip().splitlines()[0]} (traceback: rerun with --verbosity=1)") from None
+    with one_line_errors():
+      results = run(_F["config"].value, _F["workdir"].value)
   except checkpoint.SaveFailed as e:
     logging.debug("traceback of the error below", exc_info=True)
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -185,18 +207,47 @@ def main(argv):
     print(summary(results, _F["workdir"].value, _F["config"].value), flush=True)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad config (unknown preset, misspelt `--config.*` key, bad value) exits with one line,
-  before any file is written."""
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+  """Bad input (config value, data, tokenizer, checkpoint, HF or run folder, a busy workdir) raised inside: exit with
+  one `error:` line; the traceback only with --verbosity=1. The CLIs' boundary (main, reference, evaluate)."""
+  from towerplus_jax import run_lock
   try:
-    return flags.FLAGS(argv)
+    yield
+  except (run_lock.WorkdirBusy, *BAD_INPUT) as e:
+    logging.debug("traceback of the error below", exc_info=True)
+    raise SystemExit(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]} (traceback: rerun with "
+                     "--verbosity=1)") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a bad flag (misspelt, missing) or config (no such file, unknown preset, misspelt `--config.*`
+  key, bad value) exits with one line, before any file is written."""
+  try:
+    rest = flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, ValueError) as e:
     root = e
     while root.__cause__ or root.__context__:  # the config file's own error, under absl's wrappers
       root = root.__cause__ or root.__context__
+    if isinstance(root, OSError) and "config file" in str(root):
+      _missing_config_file(argv)
     if not isinstance(root, (AttributeError, KeyError, ValueError)):
+      if isinstance(e, flags.Error):  # e.g. a misspelt flag: absl's own message names it and the closest
+        raise SystemExit(f"error: {str(e).splitlines()[0]} (flags: --helpshort)") from None
       raise
     raise SystemExit(f"error: {_config_error(argv, e, root)}") from None
+  if "config" in flags.FLAGS and type(flags.FLAGS["config"].value).__name__ == "_ErrorConfig":
+    _missing_config_file(argv)  # ml_collections defers the error of a file it could not load to the first access
+  return rest
+
+
+def _missing_config_file(argv: list[str]) -> None:
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.lstrip("-").startswith("config=")), "")
+  path = config_arg.partition(":")[0]
+  problem = f"cannot read config file {path}" if os.path.exists(path) else f"no config file {path}"
+  raise SystemExit(f"error: --config={config_arg}: {problem} (paths are relative to {os.getcwd()}); e.g. "
+                   "--config=configs/sft.py:tiny") from None
+
 
 
 def _config_error(argv: list[str], error: Exception, root: Exception) -> str:
@@ -231,4 +282,4 @@ def _leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]
 
 if __name__ == "__main__":
   _F = _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -30,8 +30,17 @@ def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -
   if jax.process_count() > 1:
     raise RuntimeError("towerplus_jax.reference runs on one process")
   loss = losses.get(config.loss.name)
-  if loss.reference_fn is None:
-    raise ValueError(f"loss {config.loss.name!r} has no reference log-probs to precompute")
+  if loss.reference_fn is None or loss.batch_format.name != "preference":
+    with_reference = [n for n in losses.names() if losses.get(n).reference_fn is not None
+                      and losses.get(n).batch_format.name == "preference"]
+    raise ValueError(f"config.loss.name={config.loss.name!r} has no reference log-probs to precompute; use a "
+                     f"config of one of {', '.join(with_reference)} (e.g. configs/wpo.py)")
+  out_dir = os.path.dirname(os.path.abspath(out_path))
+  if not os.path.isdir(out_dir):
+    raise FileNotFoundError(f"--out={out_path}: folder {out_dir} does not exist")
+  if os.path.isdir(out_path):
+    raise IsADirectoryError(f"--out={out_path} is a folder; give the output file's path (e.g. {out_path}/ref.jsonl)")
+  datasets.check_data(config)  # preference records, before the model loads
   mesh = sharding.make_mesh(dict(config.mesh))
   tokenizer = tokenizer_files.load_for_run(config, workdir)
   _, model = weights.load_model(config, mesh, tokenizer.vocab_size)
@@ -64,12 +73,19 @@ def _define_flags() -> dict:
 
 
 def main(argv):
-  del argv
-  n = precompute(_F["config"].value, _F["workdir"].value, _F["out"].value)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  from towerplus_jax import config_check
+  from towerplus_jax.main import one_line_errors
+  with one_line_errors():
+    config_check.check_names(_F["config"].value)
+    config_check.check(_F["config"].value)
+    n = precompute(_F["config"].value, _F["workdir"].value, _F["out"].value)
   print(f"wrote {n} records with reference log-probs to {_F['out'].value}")
 
 
 if __name__ == "__main__":
   _F = _define_flags()
   flags.mark_flags_as_required(["config", "workdir", "out"])
-  app.run(main)
+  from towerplus_jax.main import parse_flags
+  app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,9 @@ class RunSetup:
   ref_params: Any  # nnx.State of a frozen reference model, or None
   batches: Callable[[Callable[[], nnx.Module]], Any]  # policy getter -> batch source (next(), get/set_state)
   eval_batches: Callable[[], Iterable[dict]] | None
+  # Writes the run's model_config.json and tokenizer/ into the workdir: called once the run is known to be valid
+  # (after its checkpoint restored, or for a new run before its first step), so that a refused resume changes nothing.
+  save_files: Callable[[], None]
 
 
 def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelConfig) -> None:
@@ -51,17 +54,24 @@ def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelCo
 
 
 def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
+  """Every check a stage's config, data, tokenizer and model allow before its first step; reads the workdir (a resumed
+  run's model_config.json) but writes nothing to it (`RunSetup.save_files` does)."""
   distributed.initialize()
   config_check.check_names(config)
+  datasets.check_data(config)
   mesh = sharding.make_mesh(dict(config.mesh))
-  tokenizer = tokenizer_files.load_for_run(config, workdir)
+  tokenizer, tokenizer_spec = tokenizer_files.resolve_for_run(config)
   model_cfg, model = weights.load_model(config, mesh, tokenizer.vocab_size)
   weights.check_resume_layout(workdir, model_cfg)
   check_vocab(config, tokenizer, model_cfg)
-  if jax.process_count() > 1:  # every host has read the old model_config.json before process 0 rewrites it
-    multihost_utils.sync_global_devices("resume layout checked")
-  if jax.process_index() == 0:
-    model_config.save_json(model_cfg, workdir)
+
+  def save_files() -> None:
+    if jax.process_count() > 1:  # every host has read the old model_config.json before process 0 rewrites it
+      multihost_utils.sync_global_devices("resume layout checked")
+    if jax.process_index() == 0:
+      model_config.save_json(model_cfg, workdir)
+      tokenizer_files.save_for_run(config, tokenizer, tokenizer_spec, workdir)
+
   loss = losses.get(config.loss.name)
   use_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
   ref_params = weights.frozen_copy(model) if use_reference else None
@@ -82,4 +92,4 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
       return itertools.islice(iter(dataset(dcfg.eval, False, global_batch)), config.train.eval_steps)
   logging.info("model %s: %s params on mesh %s", model_cfg.family,
                f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
-  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches)
+  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches, save_files)

@@ -138,6 +138,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                  save_every=tcfg.checkpoint_every, async_save=tcfg.async_checkpoint)
   batches = run.batches(lambda: nnx.merge(graphdef, state["params"]))
   start, state = _restore(ckpt, state, batches)
+  run.save_files()  # only now: a resume refused above (a checkpoint that does not restore) has changed nothing
   if start:
     logging.info("resumed from %s at step %d", ckpt.manager.directory, start)
   writer = MetricsWriter(workdir, tcfg.steps, flops_per_token(run.model_cfg, config.data.seq_len), resume_step=start)

@@ -3,6 +3,7 @@ run's checkpoint, each placed straight onto the mesh; the layer layout a resumed
 a loss with a reference model compares against."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -55,17 +56,31 @@ def restore_model(cfg: ModelConfig, mesh: Mesh, ckpt_dir: str, step: int | None 
   return nnx.merge(graphdef, abstract)
 
 
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "scan_layers")  # not the weights'
+
+
 def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
-  """A run resumed in `workdir` must keep its checkpoints' layer layout (train state is restored as saved)."""
+  """A run resumed in `workdir` must be of the model its checkpoints hold (the architecture in its
+  model_config.json; only the runtime fields may change) and keep their layer layout (train state is restored as
+  saved). Reads only: nothing in the workdir changes before the resume is known to be valid."""
   folder = epath.Path(workdir)
   steps = folder / "checkpoints"
   if not (folder / "model_config.json").exists() or not (
       steps.exists() and any(p.name.isdigit() for p in steps.iterdir())):
     return
-  saved = model_config.load_json(workdir).scan_layers
-  if saved != cfg.scan_layers:
-    raise ValueError(f"{workdir} holds checkpoints of model.scan_layers={saved}; resume it with "
-                     f"--config.model.scan_layers={saved} (or start a new workdir with init_from=ckpt:{workdir})")
+  saved = model_config.load_json(workdir)
+  theirs, ours = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+  differ = [k for k in theirs if k not in RUNTIME_FIELDS and theirs[k] != ours.get(k)]
+  if differ:
+    shown = "; ".join(f"{k}={theirs[k]!r} there, {ours.get(k)!r} here" for k in differ[:3])
+    more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+    raise ValueError(f"{workdir} holds checkpoints of another model than this config gives ({shown}{more}): resume "
+                     "it with the config that started it (same model.preset / init_from / tokenizer), or start a new "
+                     "--workdir")
+  if saved.scan_layers != cfg.scan_layers:
+    raise ValueError(f"{workdir} holds checkpoints of model.scan_layers={saved.scan_layers}; resume it with "
+                     f"--config.model.scan_layers={saved.scan_layers} (or start a new workdir with "
+                     f"init_from=ckpt:{workdir})")
 
 
 def frozen_copy(model: nnx.Module) -> nnx.State:

@@ -257,7 +257,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl flags as `towerplus_jax.main` parses them: a bad config or flag is one line (here with exit status 2)."""
   from towerplus_jax import main as entry
   try:
-    return entry._parse_flags(argv)
+    return entry.parse_flags(argv)
   except SystemExit as e:
     if isinstance(e.code, str):
       _fail(e.code.removeprefix("error: "))

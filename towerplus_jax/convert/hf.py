@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, Sharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from towerplus_jax import checkpoint, sharding, storage
 from towerplus_jax.convert.hf_config import config_from_folder, config_to_hf, default_token_ids, read_json
@@ -55,8 +55,17 @@ def _weight_map(hf_dir: str) -> dict[str, str]:
   single = os.path.join(hf_dir, SINGLE_FILE)
   if not os.path.exists(single):
     raise FileNotFoundError(f"{hf_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-  with safe_open(single, framework="numpy") as f:
+  with _safe_open(single, "numpy") as f:
     return {k: single for k in f.keys()}
+
+
+def _safe_open(path: str, framework: str):
+  """safetensors' safe_open, a damaged file (truncated, not safetensors) as one ValueError naming it."""
+  try:
+    return safe_open(path, framework=framework)
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({str(e).strip().splitlines()[0]}); the download is "
+                     "incomplete or the file damaged: fetch it again") from None
 
 
 def _prefixes(weight_map: dict[str, str]) -> dict[str, str]:
@@ -90,7 +99,7 @@ class _Source:
   def _tensor(self, k: int) -> np.ndarray:
     if k not in self.cache:
       # framework "flax" reads bfloat16 (numpy cannot); on the host, never through an accelerator
-      with safe_open(self.files[k], framework="flax") as f, jax.default_device(_host_device()):
+      with _safe_open(self.files[k], "flax") as f, jax.default_device(_host_device()):
         x = np.asarray(f.get_tensor(self.names[k]))
       if not np.isfinite(x).all():
         raise ValueError(f"{self.files[k]}: tensor {self.names[k]} holds {np.size(x) - np.isfinite(x).sum()} "
@@ -114,7 +123,7 @@ def _shape_and_dtype(file: str, name: str, hf_dir: str) -> tuple[tuple[int, ...]
   """Shape and dtype of tensor `name` in `file`, or one error naming the file the index sent us to."""
   if not os.path.exists(file):
     raise FileNotFoundError(f"{hf_dir}: {INDEX_FILE} lists {os.path.basename(file)} (for {name}), which is missing")
-  with safe_open(file, framework="numpy") as f:
+  with _safe_open(file, "numpy") as f:
     if name not in f.keys():
       raise ValueError(f"{hf_dir}: {INDEX_FILE} maps {name} to {os.path.basename(file)}, which does not hold it "
                        "(the shard index does not match the shards)")

@@ -9,12 +9,56 @@ import ml_collections
 
 from towerplus_jax import losses
 from towerplus_jax.data import pipeline
-from towerplus_jax.data.sources import resolve_sources
+from towerplus_jax.data.sources import open_source, resolve_sources
 
 
 def batch_format(config: ml_collections.ConfigDict) -> str:
   """The name of the stage's batch format (formats.FORMATS): the one its loss reads."""
   return losses.get(config.loss.name).batch_format.name
+
+
+# What records each batch format reads (data/records.py), as the error names them.
+WANTS = {"lm": '{"text"}, chat ({"messages"} / {"prompt","completion"}) or parallel ({"source","reference"})',
+         "sft": 'chat ({"messages"} / {"prompt","completion"}) or parallel ({"source","reference"})',
+         "preference": '{"prompt","chosen","rejected"}', "rl": '{"prompt"} or parallel ({"source","reference"})'}
+REFERENCE_FIELDS = ("ref_chosen_logp", "ref_rejected_logp")
+
+
+def _fits(fmt: str, record: dict) -> bool:
+  """Whether a record is of the kind batch format `fmt` reads (its fields' values are checked later, per record)."""
+  if fmt == "preference":
+    return "chosen" in record or "rejected" in record
+  if fmt == "rl":
+    return "prompt" in record or pipeline.is_parallel(record)
+  conversation = pipeline.is_chat(record) or pipeline.is_parallel(record)
+  return conversation or (fmt == "lm" and "text" in record)
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """The data of config.data.train / data.eval exists and is of the kind the stage's loss reads, judged by the first
+  record of each part of the spec (files only; tfds/seqio are opened by the pipeline): one line naming the keys,
+  before anything is written. Also, data.precomputed_reference=True needs records with the reference log-probs."""
+  fmt = batch_format(config)
+  for key in ("train",) if fmt == "rl" else ("train", "eval"):  # rl has no eval batches
+    spec = config.data[key]
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+      if part.startswith(("tfds:", "seqio:")):
+        continue
+      source = open_source(resolve_sources(part)[:1])  # a missing / empty file: one line naming it
+      record = source[0]
+      if not isinstance(record, dict):
+        continue  # the pipeline names it
+      where = f"{source.locate(0)} has keys {sorted(record)}"
+      if not _fits(fmt, record):
+        hint = "; pick the loss of that data" if fmt != "preference" else (
+            " (write pairs, or use --config.loss.name=sft on chat/parallel data)")
+        raise ValueError(f"config.loss.name={config.loss.name} needs {fmt} data ({WANTS[fmt]}) but "
+                         f"config.data.{key}={spec!r} is not: {where}{hint}")
+      if (fmt == "preference" and key == "train" and config.data.get("precomputed_reference")
+          and not all(k in record for k in REFERENCE_FIELDS)):
+        raise ValueError(f"config.data.precomputed_reference=True needs {' and '.join(REFERENCE_FIELDS)} in every "
+                         f"record of config.data.train, but {where}: write them with python -m "
+                         "towerplus_jax.reference (or set --config.data.precomputed_reference=False)")
 
 
 def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, bool, int], Any]:

@@ -114,9 +114,17 @@ def resolve_template(config: ml_collections.ConfigDict) -> str:
 
 
 def load_for_run(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
-  """config.data.tokenizer: 'sample' | 'sp:PATH' | 'hf:PATH' | 'auto' (init_from's folder; the sample tokenizer for
-  a random-init tiny preset); a copy of its files goes to WORKDIR/tokenizer so that export and evaluation find it.
-  Resolves config.data.template='auto' in place (the pipeline and rollouts read it)."""
+  """`resolve_for_run`, then its files copied to WORKDIR/tokenizer (`save_for_run`)."""
+  tok, spec = resolve_for_run(config)
+  save_for_run(config, tok, spec, workdir)
+  return tok
+
+
+def resolve_for_run(config: ml_collections.ConfigDict) -> tuple[Tokenizer, str]:
+  """(tokenizer, 'sp:PATH' | 'hf:PATH') of config.data.tokenizer: 'sample' | 'sp:PATH' | 'hf:PATH' | 'auto'
+  (init_from's folder; the sample tokenizer for a random-init tiny preset). Writes nothing to the run folder
+  (`save_for_run` does, once the run is known to be valid). Resolves config.data.template='auto' in place (the
+  pipeline and rollouts read it)."""
   config.data.template = resolve_template(config)
   spec = config.data.tokenizer
   if spec == "auto":
@@ -133,11 +141,19 @@ def load_for_run(config: ml_collections.ConfigDict, workdir: str) -> Tokenizer:
   kind, _, path = spec.partition(":")
   if kind not in SPEC_KINDS:
     raise ValueError(f"config.data.tokenizer={config.data.tokenizer!r}: use sample, sp:PATH, hf:PATH or auto")
-  tok = load_tokenizer(SPEC_KINDS[kind], path)
-  if jax.process_index() == 0:
-    dst, src = epath.Path(workdir) / "tokenizer", epath.Path(path)
-    dst.mkdir(parents=True, exist_ok=True)
-    src.copy(dst / MODEL_FILES[kind], overwrite=True)
-    copy_tokenizer_files(str(src.parent), str(dst), [n for n in TOKENIZER_FILES if n not in MODEL_FILES.values()])
-    write_tokenizer_config(tok, config.data.template, str(dst))  # the run's chat template travels to an export
-  return tok
+  if not epath.Path(path).exists():
+    raise FileNotFoundError(f"config.data.tokenizer={config.data.tokenizer!r}: tokenizer file {path} does not exist")
+  return load_tokenizer(SPEC_KINDS[kind], path), spec
+
+
+def save_for_run(config: ml_collections.ConfigDict, tok: Tokenizer, spec: str, workdir: str) -> None:
+  """A copy of the tokenizer files of `spec` (from `resolve_for_run`) in WORKDIR/tokenizer, so that export and
+  evaluation find it, with the run's chat template (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  kind, _, path = spec.partition(":")
+  dst, src = epath.Path(workdir) / "tokenizer", epath.Path(path)
+  dst.mkdir(parents=True, exist_ok=True)
+  src.copy(dst / MODEL_FILES[kind], overwrite=True)
+  copy_tokenizer_files(str(src.parent), str(dst), [n for n in TOKENIZER_FILES if n not in MODEL_FILES.values()])
+  write_tokenizer_config(tok, config.data.template, str(dst))  # the run's chat template travels to an export
