@@ -58,7 +58,8 @@ class Program:
   compiled: jax.stages.Compiled
   memory: MemoryReport
   held: int  # bytes per chip the stage keeps while it runs that are not its arguments (optimizer state, reference)
-  seconds: float  # compile time
+  lower_seconds: float  # tracing and lowering to StableHLO
+  seconds: float  # the XLA compile
   own_process: bool = False  # runs in a process of its own (towerplus_jax.reference), not beside the training state
 
   @property
@@ -143,8 +144,11 @@ def _compile(name: str, lower: Callable[[], jax.stages.Lowered], mesh: Mesh, hel
              own_process: bool = False) -> Program:
   start = time.perf_counter()
   with jax.set_mesh(mesh), matmul.accelerator_form():
-    compiled = lower().compile()
-  return Program(name, compiled, MemoryReport.of(compiled), held, time.perf_counter() - start, own_process)
+    lowered = lower()
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+  return Program(name, compiled, MemoryReport.of(compiled), held, lowered_at - start,
+                 time.perf_counter() - lowered_at, own_process)
 
 
 def train_step(config: ml_collections.ConfigDict, mesh: Mesh, stage: AbstractStage | None = None) -> Program:
