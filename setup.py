@@ -22,6 +22,7 @@ setup(
     packages=find_packages(include=["towerplus_jax", "towerplus_jax.*"]),
     package_data={"towerplus_jax": ["data/sample/*.jsonl"]},
     python_requires=">=3.11",
+    entry_points={"console_scripts": ["towerplus = towerplus_jax.cli:main"]},
     install_requires=[
         *JAX,
         "flax>=0.11",

@@ -1,4 +1,4 @@
-"""COMET scoring throughput: towerplus_jax.comet vs unbabel-comet's `model.predict` on the same checkpoint (CPU).
+"""COMET scoring throughput: towerplus_jax.evaluate.comet vs unbabel-comet's `model.predict` on the same checkpoint (CPU).
 
   python -m bench.comet_throughput [--model=tests/data/comet/regression] [--n=512] [--batch=64] [--steps=3] \
       [--reference_python=/work/comet_venv/bin/python]
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from towerplus_jax.comet import Comet
+from towerplus_jax.evaluate.comet import Comet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "comet")

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from bench import common
+from towerplus_jax.evaluate import sampler
 from towerplus_jax.models.transformer import Transformer
-from towerplus_jax.rl import sampler
 
 
 def ours_generate(model: Transformer, prompts_BP: np.ndarray, new: int, greedy: bool,

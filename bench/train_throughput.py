@@ -21,9 +21,9 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from towerplus_jax import train
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.training import train
 
 OPTIMIZER = dict(lr=1e-4, schedule="constant", warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=1.0,
                  weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)

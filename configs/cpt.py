@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/cpt.py:gemma2_2b --workdir=gs://BUCKET/cpt \
       --config.init_from=hf:/path/to/gemma-2-2b --config.data.train='/data/cpt/*.jsonl'
 """
-from towerplus_jax.stage_config import base, finish
+from towerplus_jax.config.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):

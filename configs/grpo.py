@@ -7,7 +7,7 @@ clipped ratio, optional k3 KL to the frozen initial policy.
 """
 import ml_collections
 
-from towerplus_jax.stage_config import base, finish
+from towerplus_jax.config.stage_config import base, finish
 
 
 def rl_section(tiny: bool) -> ml_collections.ConfigDict:

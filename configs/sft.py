@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/sft.py:gemma2_2b --workdir=gs://BUCKET/sft \
       --config.init_from=ckpt:gs://BUCKET/cpt --config.data.train='/data/sft/*.jsonl'
 """
-from towerplus_jax.stage_config import base, finish
+from towerplus_jax.config.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):

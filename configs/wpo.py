@@ -4,7 +4,7 @@
   python -m towerplus_jax.main --config=configs/wpo.py:gemma2_2b --workdir=gs://BUCKET/wpo \
       --config.init_from=ckpt:gs://BUCKET/sft --config.data.train=/data/prefs.jsonl --config.loss.name=dpo
 """
-from towerplus_jax.stage_config import base, finish
+from towerplus_jax.config.stage_config import base, finish
 
 
 def get_config(arg: str = "tiny"):

@@ -27,7 +27,7 @@ def count_rows(prompts, completions, **columns) -> list[None]:
 @contextlib.contextmanager
 def count_decoded_rows():
   """Record the prompt rows of every sampler.sample call in DECODED."""
-  from towerplus_jax.rl import sampler
+  from towerplus_jax.evaluate import sampler
   sample = sampler.sample
 
   def counted(model, prompt_tokens_BP, *args, **kwargs):
@@ -82,9 +82,9 @@ CONFIGS = {"stages": stages_config, "sft": sft_config}
 
 def run_job(name: str, workdir: str) -> dict:
   """{stage: last metrics} of one job."""
-  from towerplus_jax import main
+  from towerplus_jax.run import chain
   config = CONFIGS[name]()
-  results = main.run(config, workdir)
+  results = chain.run(config, workdir)
   return results if "stages" in config else {name: results}
 
 
@@ -105,9 +105,9 @@ def gathered(counts: list[int]) -> list[list[int]]:
 
 
 def run_heldout(stage_dir: str, data: str) -> dict:
-  from towerplus_jax import main
+  from towerplus_jax.run import chain
   with count_decoded_rows():
-    scores = main._held_out_scores(heldout_config(data), stage_dir)
+    scores = chain.held_out_scores(heldout_config(data), stage_dir)
   return {"heldout": scores, "decoded_rows": gathered(DECODED)}
 
 

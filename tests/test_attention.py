@@ -6,11 +6,12 @@ import pytest
 from flax import nnx
 
 from configs.sft import get_config as get_sft_config
-from towerplus_jax import sharding, weights
+from towerplus_jax import sharding
 from towerplus_jax.convert import hf_config
 from towerplus_jax.models import attention
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.training import weights
 
 
 def _packed(t: int, lengths: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,9 @@ import shutil
 import pytest
 
 from configs import grpo, sft, tower_plus
-from towerplus_jax import config_check, main, run_lock
+from towerplus_jax.config import config_check
+from towerplus_jax.files import run_lock
+from towerplus_jax.run import chain
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -26,7 +28,7 @@ def test_bad_stage_value_is_one_line_naming_the_key(tmp_path, key, value, expect
   config[section][name] = value
   workdir = tmp_path / "run"
   with pytest.raises(ValueError) as e:
-    main.run(config, str(workdir))
+    chain.run(config, str(workdir))
   assert str(e.value).startswith(expected)
   assert "\n" not in str(e.value)
   assert not workdir.exists()  # nothing written
@@ -46,7 +48,7 @@ def test_chain_checks_every_stage_before_the_first_runs(tmp_path):
   config = tower_plus.get_config("tiny")
   config.stages.grpo.rl.num_generations = 1
   with pytest.raises(ValueError, match=r"^config\.stages\.grpo\.rl\.num_generations=1: must be >= 2"):
-    main.run(config, str(tmp_path))
+    chain.run(config, str(tmp_path))
   assert os.listdir(tmp_path) == []
 
 
@@ -58,7 +60,7 @@ def test_shipped_configs_pass():
 
 
 def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
-  """A process holding the lock (as a running trainer does) makes main.run refuse before writing anything."""
+  """A process holding the lock (as a running trainer does) makes chain.run refuse before writing anything."""
   import subprocess
   import sys
   holder = subprocess.Popen(
@@ -68,7 +70,7 @@ def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
   try:
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(RuntimeError, match=rf"workdir {tmp_path} is in use by another run \(pid {holder.pid} on "):
-      main.run(sft.get_config("tiny"), str(tmp_path))
+      chain.run(sft.get_config("tiny"), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [".lock"]
   finally:
     holder.kill()
@@ -100,11 +102,11 @@ def test_a_refused_resume_changes_nothing_in_the_run_folder(tmp_path):
   """Resuming a gemma2 run with another model family is refused before its model_config.json and tokenizer files
   are rewritten (export / evaluate of its checkpoints still read them)."""
   workdir = tmp_path / "run"
-  main.run(_small(sft.get_config("tiny")), str(workdir))
+  chain.run(_small(sft.get_config("tiny")), str(workdir))
   files = {p: p.read_bytes() for p in [workdir / "model_config.json", *(workdir / "tokenizer").iterdir()]}
   with pytest.raises(ValueError, match=rf"^{workdir} holds checkpoints of another model than this config gives "
                      r"\(family='gemma2' there, 'qwen3' here; .*start a new --workdir$"):
-    main.run(_small(sft.get_config("tiny_qwen3")), str(workdir))
+    chain.run(_small(sft.get_config("tiny_qwen3")), str(workdir))
   assert {p: p.read_bytes() for p in files} == files
   assert sorted(os.listdir(workdir / "tokenizer")) == sorted(p.name for p in files if p.parent.name == "tokenizer")
   assert os.listdir(workdir / "checkpoints") == ["1"]
@@ -115,11 +117,11 @@ def test_a_failed_first_run_leaves_no_workdir(tmp_path):
   path = tmp_path / "bad.jsonl"
   path.write_text(json.dumps({"messages": None}) + "\n")
   with pytest.raises(ValueError, match=rf"^{path}:1: field 'messages' must be a non-empty list"):
-    main.run(_small(sft.get_config("tiny"), train=str(path)), str(tmp_path / "new"))
+    chain.run(_small(sft.get_config("tiny"), train=str(path)), str(tmp_path / "new"))
   assert not (tmp_path / "new").exists()
   (tmp_path / "old").mkdir()
   with pytest.raises(ValueError, match=rf"^{path}:1: "):
-    main.run(_small(sft.get_config("tiny"), train=str(path)), str(tmp_path / "old"))
+    chain.run(_small(sft.get_config("tiny"), train=str(path)), str(tmp_path / "old"))
   assert (tmp_path / "old").is_dir()
 
 
@@ -246,7 +248,8 @@ def test_bad_test_set_record_is_named_before_decoding(tmp_path, bad, expected):
 
 def test_a_stopped_stage_stops_the_chain(tmp_path, monkeypatch):
   """SIGTERM during CPT: the chain must not go on into SFT/WPO/GRPO built on an unfinished CPT."""
-  from towerplus_jax import checkpoint, train
+  from towerplus_jax.files import checkpoint
+  from towerplus_jax.training import train
   ran = []
 
   def fake_train(config, workdir):
@@ -255,7 +258,7 @@ def test_a_stopped_stage_stops_the_chain(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train, "train", fake_train)
   with pytest.raises(checkpoint.Stopped):
-    main.run(tower_plus.get_config("tiny"), str(tmp_path))
+    chain.run(tower_plus.get_config("tiny"), str(tmp_path))
   assert ran == ["cpt"]
 
 
@@ -272,18 +275,18 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, tiny_hf_model):
   hf.import_to_workdir(tiny_hf_model("qwen2"), str(work))
   before = sorted(p.relative_to(work) for p in work.rglob("*"))
   with pytest.raises(SystemExit, match=r"^error: --out=.*work holds \['checkpoints', 'model_config.json'"):
-    hf.main(["export", f"--workdir={work}", f"--out={work}"])  # --out = the run's own workdir
+    hf.cli(["export", f"--workdir={work}", f"--out={work}"])  # --out = the run's own workdir
   with pytest.raises(SystemExit, match=r"which an export did not write"):
-    hf.main(["export", f"--workdir={work}", f"--out={work}", "--overwrite"])  # not even with --overwrite
+    hf.cli(["export", f"--workdir={work}", f"--out={work}", "--overwrite"])  # not even with --overwrite
   assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
   out = tmp_path / "export"
-  hf.main(["export", f"--workdir={work}", f"--out={out}", "--dtype=float32"])
+  hf.cli(["export", f"--workdir={work}", f"--out={out}", "--dtype=float32"])
   with pytest.raises(SystemExit, match=r"already holds an export; pass --overwrite"):
-    hf.main(["export", f"--workdir={work}", f"--out={out}"])
-  hf.main(["export", f"--workdir={work}", f"--out={out}", "--overwrite"])
+    hf.cli(["export", f"--workdir={work}", f"--out={out}"])
+  hf.cli(["export", f"--workdir={work}", f"--out={out}", "--overwrite"])
   assert (out / "config.json").exists()
   with pytest.raises(SystemExit, match=r"^error: --out=.*work is not empty .*import into a new folder"):
-    hf.main(["import", f"--hf={tiny_hf_model('gemma2')}", f"--out={work}"])  # would turn qwen2 into gemma2
+    hf.cli(["import", f"--hf={tiny_hf_model('gemma2')}", f"--out={work}"])  # would turn qwen2 into gemma2
   assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
 
 
@@ -298,6 +301,7 @@ def test_export_never_deletes_what_it_did_not_write(tmp_path, tiny_hf_model):
 def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
   import numpy as np
   import safetensors.numpy
+
   from towerplus_jax.convert import hf
   folder = _copy_hf(tiny_hf_model("qwen2"), tmp_path)
   weights = folder / "model.safetensors"
@@ -318,7 +322,7 @@ def test_broken_hf_folder_is_named(tmp_path, tiny_hf_model, damage, expected):
       tensors["model.norm.weight"] = np.where(np.arange(norm.size) == 3, np.nan, norm).astype(norm.dtype)
     safetensors.numpy.save_file(tensors, str(weights), metadata={"format": "pt"})
   with pytest.raises(SystemExit) as e:
-    hf.main(["import", f"--hf={folder}", f"--out={tmp_path / 'run'}"])
+    hf.cli(["import", f"--hf={folder}", f"--out={tmp_path / 'run'}"])
   assert str(e.value).startswith("error: ") and expected in str(e.value), str(e.value)
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
@@ -354,7 +358,7 @@ def test_truncations_reach_the_metrics_with_a_warning(tmp_path, caplog):
   """A preference run over 4 records, 2 with prompts longer than max_prompt_len: each step's batch of 4 is one
   epoch, so each row says exactly 2 truncated."""
   from configs import wpo
-  from towerplus_jax import train
+  from towerplus_jax.training import train
   records = [{"prompt": LONG if i in (1, 2) else f"Say {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(4)]
   path = tmp_path / "prefs.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -423,7 +427,8 @@ def test_full_disk_while_saving_is_one_line_and_the_rerun_resumes(tmp_path, capl
   import logging
   import subprocess
   import sys
-  from towerplus_jax import checkpoint
+
+  from towerplus_jax.files import checkpoint
   workdir = tmp_path / "run"
   overrides = {"data.seq_len": 64, "data.eval": "", "train.steps": 4, "train.global_batch_size": 4,
                "train.checkpoint_every": 2}  # step 4, the last, fails: its error surfaces when the run ends
@@ -446,6 +451,6 @@ def test_full_disk_while_saving_is_one_line_and_the_rerun_resumes(tmp_path, capl
     section, name = key.split(".")
     config[section][name] = value
   caplog.set_level(logging.INFO, logger="absl")
-  main.run(config, str(workdir))
+  chain.run(config, str(workdir))
   assert any(r.getMessage() == f"resumed from {ckpts} at step 2" for r in caplog.records)
   assert sorted(os.listdir(ckpts)) == ["2", "4"]  # the partial save's folder was removed

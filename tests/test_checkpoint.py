@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from towerplus_jax import checkpoint, sharding
+from towerplus_jax import sharding
+from towerplus_jax.files import checkpoint
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -74,7 +75,7 @@ def test_stop_signal_flag():
 def test_unrolled_checkpoint_restores_into_scanned_model(tmp_path):
   """Gemma 3 with 8 layers (period 6: one stacked group + 2 unrolled) saved unrolled, restored scanned onto a mesh
   (and back): the same forward logits, the stacked params sharded by their logical axes."""
-  from towerplus_jax import weights
+  from towerplus_jax.training import weights
   base = ModelConfig.tiny("gemma3")
   unrolled = base.replace(num_layers=8, layer_types=("sliding",) * 5 + ("full", "sliding", "sliding"))
   scanned = unrolled.replace(scan_layers=True)
@@ -93,8 +94,8 @@ def test_unrolled_checkpoint_restores_into_scanned_model(tmp_path):
 
 
 def test_resume_with_another_layer_layout_is_named(tmp_path):
-  from towerplus_jax import weights
   from towerplus_jax.models import config as model_config
+  from towerplus_jax.training import weights
   cfg = ModelConfig.tiny("qwen3")
   model_config.save_json(cfg, str(tmp_path))
   weights.check_resume_layout(str(tmp_path), cfg.replace(scan_layers=True))  # no checkpoints yet: a fresh start
@@ -156,7 +157,7 @@ def test_a_save_killed_midway_is_never_restored(tmp_path):
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
   """After a kill -9 the run resumes from its last checkpoint: the rows logged past it (a torn one too) are dropped."""
-  from towerplus_jax import metrics_writer
+  from towerplus_jax.training import metrics_writer
   path = tmp_path / "metrics.jsonl"
   rows = "".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (10, 20, 30, 40))
   path.write_text(rows + '{"step": 50, "lo')  # the kill tore the last row mid-write

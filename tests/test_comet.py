@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
-from towerplus_jax.comet import Comet, CometCheckpointError, scorer
+from towerplus_jax.evaluate.comet import Comet, CometCheckpointError, scorer
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "comet")
 with open(os.path.join(DATA, "scores.json"), encoding="utf-8") as _f:

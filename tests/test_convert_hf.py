@@ -14,10 +14,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from towerplus_jax.models import config as model_config
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf, hf_config
 from towerplus_jax.data import tokenizers
+from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import FAMILIES, PRESETS, preset
 
 MODEL_TYPES = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig,
@@ -291,11 +291,11 @@ def test_cli_import_then_export(tiny_hf_model, sample_sp_path, tmp_path):
   folder = tiny_hf_model("gemma3", vocab_size=1024)
   shutil.copytree(folder, tmp_path / "hf")
   shutil.copy(sample_sp_path, tmp_path / "hf" / "tokenizer.model")
-  hf.main(["import", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}"])
+  hf.cli(["import", f"--hf={tmp_path / 'hf'}", f"--out={tmp_path / 'work'}"])
   assert model_config.load_json(str(tmp_path / "work")) == hf_config.config_from_hf(
       json.load(open(os.path.join(folder, "config.json"))))
   assert (tmp_path / "work" / "tokenizer" / "tokenizer.model").exists()
-  hf.main(["export", f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'back'}", "--dtype=float32"])
+  hf.cli(["export", f"--workdir={tmp_path / 'work'}", f"--out={tmp_path / 'back'}", "--dtype=float32"])
   original, exported = _files_tensors(folder), _files_tensors(str(tmp_path / "back"))
   assert sorted(original) == sorted(exported)
   for name, x in original.items():

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from towerplus_jax import comet, evaluate, sharding
+from towerplus_jax import sharding
 from towerplus_jax.data import chat, derive, sources
+from towerplus_jax.evaluate import comet, translation
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -37,7 +38,7 @@ def cli(refs, hyps, tmp_path, *extra):
 def test_scores_match_sacrebleu_cli(tiny, tmp_path):
   model, tok = tiny
   records = [r for r in derive.read_jsonl(sources.resolve_sources("sample:test")[0]) if r["tgt"] != "zh"][:12]
-  report = evaluate.evaluate(model, tok, "gemma", records, str(tmp_path / "out"), max_new_tokens=8, batch_size=8)
+  report = translation.evaluate(model, tok, "gemma", records, str(tmp_path / "out"), max_new_tokens=8, batch_size=8)
   rows = derive.read_jsonl(str(tmp_path / "out" / "hypotheses.jsonl"))
   hyps, refs = [r["hypothesis"] for r in rows], [r["reference"] for r in rows]
   assert len(hyps) == 12 and any(hyps)
@@ -56,7 +57,7 @@ def test_ifmt_prompt_carries_rules_and_is_scored(tiny):
   record = derive.read_jsonl(sources.resolve_sources("sample:ifmt")[0])[1]
   prompt = chat.translation_request(record)
   assert 'Translate "Save" as "Guardar".' in prompt and prompt.endswith("Portuguese (Portugal): ")
-  report = evaluate.score([record, record], [record["reference"], "Clique em Salvar."])
+  report = translation.score([record, record], [record["reference"], "Clique em Salvar."])
   assert report["rule_adherence"] == pytest.approx(0.5)  # the reference satisfies both rules, the other neither
 
 
@@ -66,7 +67,7 @@ def test_comet_in_the_report_equals_the_real_package(tmp_path):
   fixture = json.load(open(os.path.join(data, "scores.json"), encoding="utf-8"))
   records = [{"source": t["src"], "reference": t["ref"], "src": "en", "tgt": ("de", "pt")[i % 2]}
              for i, t in enumerate(fixture["triples"])]
-  report = evaluate.score(records, [t["mt"] for t in fixture["triples"]], os.path.join(data, "regression"))
+  report = translation.score(records, [t["mt"] for t in fixture["triples"]], os.path.join(data, "regression"))
   real = fixture["regression"]["scores"]
   assert report["comet"] == pytest.approx(fixture["regression"]["system_score"], abs=1e-4)
   assert report["comet_segments"] == pytest.approx(real, abs=1e-4)

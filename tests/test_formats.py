@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 from configs import sft, wpo
-from towerplus_jax import losses, main
+from towerplus_jax import losses
 from towerplus_jax.aot import programs
-from towerplus_jax.data import datasets, formats, tokenizer_files
+from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.data import formats
 from towerplus_jax.rl import rollout
+from towerplus_jax.run import chain, datasets
 
 
 def lm_batch(b=2, t=4) -> dict:
@@ -74,4 +76,4 @@ def test_train_loop_stops_at_a_bad_first_batch_naming_the_field(tmp_path, monkey
   config.data.eval = ""
   with pytest.raises(ValueError, match=r"^sft batch: field 'loss_mask' is int32 \[8, 128\]; the format wants "
                                        r"float32 \[B, T\]$"):
-    main.run(config, str(tmp_path / "run"))
+    chain.run(config, str(tmp_path / "run"))

@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from configs import grpo
-from towerplus_jax import sharding, train, weights
+from towerplus_jax import sharding
 from towerplus_jax.models import config as model_config
+from towerplus_jax.training import train, weights
 
 
 def test_grpo_raises_mean_reward_on_copy_task(tmp_path):

@@ -1,7 +1,7 @@
 """IF-MT rule checks: a satisfied and a violated case per rule type, errors, adherence fractions."""
 import pytest
 
-from towerplus_jax.ifmt_rules import check_rule, count_words, rule_adherence
+from towerplus_jax.data.ifmt_rules import check_rule, count_words, rule_adherence
 
 CASES = [  # (rule, output, source, expected)
     ({"type": "include", "terms": ["Tower", "modelo"]}, "O modelo Tower traduz.", "", True),

@@ -3,13 +3,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from flax import nnx
-
 from fake_lm import FakeLM, np_log_softmax
+from flax import nnx
 from test_train_step import opt_cfg
-from towerplus_jax import losses, optim, train
+
+from towerplus_jax import losses
 from towerplus_jax.losses import grpo
+from towerplus_jax.training import optim, train
 
 B, T, V, PROMPT = 4, 7, 6, 2
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")

@@ -2,7 +2,7 @@
 import logging
 import re
 
-from towerplus_jax import metrics_writer
+from towerplus_jax.training import metrics_writer
 
 
 def test_progress_line_names_reward_and_throughput(tmp_path, caplog):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import sacrebleu
 
-from towerplus_jax import mt_metrics
+from towerplus_jax.evaluate import mt_metrics
 
 EN_REFS = ["The cat sat on the mat.", "Hello world, how are you today?", "It rained heavily all night long.",
            "Prices rose by 3.5% in March."]

@@ -18,16 +18,17 @@ import time
 from pathlib import Path
 
 import jax
+import multihost_worker
 import numpy as np
 import portpicker
 import pytest
 from flax import nnx
 
-import multihost_worker
-
-from towerplus_jax import main, sharding, train, weights
+from towerplus_jax import sharding
 from towerplus_jax.data import sources
 from towerplus_jax.models import config as model_config
+from towerplus_jax.run import chain
+from towerplus_jax.training import train, weights
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # the shared test machine may be busy: generous, still bounded
@@ -106,7 +107,7 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multihost")
   one, two = tmp / "one", tmp / "two"
   multihost_worker.SCORED.clear()
-  one_results = main.run(multihost_worker.stages_config(), str(one))
+  one_results = chain.run(multihost_worker.stages_config(), str(one))
   one_scored = list(multihost_worker.SCORED)
   shutil.copytree(one / "sft", tmp / "one_to_two")
   keep_until(tmp / "one_to_two", 2)
@@ -115,7 +116,7 @@ def runs(tmp_path_factory):
   heldout.write_text("".join(open(sources.resolve_sources("sample:test")[0]).readlines()[:20]))
   multihost_worker.DECODED.clear()
   with multihost_worker.count_decoded_rows():
-    one_heldout = main._held_out_scores(multihost_worker.heldout_config(str(heldout)), str(one / "grpo"))
+    one_heldout = chain.held_out_scores(multihost_worker.heldout_config(str(heldout)), str(one / "grpo"))
   run_processes([{"config": "stages", "workdir": str(two)}, {"config": "sft", "workdir": str(tmp / "one_to_two")},
                  {"heldout": str(tmp / "heldout_two"), "data": str(heldout)}], tmp)
   shutil.copytree(two / "sft", tmp / "two_to_one")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import sft
-from towerplus_jax import train
-from towerplus_jax.data import chat, tokenizer_files, tokenizers
+from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.data import chat, tokenizers
+from towerplus_jax.training import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

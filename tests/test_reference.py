@@ -4,8 +4,9 @@ import json
 import numpy as np
 
 from configs import wpo
-from towerplus_jax import reference, train
+from towerplus_jax import reference
 from towerplus_jax.data import derive, sources
+from towerplus_jax.training import train
 
 
 def test_precomputed_reference_equals_frozen_reference(tmp_path):

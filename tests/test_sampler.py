@@ -9,9 +9,9 @@ from flax import nnx
 
 from towerplus_jax import sharding
 from towerplus_jax.data import chat
+from towerplus_jax.evaluate import sampler
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
-from towerplus_jax.rl import sampler
 
 N = 8  # new tokens; prompts up to 8 + 8 new > gemma2 tiny sliding window 8
 LENGTHS = np.array([3, 8, 5, 1], np.int32)

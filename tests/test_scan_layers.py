@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from towerplus_jax import losses, optim, sharding, train
+from tests.test_train_step import lm_batch, opt_cfg
+from towerplus_jax import losses, sharding
 from towerplus_jax.models import layout
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer, abstract_model
-from tests.test_train_step import lm_batch, opt_cfg
+from towerplus_jax.training import optim, train
 
 CASES = {
     "gemma2": ModelConfig.tiny("gemma2"),  # period 2: 2 groups

@@ -4,11 +4,13 @@ import json
 
 import ml_collections
 import pytest
-from etils.epath import gpath, testing as epath_testing
+from etils.epath import gpath
+from etils.epath import testing as epath_testing
 
-from towerplus_jax import metrics_writer, storage
-from towerplus_jax.data import tokenizer_files
+from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.files import storage
 from towerplus_jax.models import config as model_config
+from towerplus_jax.training import metrics_writer
 
 
 @pytest.fixture

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from configs import cpt, grpo, sft, tower_plus, wpo
+from towerplus_jax import sharding
+from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.files import checkpoint
 from towerplus_jax.models import config as model_config
-from towerplus_jax import checkpoint, setup_run, sharding, train, weights
-from towerplus_jax.data import tokenizer_files
+from towerplus_jax.run import setup_run
+from towerplus_jax.training import train, weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,7 +168,7 @@ def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf
 def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
   """Each stage starts from the previous one's checkpoint and, with the shipped tiny learning rates, β, rewards and
   data, visibly does its own job: CPT/SFT loss falls, WPO's margins and accuracy rise, GRPO's mean reward rises."""
-  from towerplus_jax import main
+  from towerplus_jax.run import chain, report
   c = tower_plus.get_config("tiny")
   for name, steps in zip(c.stage_order, (12, 12, 16, 20)):
     c.stages[name].train.update(steps=steps, global_batch_size=4, log_every=1, checkpoint_every=0, eval_steps=1)
@@ -174,13 +177,13 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
   c.stages.wpo.data.max_prompt_len = 64
   c.stages.grpo.rl.update(num_generations=4, prompts_per_step=2, max_completion_len=12)
   c.eval_max_new_tokens = 4
-  results = main.run(c, str(tmp_path))
+  results = chain.run(c, str(tmp_path))
   assert list(results) == ["cpt", "sft", "wpo", "grpo"]
   for name in c.stage_order:
     assert 0.0 <= results[name]["heldout/chrf"] <= 100.0
     assert os.path.exists(tmp_path / name / "eval" / "report.json")
   assert "reward/mean" in results["grpo"] and "rewards/margins" in results["wpo"]
-  moved = {name: main.trend(str(tmp_path / name), main.trend_keys(c.stages[name]))[0]
+  moved = {name: report.trend(str(tmp_path / name), report.trend_keys(c.stages[name]))[0]
            for name in c.stage_order}
   print(moved)
   for name, key, sign in (("cpt", "loss", -1), ("sft", "loss", -1), ("wpo", "loss", -1),
@@ -191,7 +194,7 @@ def test_tower_plus_chain_runs_every_stage_from_the_previous(tmp_path):
   for name in ("cpt", "sft"):  # end-of-stage eval loss and held-out scores sit next to the training metrics
     rows = [json.loads(l) for l in open(tmp_path / name / "metrics.jsonl")]
     assert any("eval/loss" in r for r in rows) and any("heldout/chrf" in r for r in rows)
-  text = main.summary(results, str(tmp_path), c)
+  text = report.summary(results, str(tmp_path), c)
   assert f"export --workdir={tmp_path / 'grpo'}" in text and "heldout/chrf" in text
   assert "reward/mean " in text and " -> " in text
   assert str(tmp_path / "cpt" / "eval" / "report.json") in text

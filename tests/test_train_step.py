@@ -6,9 +6,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from towerplus_jax import losses, optim, sharding, train
+from towerplus_jax import losses, sharding
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.training import optim, train
 
 
 def opt_cfg(**kw):

@@ -119,7 +119,7 @@ def _join(environ: Mapping[str, str]) -> None:
 
   def give_up():
     logging.error("%s", message)
-    sys.stderr.write(f"ERROR: {message}\n")
+    sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     os._exit(1)
 

@@ -21,8 +21,12 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from towerplus_jax import losses, sharding, weights
-from towerplus_jax.data import datasets, sources, tokenizer_files
+from towerplus_jax import errors, losses, sharding
+from towerplus_jax.config import config_check
+from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.data import sources
+from towerplus_jax.run import datasets
+from towerplus_jax.training import weights
 
 
 def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -> int:
@@ -64,28 +68,36 @@ def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -
   return len(records)
 
 
+_F: dict = {}
+
+
 def _define_flags() -> dict:
-  """CLI flags, defined only when run as a program (other modules with their own flags import this one)."""
-  return {"config": config_flags.DEFINE_config_file("config", None, "Preference stage config (configs/wpo.py:...).",
-                                                    lock_config=True),
-          "workdir": flags.DEFINE_string("workdir", None, "Scratch folder (tokenizer copy)."),
-          "out": flags.DEFINE_string("out", None, "Output JSONL.")}
+  """The flags, defined only when run as a program."""
+  flags_ = {"config": config_flags.DEFINE_config_file("config", None, "Preference stage config (configs/wpo.py:...).",
+                                                      lock_config=True),
+            "workdir": flags.DEFINE_string("workdir", None, "Scratch folder (tokenizer copy)."),
+            "out": flags.DEFINE_string("out", None, "Output JSONL.")}
+  flags.mark_flags_as_required(["config", "workdir", "out"])
+  return flags_
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from towerplus_jax import config_check
-  from towerplus_jax.main import one_line_errors
-  with one_line_errors():
+    errors.fail(f"unexpected arguments {argv[1:]}")
+  errors.quiet_libraries()
+  with errors.one_line_errors():
     config_check.check_names(_F["config"].value)
     config_check.check(_F["config"].value)
     n = precompute(_F["config"].value, _F["workdir"].value, _F["out"].value)
   print(f"wrote {n} records with reference log-probs to {_F['out'].value}")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+  """The program (`python -m towerplus_jax.reference`, `towerplus reference`); `argv` as sys.argv."""
+  global _F
   _F = _define_flags()
-  flags.mark_flags_as_required(["config", "workdir", "out"])
-  from towerplus_jax.main import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, argv=argv, flags_parser=errors.parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

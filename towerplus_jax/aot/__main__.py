@@ -5,4 +5,4 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices need n
 
 from towerplus_jax.aot import cli  # noqa: E402  (after the environment)
 
-cli.run()
+cli.cli()

@@ -23,7 +23,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from towerplus_jax import sharding
+from towerplus_jax import errors, sharding
 from towerplus_jax.aot import programs, topology
 from towerplus_jax.aot.programs import GIB
 
@@ -230,44 +230,27 @@ def sweep(targets: tuple[Target, ...] = TARGETS, timeout_s: float = 3600) -> boo
   return all_fit
 
 
-def _fail(message: str) -> None:
-  """Bad input: one line, exit status 2 (1 means "does not fit")."""
-  print(f"error: {message.strip().splitlines()[0]}", file=sys.stderr, flush=True)
-  sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    errors.fail(f"unexpected arguments {argv[1:]}")
   if _F["sweep"].value:
     sys.exit(0 if sweep() else 1)
   if _F["config"].value is None:
-    _fail("--config is required (or --sweep)")
+    errors.fail("--config is required (or --sweep)")
   try:
     row = run_one(_F["config"].value, topology_name=_F["topology"].value, num_slices=_F["num_slices"].value,
                   mesh_spec=_F["mesh"].value, devices=_F["devices"].value, hbm_gib=_F["hbm_gib"].value,
                   hlo_out=_F["hlo_out"].value)
   except ValueError as e:
-    _fail(str(e))
+    errors.fail(str(e))
   if _F["json"].value:
     print(json.dumps(row))
   if not row["fits"]:
     sys.exit(1)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flags as `towerplus_jax.main` parses them: a bad config or flag is one line (here with exit status 2)."""
-  from towerplus_jax import main as entry
-  try:
-    return entry.parse_flags(argv)
-  except SystemExit as e:
-    if isinstance(e.code, str):
-      _fail(e.code.removeprefix("error: "))
-    raise
-
-
-def run() -> None:
-  """The program (`python -m towerplus_jax.aot`)."""
+def cli(argv: list[str] | None = None) -> None:
+  """The program (`python -m towerplus_jax.aot`, `towerplus aot`); `argv` as sys.argv (program name first)."""
   global _F
   _F = _define_flags()
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, argv=argv, flags_parser=errors.parse_flags)

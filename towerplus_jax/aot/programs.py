@@ -18,13 +18,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from towerplus_jax import losses, optim, sharding, train, weights
+from towerplus_jax import losses, sharding
 from towerplus_jax.data import formats
 from towerplus_jax.models import matmul
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import abstract_model
+from towerplus_jax.training import optim, train, weights
 
 GIB = 1024 ** 3
 
@@ -164,7 +166,7 @@ def train_step(config: ml_collections.ConfigDict, mesh: Mesh, stage: AbstractSta
 
 def compile_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
   """Every program the stage runs, each with what the stage holds besides its arguments while it runs."""
-  from towerplus_jax.rl import sampler  # the RL stack only for RL stages
+  from towerplus_jax.evaluate import sampler  # the RL stack only for RL stages
   stage = abstract_stage(config, mesh)
   loss = losses.get(config.loss.name)
   params, reference = stage.state["params"], stage.reference

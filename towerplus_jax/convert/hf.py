@@ -27,12 +27,20 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, Sharding
 from safetensors import SafetensorError, safe_open
 
-from towerplus_jax import checkpoint, sharding, storage
+from towerplus_jax import sharding
 from towerplus_jax.convert.hf_config import config_from_folder, config_to_hf, default_token_ids, read_json
 from towerplus_jax.convert.hf_tables import IGNORABLE, Layout, key_map
+from towerplus_jax.convert.tokenizer_files import (
+  MODEL_FILES,
+  TOKENIZER_FILES,
+  chat_token_ids,
+  copy_tokenizer_files,
+  template_in,
+  tokenizer_in,
+  write_tokenizer_config,
+)
 from towerplus_jax.data import chat
-from towerplus_jax.data.tokenizer_files import (MODEL_FILES, TOKENIZER_FILES, chat_token_ids, copy_tokenizer_files,
-                                                template_in, tokenizer_in, write_tokenizer_config)
+from towerplus_jax.files import checkpoint, storage
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer, abstract_model
@@ -353,7 +361,8 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
     write_tokenizer_config(tokenizer, template, out_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
+def cli(argv: list[str] | None = None) -> None:
+  """`import` / `export` with their flags (`argv` without the program name)."""
   parser = argparse.ArgumentParser(prog="python -m towerplus_jax.convert.hf", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   imp = sub.add_parser("import", help="HF folder -> workdir with an Orbax params checkpoint")
@@ -376,11 +385,11 @@ def main(argv: list[str] | None = None) -> None:
       export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
                      overwrite=args.overwrite)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"error: {e}") from None
+    errors.fail(str(e))
   if args.command == "export":
     print(f"exported {args.workdir} to {args.out} in {args.dtype} (--dtype=float32 keeps full precision); "
           "generation_config.json stops at the chat template's end-of-turn token")
 
 
 if __name__ == "__main__":
-  main()
+  cli()

@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 
-from towerplus_jax import ifmt_rules
-from towerplus_jax.data import languages
+from towerplus_jax.data import ifmt_rules, languages
 from towerplus_jax.data.tokenizers import Tokenizer
 
 TEMPLATES = ("gemma", "chatml")

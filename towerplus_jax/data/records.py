@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from towerplus_jax import ifmt_rules
-from towerplus_jax.data import languages
+from towerplus_jax.data import ifmt_rules, languages
 
 TEXT_FIELDS = ("text", "source", "reference", "src_lang", "tgt_lang", "src", "tgt")  # plain strings
 CODE_FIELDS = ("src", "tgt")  # language codes, checked against data/languages.py

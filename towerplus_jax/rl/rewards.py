@@ -22,8 +22,9 @@ from fractions import Fraction
 import numpy as np
 import sacrebleu
 
-from towerplus_jax import comet as comet_lib
-from towerplus_jax import ifmt_rules, mt_metrics
+from towerplus_jax.data import ifmt_rules
+from towerplus_jax.evaluate import comet as comet_lib
+from towerplus_jax.evaluate import mt_metrics
 
 RewardFn = Callable[..., list[float | None]]
 CombinedFn = Callable[..., tuple[np.ndarray, dict[str, np.ndarray]]]
@@ -182,7 +183,7 @@ def length_penalty(prompts: Sequence, completions: Sequence, **columns) -> list[
 
 
 def comet_reward(model_dir: str, batch_size: int = 16) -> RewardFn:
-  """COMET of each completion (towerplus_jax.comet, the model loaded once per process): against column
+  """COMET of each completion (towerplus_jax.evaluate.comet, the model loaded once per process): against column
   `reference` where the row has one, reference-free (source + completion) where not; None for rows without a
   reference when the model needs references (RegressionMetric, e.g. wmt22-comet-da)."""
   scorer = comet_lib.cached(model_dir, batch_size)

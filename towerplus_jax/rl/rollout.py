@@ -30,12 +30,15 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from towerplus_jax import sharding, storage
+from towerplus_jax import sharding
 from towerplus_jax.data import chat
+from towerplus_jax.evaluate import sampler
+from towerplus_jax.files import storage
 from towerplus_jax.losses import grpo
-from towerplus_jax.rl import rewards, sampler
+from towerplus_jax.rl import rewards
 
 
 def group_advantages(rewards_N: np.ndarray, group: int, scale_std: bool = True, ddof: int = 1

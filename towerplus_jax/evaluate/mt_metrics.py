@@ -1,4 +1,4 @@
-"""Corpus-level translation metrics: BLEU, chrF, chrF++ (sacrebleu); COMET is towerplus_jax.comet."""
+"""Corpus-level translation metrics: BLEU, chrF, chrF++ (sacrebleu); COMET is towerplus_jax.evaluate.comet."""
 from __future__ import annotations
 
 import functools

@@ -18,11 +18,14 @@ import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from towerplus_jax import checkpoint, losses, optim, sharding
-from towerplus_jax.metrics_writer import MetricsWriter
+from towerplus_jax import losses, sharding
+from towerplus_jax.files import checkpoint
 from towerplus_jax.models.config import ModelConfig
+from towerplus_jax.training import optim
+from towerplus_jax.training.metrics_writer import MetricsWriter
 
 State = dict[str, Any]  # {"params": nnx.State, "opt_state": optax state, "step": int32[], "rng": uint32[2]}
 
@@ -115,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Run (or resume) one stage in `workdir`; returns the last logged metrics. Raises `checkpoint.Stopped` when a
   signal stopped it early (after saving a checkpoint)."""
   from towerplus_jax.data.pipeline import DataCounts  # data/tokenizer stack: only needed for a real run
-  from towerplus_jax.setup_run import setup_run
+  from towerplus_jax.run.setup_run import setup_run
   run = setup_run(config, workdir)
   loss = losses.get(config.loss.name)
   tcfg = config.train

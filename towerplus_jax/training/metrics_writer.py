@@ -10,7 +10,7 @@ import jax
 from absl import logging
 from etils import epath
 
-from towerplus_jax import storage
+from towerplus_jax.files import storage
 
 # Peak dense bf16 FLOP/s per chip (vendor figures); MFU is not reported for other devices.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,

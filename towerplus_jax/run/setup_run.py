@@ -15,11 +15,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from towerplus_jax import config_check, distributed, losses, sharding, weights
-from towerplus_jax.data import chat, datasets, tokenizer_files
+from towerplus_jax import distributed, losses, sharding
+from towerplus_jax.config import config_check
+from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.data import chat
 from towerplus_jax.models import config as model_config
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.rl import rollout
+from towerplus_jax.run import datasets
+from towerplus_jax.training import weights
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import yaml
 
-from towerplus_jax.comet.model import CometConfig
+from towerplus_jax.evaluate.comet.model import CometConfig
 
 CLASSES = {"regression_metric": "regression", "unified_metric": "unified", "xcomet_metric": "xcomet"}
 _ENCODERS = ("XLM-RoBERTa", "XLM-RoBERTa-XL")

@@ -12,11 +12,17 @@ import jax
 import ml_collections
 from etils import epath
 
-from towerplus_jax import config_check
+from towerplus_jax.config import config_check
 from towerplus_jax.convert import hf_config, hf_tokenizer
 from towerplus_jax.data import chat
-from towerplus_jax.data.tokenizers import (CHAT_SYMBOLS, SAMPLE_CACHE, SentencePieceTokenizer, Tokenizer,
-                                          load_tokenizer, sample_tokenizer)
+from towerplus_jax.data.tokenizers import (
+  CHAT_SYMBOLS,
+  SAMPLE_CACHE,
+  SentencePieceTokenizer,
+  Tokenizer,
+  load_tokenizer,
+  sample_tokenizer,
+)
 from towerplus_jax.models import config as model_config
 
 MODEL_FILES = {"sp": "tokenizer.model", "hf": "tokenizer.json"}  # tokenizer spec prefix -> its file in a folder

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
-from towerplus_jax.comet import checkpoint
-from towerplus_jax.comet.model import CometConfig, CometModel
-
+from towerplus_jax.evaluate.comet import checkpoint
+from towerplus_jax.evaluate.comet.model import CometConfig, CometModel
 
 # XCOMETMetric's fixed weights: the [mt,src], [mt,ref], [mt,src,ref] regression scores (capped at 1) and the MQM
 # score of the decoded error spans; the three inputs' tag probabilities; MQM penalty per span severity.

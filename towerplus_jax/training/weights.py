@@ -12,9 +12,12 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
-from towerplus_jax import checkpoint, config_check, sharding
+from towerplus_jax import sharding
+from towerplus_jax.config import config_check
 from towerplus_jax.convert import hf
-from towerplus_jax.models import config as model_config, layout
+from towerplus_jax.files import checkpoint
+from towerplus_jax.models import config as model_config
+from towerplus_jax.models import layout
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer, abstract_model
 

@@ -6,7 +6,7 @@
 Lines are {"source", "reference", "src_lang", "tgt_lang" (language names), "src"?, "tgt"? (codes), "rules"?}.
 Each source goes through the Tower+ prompt (plus its IF-MT rules as instructions) and the chat template, decoded
 greedily (or sampled); reported: corpus BLEU, chrF, chrF++ with sacrebleu signatures, overall and per language
-pair, COMET (system, per pair and per segment, with towerplus_jax.comet from a local COMET folder) when
+pair, COMET (system, per pair and per segment, with towerplus_jax.evaluate.comet from a local COMET folder) when
 --comet_model is given, and IF-MT rule adherence. Writes hypotheses.jsonl and report.json.
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from towerplus_jax import comet, ifmt_rules, mt_metrics, sharding, weights
-from towerplus_jax.convert import hf
-from towerplus_jax.data import chat, derive, sources, tokenizer_files
+from towerplus_jax import sharding
+from towerplus_jax.convert import hf, tokenizer_files
+from towerplus_jax.data import chat, derive, ifmt_rules, sources
 from towerplus_jax.data import records as records_lib
+from towerplus_jax.evaluate import comet, mt_metrics, sampler
 from towerplus_jax.models import config as model_config
-from towerplus_jax.rl import sampler
+from towerplus_jax.training import weights
 
 
 def load(workdir: str | None = None, hf_dir: str | None = None, step: int | None = None, mesh=None):
@@ -86,58 +87,3 @@ def evaluate(model, tokenizer, template: str, records: Sequence[dict], out_dir: 
                                           encoding="utf-8")
     (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
   return report
-
-
-def _define_flags() -> dict:
-  """CLI flags, defined only when run as a program (main.py imports this module and has its own flags)."""
-  return {
-      "workdir": flags.DEFINE_string("workdir", None, "Run folder to evaluate (latest checkpoint unless --step)."),
-      "hf": flags.DEFINE_string("hf", None, "Hugging Face folder to evaluate instead of a run folder."),
-      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: latest)."),
-      "data": flags.DEFINE_string("data", None, "Test set JSONL (sample:test for the shipped one)."),
-      "out": flags.DEFINE_string("out", None, "Output folder (default WORKDIR/eval or ./eval)."),
-      "template": flags.DEFINE_string("template", None, "Chat template (default: gemma for Gemma, chatml for Qwen)."),
-      "max_new": flags.DEFINE_integer("max_new_tokens", 256, "Decoding budget per segment."),
-      "batch": flags.DEFINE_integer("batch_size", 16, "Segments decoded together."),
-      "sample": flags.DEFINE_bool("sample", False, "Sample (with --temperature) instead of greedy decoding."),
-      "temperature": flags.DEFINE_float("temperature", 1.0, "Sampling temperature with --sample."),
-      "comet": flags.DEFINE_string("comet_model", None, "COMET model folder (checkpoints/model.ckpt + hparams.yaml), "
-                                       "e.g. a download of Unbabel/wmt22-comet-da."),
-  }
-
-
-def main(argv):
-  del argv
-  from towerplus_jax.main import quiet_libraries
-  quiet_libraries()
-  if bool(_F["workdir"].value) == bool(_F["hf"].value):
-    raise app.UsageError("give exactly one of --workdir or --hf")
-  if not _F["data"].value:
-    raise app.UsageError("--data is required")
-  try:
-    records = records_lib.read_all(sources.open_source(sources.resolve_sources(_F["data"].value)), "test")
-    if _F["comet"].value:
-      comet.cached(_F["comet"].value)  # a bad COMET folder fails before decoding
-  except (ValueError, FileNotFoundError, IsADirectoryError) as e:
-    # a missing data file, bad test records or COMET folder: one line naming the file, before loading the model
-    raise SystemExit(f"error: {e}") from None
-  from towerplus_jax.main import one_line_errors
-  with one_line_errors():  # a missing / damaged run or HF folder
-    model, tokenizer, template = load(_F["workdir"].value, _F["hf"].value, _F["step"].value)
-  out = _F["out"].value or os.path.join(_F["workdir"].value or ".", "eval")
-  report = evaluate(model, tokenizer, _F["template"].value or template, records, out, _F["comet"].value,
-                    max_new_tokens=_F["max_new"].value, batch_size=_F["batch"].value, greedy=not _F["sample"].value,
-                    temperature=_F["temperature"].value)
-  overall = report["overall"]
-  for name in ("bleu", "chrf", "chrf++"):
-    print(f"{name:7s} {overall[name]:6.2f}  {overall[name + '_signature']}")
-  if "rule_adherence" in report:
-    print(f"rule adherence {report['rule_adherence']:.3f}")
-  if "comet" in report:
-    print(f"comet   {report['comet']:.4f}")
-  logging.info("wrote %s", out)
-
-
-if __name__ == "__main__":
-  _F = _define_flags()
-  app.run(main)

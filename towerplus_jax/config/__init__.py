@@ -1,0 +1,1 @@
+"""Stage configs: the key table, the stage builders and the checks."""

@@ -1,0 +1,1 @@
+"""A run assembled from its config: setup, datasets, the stage chain and the report."""

@@ -1,0 +1,1 @@
+"""The training state, its step functions, the loop and what it needs (optimizer, weights, metrics)."""
