@@ -1,23 +1,29 @@
 """COMET in JAX against the real unbabel-comet: tests/data/comet holds tiny RegressionMetric and UnifiedMetric
 checkpoints (XLM-R and XLM-R XL encoders), an XCOMETMetric, and the real package's scores for 26 triples
-(tools/make_comet_fixture.py built them)."""
+(tools/make_comet_fixture.py built them); a UnifiedMetric with its word-level tagger, and the real package's scores
+and error spans for triples holding special tokens as literal text (tests/data/comet/make_edge_fixture.py)."""
 import json
 import os
 import shutil
+import zipfile
 
 import jax
 import numpy as np
 import pytest
+import yaml
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
 from towerplus_jax.evaluate.comet import Comet, CometCheckpointError, scorer
+from towerplus_jax.evaluate.comet.model import HEAD_ACTIVATIONS
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "comet")
 with open(os.path.join(DATA, "scores.json"), encoding="utf-8") as _f:
   FIXTURE = json.load(_f)
 TRIPLES = FIXTURE["triples"]
 SRC, MT, REF = ([t[k] for t in TRIPLES] for k in ("src", "mt", "ref"))
+with open(os.path.join(DATA, "edge_scores.json"), encoding="utf-8") as _f:
+  EDGE = json.load(_f)
 
 
 MODELS_MESH = {"data": 2, "fsdp": 4}
@@ -28,7 +34,7 @@ def models():
   """The models on a data × fsdp mesh over the 8 test devices (parameters sharded over fsdp, rows split)."""
   mesh = sharding.make_mesh(MODELS_MESH)
   return {name: Comet.load(os.path.join(DATA, name), mesh=mesh, batch_size=32)
-          for name in ("regression", "unified", "unified_xl", "xcomet")}
+          for name in ("regression", "unified", "unified_xl", "xcomet", "unified_word")}
 
 
 @pytest.mark.parametrize("name,with_refs,key", [
@@ -99,16 +105,51 @@ def test_mqm_score_counts_closed_spans_by_first_severity():
   assert 0 < min(m for m in mqm if m > 0) < max(mqm) == 1.0 and 0.0 in mqm  # the fixture exercises spans
 
 
-@pytest.mark.parametrize("with_refs,key", [(True, "xcomet"), (False, "xcomet_noref")])
-def test_xcomet_error_spans_match_the_real_package(models, with_refs, key):
-  """metadata.error_spans of the real XCOMETMetric: text, severity, character offsets equal, confidence to 1e-4."""
-  spans = models["xcomet"].score(SRC, MT, REF if with_refs else None)["error_spans"]
-  real = FIXTURE[key]["error_spans"]
-  assert sum(map(len, real)) > 100
+def _assert_spans_match(spans: list[list[dict]], real: list[list[dict]]) -> None:
+  """Text, severity, character offsets equal; confidence to 1e-4."""
   assert [[{k: v for k, v in s.items() if k != "confidence"} for s in row] for row in spans] == (
       [[{k: v for k, v in s.items() if k != "confidence"} for s in row] for row in real])
   np.testing.assert_allclose([s["confidence"] for row in spans for s in row],
                              [s["confidence"] for row in real for s in row], atol=1e-4)
+
+
+@pytest.mark.parametrize("with_refs,key", [(True, "xcomet"), (False, "xcomet_noref")])
+def test_xcomet_error_spans_match_the_real_package(models, with_refs, key):
+  """metadata.error_spans of the real XCOMETMetric."""
+  spans = models["xcomet"].score(SRC, MT, REF if with_refs else None)["error_spans"]
+  assert sum(map(len, FIXTURE[key]["error_spans"])) > 100
+  _assert_spans_match(spans, FIXTURE[key]["error_spans"])
+
+
+@pytest.mark.parametrize("with_refs,key", [(True, "unified_word_main"), (False, "unified_word_main_noref")])
+def test_word_level_unified_metric_returns_the_real_error_spans(models, with_refs, key):
+  """UnifiedMetric with word_level_training: its scores (the inputs' mean, no MQM term) and metadata.error_spans
+  (UnifiedMetric.decode over the inputs' weighted tag probabilities)."""
+  out = models["unified_word"].score(SRC, MT, REF if with_refs else None)
+  np.testing.assert_allclose(out["segments"], EDGE[key]["scores"], atol=1e-4, rtol=0)
+  assert sum(map(len, EDGE[key]["error_spans"])) > 50
+  _assert_spans_match(out["error_spans"], EDGE[key]["error_spans"])
+  assert "error_spans" not in models["unified"].score(SRC[:2], MT[:2], REF[:2])  # no tagger, no spans
+
+
+@pytest.mark.parametrize("name,with_refs,key", [
+    ("regression", True, "regression"), ("unified", True, "unified"), ("unified", False, "unified_noref"),
+    ("unified_xl", True, "unified_xl"), ("unified_xl", False, "unified_xl_noref"), ("xcomet", True, "xcomet"),
+    ("xcomet", False, "xcomet_noref"), ("unified_word", True, "unified_word"),
+    ("unified_word", False, "unified_word_noref")])
+def test_special_tokens_as_text_match_the_real_package(models, name, with_refs, key):
+  """A literal "<pad>" (and </s>, <s>, <unk>, <mask>) in src, mt or ref is its special token's id, attended to as
+  COMET does (mask = the first `length` positions, pad ids dropped when inputs are joined); the error spans' ids
+  come from the joint input, so they shift against the mt offsets past a dropped "<pad>", as in COMET."""
+  triples = EDGE["triples"]
+  src, mt, ref = ([t[k] for t in triples] for k in ("src", "mt", "ref"))
+  out = models[name].score(src, mt, ref if with_refs else None)
+  np.testing.assert_allclose(out["segments"], EDGE[key]["scores"], atol=1e-4, rtol=0)
+  if "error_spans" in EDGE[key]:
+    _assert_spans_match(out["error_spans"], EDGE[key]["error_spans"])
+  # The fixture bites: the real package scores "<pad>" in the source unlike the same triple without it.
+  assert src[1].replace(" <pad>", "") == SRC[1] and (mt[1], ref[1]) == (MT[1], REF[1])
+  assert abs(EDGE["regression"]["scores"][1] - FIXTURE["regression"]["scores"][1]) > 1e-2
 
 
 def test_bucketing_and_batch_size_do_not_change_scores(models):
@@ -165,3 +206,77 @@ def test_missing_encoder_files_say_what_to_copy(tmp_path):
   os.remove(folder / "encoder" / "tokenizer.json")
   with pytest.raises(CometCheckpointError, match="copy the encoder's config.json and tokenizer.json"):
     Comet.load(str(folder / "unified"))
+
+
+def test_legacy_torch_format_checkpoint_loads(tmp_path):
+  """A model.ckpt in torch's legacy (pre-zip) format cannot be memory-mapped: it is read whole, and scores alike."""
+  import torch
+  folder = _copy(tmp_path) / "unified"
+  ckpt = folder / "checkpoints" / "model.ckpt"
+  torch.save(torch.load(ckpt, weights_only=True), ckpt, _use_new_zipfile_serialization=False)
+  assert not zipfile.is_zipfile(ckpt)
+  out = Comet.load(str(folder), batch_size=32).score(SRC, MT, REF)
+  np.testing.assert_allclose(out["segments"], FIXTURE["unified"]["scores"], atol=1e-4, rtol=0)
+
+
+_ACTS = "Tanh, Sigmoid, Softplus, Softsign, Hardtanh, Hardsigmoid, Hardswish, Mish, Identity"
+
+
+@pytest.mark.parametrize("model,changes,message", [
+    ("regression", {"pool": "mean"}, "pool='mean' is not supported: must be one of avg, max, cls, default"),
+    ("regression", {"pool": "maxx"}, "pool='maxx' is not supported: must be one of avg, max, cls, default; "
+                                     "did you mean 'max'?"),
+    ("regression", {"layer": 3}, "layer=3 is not supported: must be 'mix' or a hidden-state index 0..2"),
+    ("regression", {"layer": "last"}, "layer='last' is not supported: must be 'mix' or a hidden-state index 0..2"),
+    ("unified", {"sent_layer": -1}, "sent_layer=-1 is not supported: must be 'mix' or a hidden-state index 0..2"),
+    ("unified", {"layer_transformation": "sparsmax"}, "layer_transformation='sparsmax' is not supported: must be "
+                                                      "one of softmax, sparsemax, sparsemax_patch; did you mean "
+                                                      "'sparsemax'?"),
+    ("unified", {"layer_norm": "yes"}, "layer_norm='yes' is not supported: must be true or false"),
+    ("unified", {"hidden_sizes": []}, "hidden_sizes=[] is not supported: must be a non-empty list of positive ints"),
+    ("unified", {"input_segments": ["mt", "source"]}, "input_segments=['mt', 'source'] is not supported: must be a "
+                                                      "list of distinct names among mt, src, ref"),
+    ("unified", {"word_level_training": True, "word_layer": 5}, "word_layer=5 is not supported: must be a "
+                                                                "hidden-state index 0..2"),
+    ("unified", {"word_level_training": True, "word_layer": 1, "error_labels": []},
+     "error_labels=[] is not supported: must be a non-empty list of severity names"),
+    ("xcomet", {"error_labels": ["minor", "major"]}, "error_labels=['minor', 'major'] is not supported: must be "
+                                                     "[minor, major, critical] (XCOMETMetric)"),
+    ("unified", {"activations": "ReLU"}, f"activations='ReLU' is not supported: must be one of {_ACTS}"),
+    ("regression", {"activations": "tahn"}, f"activations='tahn' is not supported: must be one of {_ACTS}; "
+                                            "did you mean 'Tanh'?"),
+    ("unified", {"final_activation": "sigmod"}, f"final_activation='sigmod' is not supported: must be one of "
+                                                f"{_ACTS}; did you mean 'Sigmoid'?"),
+])
+def test_bad_hparams_values_are_refused_at_load(tmp_path, model, changes, message):
+  """Refused by Comet.load, before any weight is read or text scored: one line naming hparams.yaml, key, value and
+  what is allowed."""
+  folder = _copy(tmp_path) / model
+  with open(folder / "hparams.yaml", encoding="utf-8") as f:
+    hparams = yaml.safe_load(f)
+  (folder / "hparams.yaml").write_text(yaml.safe_dump({**hparams, **changes}))
+  with pytest.raises(CometCheckpointError) as e:
+    Comet.load(str(folder))
+  assert str(e.value) == f"{folder / 'hparams.yaml'}: {message}"
+
+
+def test_unknown_encoder_activation_is_refused_at_load(tmp_path):
+  folder = _copy(tmp_path)
+  config = json.loads((folder / "encoder" / "config.json").read_text())
+  (folder / "encoder" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_fast"}))
+  with pytest.raises(CometCheckpointError) as e:
+    Comet.load(str(folder / "regression"))
+  assert str(e.value) == (f"{folder / 'encoder' / 'config.json'}: hidden_act='gelu_fast' is not supported: must be "
+                          "one of gelu, relu, silu, tanh, sigmoid; did you mean 'gelu'?")
+
+
+def test_head_activations_are_torch_nn_by_comet_name():
+  """Each estimator activation is the torch.nn class COMET's FeedForward.build_activation builds
+  (getattr(torch.nn, name.title())); names it cannot build ("ReLU" -> "Relu") are refused by both."""
+  import torch
+  x = np.linspace(-25, 25, 1001, dtype=np.float32)
+  for name, fn in HEAD_ACTIVATIONS.items():
+    assert name == name.title()
+    np.testing.assert_allclose(np.asarray(fn(x)), getattr(torch.nn, name)()(torch.from_numpy(x)).numpy(),
+                               rtol=1e-6, atol=1e-6, err_msg=name)
+  assert not hasattr(torch.nn, "ReLU".title())

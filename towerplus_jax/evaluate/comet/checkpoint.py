@@ -5,18 +5,24 @@ checkpoint folder), else in the checkpoint folder itself, else in the Hugging Fa
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import yaml
 
-from towerplus_jax.evaluate.comet.model import CometConfig
+from towerplus_jax.evaluate.comet.model import ENCODER_ACTIVATIONS, HEAD_ACTIVATIONS, CometConfig
 
 CLASSES = {"regression_metric": "regression", "unified_metric": "unified", "xcomet_metric": "xcomet"}
 _ENCODERS = ("XLM-RoBERTa", "XLM-RoBERTa-XL")
+_POOLS = ("avg", "max", "cls", "default")
+_TRANSFORMATIONS = ("softmax", "sparsemax", "sparsemax_patch")
+_SEGMENTS = ("mt", "src", "ref")
+_XCOMET_LABELS = ("minor", "major", "critical")  # XCOMETMetric asserts these
 
 # Checkpoint state-dict name -> our parameter path ({0} = the name's first number), and how the tensor maps.
 _T = "transpose"
@@ -97,8 +103,7 @@ def read_hparams(path: str) -> dict:
 
 def encoder_folder(pretrained_model: str, model_dir: str) -> str:
   """The folder with the encoder's config.json and tokenizer.json."""
-  candidates = [pretrained_model if os.path.isabs(pretrained_model) else os.path.join(model_dir, pretrained_model),
-                model_dir]
+  candidates = [os.path.normpath(os.path.join(model_dir, pretrained_model)), model_dir]
   try:
     from huggingface_hub import snapshot_download
     candidates.append(snapshot_download(pretrained_model, local_files_only=True))
@@ -113,40 +118,100 @@ def encoder_folder(pretrained_model: str, model_dir: str) -> str:
       f"into {model_dir}")
 
 
-def config_from(hparams: Mapping, encoder_config_path: str, dtype: str = "float32") -> CometConfig:
+def _refuse(path: str, key: str, value, allowed: Sequence[str] | str) -> CometCheckpointError:
+  """One line: the file, key=value, what is allowed, and the closest allowed name."""
+  names = {} if isinstance(allowed, str) else {str(a).lower(): a for a in allowed}
+  close = difflib.get_close_matches(str(value).lower(), names, n=1)
+  hint = f"; did you mean {names[close[0]]!r}?" if close else ""
+  allowed = allowed if isinstance(allowed, str) else f"one of {', '.join(allowed)}"
+  return CometCheckpointError(f"{path}: {key}={value!r} is not supported: must be {allowed}{hint}")
+
+
+# unbabel-comet 2.2.7's constructor defaults per class, for keys an hparams.yaml leaves out.
+_DEFAULTS = dict(pool="avg", layer="mix", sent_layer="mix", layer_transformation="softmax", layer_norm=True,
+                 hidden_sizes=[3072, 1024], activations="Tanh", final_activation=None, input_segments=list(_SEGMENTS),
+                 word_level_training=False, error_labels=["minor", "major"], word_layer=24)
+_CLASS_DEFAULTS = {"regression": {}, "unified": dict(layer_transformation="sparsemax"),
+                   "xcomet": dict(layer_transformation="sparsemax", layer_norm=False, hidden_sizes=[2560, 1280],
+                                  word_level_training=True, error_labels=list(_XCOMET_LABELS), word_layer=36)}
+
+
+def _check_hparams(hp: Mapping, path: str, kind: str, num_layers: int, word_level: bool) -> None:
+  """Refuse at load what COMET would refuse (or silently misread) at its first forward: pooling, layer indices,
+  layer mix, head sizes and activations, input segments, the tagger's labels."""
+  def layer_ok(v) -> bool:
+    return v == "mix" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= num_layers)
+
+  def check(key: str, ok: bool, allowed: Sequence[str] | str) -> None:
+    if not ok:
+      raise _refuse(path, key, hp[key], allowed)
+
+  layer_key = "layer" if kind == "regression" else "sent_layer"
+  check(layer_key, layer_ok(hp[layer_key]), f"'mix' or a hidden-state index 0..{num_layers}")
+  if hp[layer_key] == "mix":
+    check("layer_transformation", hp["layer_transformation"] in _TRANSFORMATIONS, _TRANSFORMATIONS)
+    check("layer_norm", isinstance(hp["layer_norm"], bool), "true or false")
+  if kind == "regression":
+    check("pool", hp["pool"] in _POOLS, _POOLS)
+  sizes = hp["hidden_sizes"]
+  check("hidden_sizes", isinstance(sizes, list) and bool(sizes) and all(
+      isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes), "a non-empty list of positive ints")
+  for key in ("activations", "final_activation"):
+    value = hp[key]
+    check(key, (value is None and key == "final_activation") or (
+        isinstance(value, str) and value.title() in HEAD_ACTIVATIONS), tuple(HEAD_ACTIVATIONS))
+  if kind == "unified":
+    segments = hp["input_segments"]
+    check("input_segments", isinstance(segments, list) and set(segments) <= set(_SEGMENTS) and
+          len(set(segments)) == len(segments), f"a list of distinct names among {', '.join(_SEGMENTS)}")
+    check("word_level_training", isinstance(hp["word_level_training"], bool), "true or false")
+  if word_level:
+    check("word_layer", layer_ok(hp["word_layer"]) and hp["word_layer"] != "mix",
+          f"a hidden-state index 0..{num_layers}")
+    labels = hp["error_labels"]
+    if kind == "xcomet":
+      check("error_labels", labels == list(_XCOMET_LABELS), f"[{', '.join(_XCOMET_LABELS)}] (XCOMETMetric)")
+    check("error_labels", isinstance(labels, list) and bool(labels) and all(isinstance(x, str) for x in labels),
+          "a non-empty list of severity names")
+
+
+def config_from(hparams: Mapping, hparams_path: str, encoder_config_path: str, dtype: str = "float32") -> CometConfig:
+  """The model's config from hparams.yaml (COMET's defaults for keys it leaves out) and the encoder's config.json;
+  anything we would not run as COMET does is refused here, at load, in one line naming the file and key."""
   with open(encoder_config_path, encoding="utf-8") as f:
     enc = json.load(f)
   kind = CLASSES[hparams["class_identifier"]]
-  transformation = hparams.get("layer_transformation", "softmax")
+  hp = {**_DEFAULTS, **_CLASS_DEFAULTS[kind], **hparams}
+  word_level = kind == "xcomet" or hp["word_level_training"] is True  # XCOMETMetric always tags
+  _check_hparams(hp, hparams_path, kind, enc["num_hidden_layers"], word_level)
+  hidden_act = enc.get("hidden_act", "gelu")
+  if hidden_act not in ENCODER_ACTIVATIONS:
+    raise _refuse(encoder_config_path, "hidden_act", hidden_act, tuple(ENCODER_ACTIVATIONS))
   # unbabel-comet >= 2.2.4 reads the xCOMET-era "sparsemax_patch" as softmax (its issue #244).
-  transformation = "softmax" if transformation == "sparsemax_patch" else transformation
-  layer = hparams.get("layer" if kind == "regression" else "sent_layer", "mix")
-  xcomet = kind == "xcomet"
+  transformation = "softmax" if hp["layer_transformation"] == "sparsemax_patch" else hp["layer_transformation"]
   return CometConfig(
       kind=kind, vocab_size=enc["vocab_size"], hidden_size=enc["hidden_size"],
       num_layers=enc["num_hidden_layers"], num_heads=enc["num_attention_heads"],
       intermediate_size=enc["intermediate_size"], max_position_embeddings=enc["max_position_embeddings"],
       type_vocab_size=enc.get("type_vocab_size", 1), layer_norm_eps=enc.get("layer_norm_eps", 1e-5),
-      pad_id=enc.get("pad_token_id", 1), hidden_act=enc.get("hidden_act", "gelu"),
-      pre_ln=hparams.get("encoder_model") == "XLM-RoBERTa-XL",
-      layer=layer, layer_transformation=transformation,
-      layer_norm=bool(hparams.get("layer_norm", kind == "unified")), pool=hparams.get("pool", "avg"),
-      hidden_sizes=tuple(hparams.get("hidden_sizes", (3072, 1024))), activations=hparams.get("activations", "Tanh"),
-      final_activation=hparams.get("final_activation"),
-      input_segments=("mt", "src", "ref") if xcomet else tuple(hparams.get("input_segments", ("mt", "src", "ref"))),
-      error_labels=tuple(hparams.get("error_labels", ("minor", "major", "critical"))) if xcomet else (),
-      word_layer=int(hparams.get("word_layer", 36)) if xcomet else 24, dtype=dtype)
+      pad_id=enc.get("pad_token_id", 1), hidden_act=hidden_act, pre_ln=hp.get("encoder_model") == "XLM-RoBERTa-XL",
+      layer=hp["layer" if kind == "regression" else "sent_layer"], layer_transformation=transformation,
+      layer_norm=hp["layer_norm"], pool=hp["pool"], hidden_sizes=tuple(hp["hidden_sizes"]),
+      activations=hp["activations"], final_activation=hp["final_activation"],
+      input_segments=_SEGMENTS if kind == "xcomet" else tuple(hp["input_segments"]), word_level=word_level,
+      error_labels=tuple(hp["error_labels"]) if word_level else (), word_layer=hp["word_layer"], dtype=dtype)
 
 
 def read_state_dict(ckpt: str) -> dict[str, Callable[[], np.ndarray]]:
   """The Lightning checkpoint's state_dict, each tensor read (as float32 numpy) only when its thunk is called: the
-  file is memory-mapped (weights_only=True: tensors only), so no more than one tensor is in memory at a time."""
+  file is memory-mapped (weights_only=True: tensors only), so no more than one tensor is in memory at a time. A file
+  in torch's legacy (pre-1.6, non-zip) format cannot be memory-mapped: it is read whole."""
   try:
     import torch
   except ImportError:
     raise ImportError("reading a COMET model.ckpt needs torch: pip install 'towerplus_jax[hf]' (or torch)") from None
   try:
-    ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    ckpt_dict = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(ckpt))
   except Exception as e:
     raise CometCheckpointError(f"{ckpt}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                                f"{' '.join(str(e).split())[:200]})") from None

@@ -1,6 +1,6 @@
 """COMET estimators in Flax NNX: the XLM-RoBERTa encoder, COMET's layer-wise scalar mix, pooling and the heads of
-`RegressionMetric` (wmt22-comet-da), `UnifiedMetric` (CometKiwi) and `XCOMETMetric` (the unified head plus the
-token error-span tagger).
+`RegressionMetric` (wmt22-comet-da), `UnifiedMetric` (CometKiwi; with word_level_training its token error-span
+tagger) and `XCOMETMetric` (the unified head and the tagger).
 
 Matches unbabel-comet 2.2.7 / transformers XLMRobertaModel and XLMRobertaXLModel in inference mode (dropout off):
 RoBERTa position ids (padding_idx + 1 + running count of non-pad tokens, pads at padding_idx), exact (erf) gelu;
@@ -22,8 +22,14 @@ from flax import nnx
 # layer mix stay replicated.
 _BIAS_AXIS = {"q_heads": "q_heads", "mlp": "mlp"}
 
-_ACTIVATIONS = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu,
-                "gelu": lambda x: jax.nn.gelu(x, approximate=False), "silu": jax.nn.silu}
+# The estimator's activations (hparams activations / final_activation) by torch.nn class name: COMET's
+# FeedForward.build_activation takes getattr(torch.nn, name.title()), so "tanh" and "Tanh" work and "ReLU" does not.
+HEAD_ACTIVATIONS = {"Tanh": jnp.tanh, "Sigmoid": jax.nn.sigmoid, "Softplus": jax.nn.softplus,
+                    "Softsign": jax.nn.soft_sign, "Hardtanh": jax.nn.hard_tanh, "Hardsigmoid": jax.nn.hard_sigmoid,
+                    "Hardswish": jax.nn.hard_swish, "Mish": jax.nn.mish, "Identity": lambda x: x}
+# The encoder's hidden_act (its config.json; transformers' ACT2FN names).
+ENCODER_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "relu": jax.nn.relu, "silu": jax.nn.silu,
+                       "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,21 +55,15 @@ class CometConfig:
   activations: str = "Tanh"
   final_activation: str | None = None
   input_segments: tuple[str, ...] = ("mt", "src", "ref")
-  error_labels: tuple[str, ...] = ()  # xCOMET's token tags besides "O" (minor, major, critical)
-  word_layer: int = 24  # hidden state the xCOMET tagger reads
+  word_level: bool = False  # the token error-span tagger (xCOMET; UnifiedMetric with word_level_training)
+  error_labels: tuple[str, ...] = ()  # the tagger's tags besides "O" (xCOMET: minor, major, critical)
+  word_layer: int = 24  # hidden state the tagger reads
   dtype: str = "float32"  # compute dtype (params stay float32)
 
   @property
   def max_positions(self) -> int:
     """Longest input in tokens (as COMET's encoder.max_positions)."""
     return self.max_position_embeddings - 2
-
-
-def activation(name: str):
-  fn = _ACTIVATIONS.get(name.lower())
-  if fn is None:
-    raise ValueError(f"COMET activation {name!r} is not supported (known: {sorted(_ACTIVATIONS)})")
-  return fn
 
 
 def _precision(cfg: CometConfig):
@@ -111,7 +111,7 @@ class Layer(nnx.Module):
     return self.attn_out(attn_BTD)
 
   def _mlp(self, x_BTD: jax.Array) -> jax.Array:
-    return self.down(activation(self.cfg.hidden_act)(self.up(x_BTD)))
+    return self.down(ENCODER_ACTIVATIONS[self.cfg.hidden_act](self.up(x_BTD)))
 
   def __call__(self, x_BTD: jax.Array, mask_BT: jax.Array) -> jax.Array:
     if self.cfg.pre_ln:
@@ -189,15 +189,18 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BF: jax.Array) -> jax.Array:
     for linear in self.linears[:-1]:
-      x_BF = activation(self.cfg.activations)(linear(x_BF))
+      x_BF = HEAD_ACTIVATIONS[self.cfg.activations.title()](linear(x_BF))
     x_B1 = self.linears[-1](x_BF)
-    if self.cfg.final_activation:
-      x_B1 = activation(self.cfg.final_activation)(x_B1)
+    if self.cfg.final_activation is not None:
+      x_B1 = HEAD_ACTIVATIONS[self.cfg.final_activation.title()](x_B1)
     return x_B1[:, 0]
 
 
 class CometModel(nnx.Module):
-  """Sentence embeddings (mixed hidden states, pooled) and the estimator of RegressionMetric / UnifiedMetric."""
+  """Sentence embeddings (mixed hidden states, pooled), the estimator of RegressionMetric / UnifiedMetric and the
+  word-level tagger. Every entry takes token ids [B, T] and each row's length [B]: COMET's attention mask is the
+  first `length` positions (the HF tokenizer's mask; Encoder.concat_sequences' arange(T) < lengths), so a literal
+  "<pad>" in a text is attended to; only XLM-R's position ids and COMET's pooling (mask_fill) skip pad ids."""
 
   def __init__(self, cfg: CometConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -206,24 +209,25 @@ class CometModel(nnx.Module):
     features = 6 * cfg.hidden_size if cfg.kind == "regression" else cfg.hidden_size
     self.estimator = FeedForward(features, cfg, rngs=rngs)
     self.hidden2tag = nnx.Linear(cfg.hidden_size, 1 + len(cfg.error_labels), precision=jax.lax.Precision.HIGHEST,
-                                 rngs=rngs) if cfg.kind == "xcomet" else None
+                                 rngs=rngs) if cfg.word_level else None
 
-  def embed(self, tokens_BT: jax.Array) -> jax.Array:
-    """Token embeddings [B, T, D] (float32) of the configured layer or mix."""
-    mask_BT = tokens_BT != self.cfg.pad_id
+  def _encode(self, tokens_BT: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(all hidden states [L+1, B, T, D], embeddings [B, T, D] (float32) of the configured layer or mix, mask)."""
+    mask_BT = jnp.arange(tokens_BT.shape[1])[None, :] < lengths_B[:, None]
     hidden_LBTD = self.encoder(tokens_BT, mask_BT)
     if self.mix is not None:
-      return self.mix(hidden_LBTD, mask_BT)
-    return hidden_LBTD[int(self.cfg.layer)].astype(jnp.float32)
+      return hidden_LBTD, self.mix(hidden_LBTD, mask_BT), mask_BT
+    return hidden_LBTD, hidden_LBTD[int(self.cfg.layer)].astype(jnp.float32), mask_BT
 
-  def sentence(self, tokens_BT: jax.Array) -> jax.Array:
-    """Pooled sentence embedding [B, D] as CometModel.compute_sentence_embedding."""
+  def sentence(self, tokens_BT: jax.Array, lengths_B: jax.Array) -> jax.Array:
+    """Pooled sentence embedding [B, D] as CometModel.compute_sentence_embedding: "avg" sums the non-pad ids'
+    embeddings and divides by the length."""
+    hidden_LBTD, emb_BTD, mask_BT = self._encode(tokens_BT, lengths_B)
     if self.cfg.pool == "default":  # the last layer's CLS, whatever the mix
-      return self.encoder(tokens_BT, tokens_BT != self.cfg.pad_id)[-1, :, 0].astype(jnp.float32)
-    emb_BTD = self.embed(tokens_BT)
+      return hidden_LBTD[-1, :, 0].astype(jnp.float32)
     keep_BT1 = (tokens_BT != self.cfg.pad_id)[..., None]
     if self.cfg.pool == "avg":
-      return jnp.sum(jnp.where(keep_BT1, emb_BTD, 0.0), axis=1) / jnp.sum(keep_BT1, axis=1)
+      return jnp.sum(jnp.where(keep_BT1, emb_BTD, 0.0), axis=1) / jnp.sum(mask_BT, axis=1, keepdims=True)
     if self.cfg.pool == "max":
       return jnp.max(jnp.where(keep_BT1, emb_BTD, -jnp.inf), axis=1)
     return emb_BTD[:, 0]
@@ -233,14 +237,13 @@ class CometModel(nnx.Module):
     mt, ref, src = mt_BD, ref_BD, src_BD
     return self.estimator(jnp.concatenate([mt, ref, mt * ref, jnp.abs(mt - ref), mt * src, jnp.abs(mt - src)], 1))
 
-  def unified(self, tokens_BT: jax.Array) -> jax.Array:
+  def unified(self, tokens_BT: jax.Array, lengths_B: jax.Array) -> jax.Array:
     """UnifiedMetric on one joint input (mt, src and/or ref concatenated): CLS of the mix → estimator [B]."""
-    return self.estimator(self.embed(tokens_BT)[:, 0])
+    return self.estimator(self._encode(tokens_BT, lengths_B)[1][:, 0])
 
-  def xcomet(self, tokens_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """XCOMETMetric's forward on one joint input: (sentence score [B], tag probabilities [B, T, 1 + labels])."""
-    mask_BT = tokens_BT != self.cfg.pad_id
-    hidden_LBTD = self.encoder(tokens_BT, mask_BT)
-    emb_BTD = self.mix(hidden_LBTD, mask_BT) if self.mix is not None else hidden_LBTD[int(self.cfg.layer)]
+  def tagged(self, tokens_BT: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """UnifiedMetric.forward with its word-level tagger (XCOMETMetric's too) on one joint input: (sentence score
+    [B], tag probabilities [B, T, 1 + labels] from hidden state word_layer)."""
+    hidden_LBTD, emb_BTD, _ = self._encode(tokens_BT, lengths_B)
     logits_BTC = self.hidden2tag(hidden_LBTD[self.cfg.word_layer].astype(jnp.float32))
-    return self.estimator(emb_BTD[:, 0].astype(jnp.float32)), jax.nn.softmax(logits_BTC, axis=-1)
+    return self.estimator(emb_BTD[:, 0]), jax.nn.softmax(logits_BTC, axis=-1)

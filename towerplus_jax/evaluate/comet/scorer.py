@@ -24,9 +24,10 @@ from towerplus_jax.evaluate.comet import checkpoint
 from towerplus_jax.evaluate.comet.model import CometConfig, CometModel
 
 # XCOMETMetric's fixed weights: the [mt,src], [mt,ref], [mt,src,ref] regression scores (capped at 1) and the MQM
-# score of the decoded error spans; the three inputs' tag probabilities; MQM penalty per span severity.
+# score of the decoded error spans; the three inputs' tag probabilities (UnifiedMetric's too); MQM penalty per span
+# severity.
 XCOMET_SCORE_WEIGHTS = (0.12, 0.33, 0.33, 0.22)
-XCOMET_SPAN_WEIGHTS = (0.1667, 0.3333, 0.5)
+SPAN_WEIGHTS = (0.1667, 0.3333, 0.5)
 MQM_PENALTY = {"minor": 1, "major": 5, "critical": 10}
 
 
@@ -36,14 +37,14 @@ def _bucket(n: int, limit: int) -> int:
 
 def error_spans(probs_TC: np.ndarray, labels: Sequence[str], ids: Sequence[int], offsets: Sequence[tuple[int, int]],
                 decode) -> list[dict]:
-  """UnifiedMetric.decode for one row's mt tokens: a span starts at a tagged token (argmax not "O") after an "O"
-  (its severity is its first token's) and is kept only once an "O" closes it; text = decode(its token ids),
-  confidence = the mean of its tokens' top probabilities, start / end = character offsets in the mt."""
+  """UnifiedMetric.decode for one row's first len(mt tokens) positions: a span starts at a tagged token (argmax not
+  "O") after an "O" (its severity is its first token's) and is kept only once an "O" closes it; text = decode(its
+  token ids), confidence = the mean of its tokens' top probabilities, start / end = character offsets in the mt."""
   spans, span = [], None
   for t, c in enumerate(np.argmax(probs_TC, -1)):
     if labels[c] != "O":
       if span is None:
-        span = {"tokens": [], "confidence": [], "severity": labels[c].split("-", 1)[1], "start": offsets[t][0]}
+        span = {"tokens": [], "confidence": [], "severity": labels[c].split("-")[1], "start": offsets[t][0]}
       span["tokens"].append(ids[t])
       span["confidence"].append(probs_TC[t, c])
       span["end"] = offsets[t][1]
@@ -88,14 +89,15 @@ class Comet:
     graphdef, state = nnx.split(model)
     out = NamedSharding(mesh, P())
     # Separate programs for the encoder (one per bucket shape, shared by src, mt and ref) and the small head.
-    self._sentence = jax.jit(lambda s, t: nnx.merge(graphdef, s).sentence(t))
+    self._sentence = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).sentence(t, n))
     self._head = jax.jit(lambda s, *e: nnx.merge(graphdef, s).regression(*e), out_shardings=out)
-    self._unified = jax.jit(lambda s, t: nnx.merge(graphdef, s).unified(t), out_shardings=out)
-    self._xcomet = jax.jit(lambda s, t: nnx.merge(graphdef, s).xcomet(t), out_shardings=out)
+    self._unified = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).unified(t, n), out_shardings=out)
+    self._tagged = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).tagged(t, n), out_shardings=out)
     self._state = state
 
-  def _regression(self, state, src_BT: jax.Array, mt_BT: jax.Array, ref_BT: jax.Array) -> jax.Array:
-    return self._head(state, *(self._sentence(state, t) for t in (src_BT, mt_BT, ref_BT)))
+  def _regression(self, state, *arrays: jax.Array) -> jax.Array:
+    """RegressionMetric on (src_BT, src_B, mt_BT, mt_B, ref_BT, ref_B): token ids and lengths."""
+    return self._head(state, *(self._sentence(state, t, n) for t, n in zip(arrays[::2], arrays[1::2])))
 
   @classmethod
   def load(cls, path: str, *, mesh: Mesh | None = None, batch_size: int = 16, dtype: str = "float32") -> "Comet":
@@ -105,7 +107,7 @@ class Comet:
     hparams = checkpoint.read_hparams(hparams_path)
     model_dir = os.path.dirname(hparams_path)
     enc_dir = checkpoint.encoder_folder(str(hparams.get("pretrained_model", "xlm-roberta-large")), model_dir)
-    cfg = checkpoint.config_from(hparams, os.path.join(enc_dir, "config.json"), dtype)
+    cfg = checkpoint.config_from(hparams, hparams_path, os.path.join(enc_dir, "config.json"), dtype)
     mesh = mesh or sharding.make_mesh({"data": -1})
     model = _load_sharded(cfg, checkpoint.convert(checkpoint.read_state_dict(ckpt), ckpt), mesh, ckpt, enc_dir)
     tokenizer = Tokenizer.from_file(os.path.join(enc_dir, "tokenizer.json"))
@@ -121,7 +123,9 @@ class Comet:
     return [e.ids for e in self.tokenizer.encode_batch([str(t) for t in texts])]
 
   def _concat(self, parts: Sequence[list[int]]) -> list[int]:
-    """COMET's Encoder.concat_sequences for one row: <s> a </s></s> b </s> ..., cut to max_positions when long."""
+    """COMET's Encoder.concat_sequences for one row: every pad id dropped (a literal "<pad>" in a text too), then
+    <s> a </s></s> b </s> ..., cut to max_positions when long."""
+    parts = [[i for i in p if i != self.cfg.pad_id] for p in parts]
     seq = parts[0]
     for p in parts[1:]:
       seq = [self.cls_id, *seq[1:-1], self.sep_id, self.sep_id, *p[1:-1], self.sep_id]
@@ -130,8 +134,8 @@ class Comet:
     return seq
 
   def _run(self, fn, columns: Sequence[list[list[int]]]) -> list[tuple[np.ndarray, ...]]:
-    """fn(state, *[B, T] token arrays) -> array(s) [B, ...] over all rows in length buckets; per row, in row order,
-    the tuple of its outputs."""
+    """fn(state, *per column: token ids [B, T] (pad-filled), lengths [B]) -> array(s) [B, ...] over all rows in
+    length buckets; per row, in row order, the tuple of its outputs."""
     n, b = len(columns[0]), self.batch_size
     order = np.argsort([max(len(c[i]) for c in columns) for i in range(n)], kind="stable")
     out: list = [None] * n
@@ -142,11 +146,13 @@ class Comet:
       for k, col in enumerate(columns):
         tokens_BT = np.full((b, t), self.cfg.pad_id, np.int32)
         tokens_BT[len(rows):, :2] = (self.cls_id, self.sep_id)  # filler rows: a valid empty input
+        lengths_B = np.full((b,), 2, np.int32)
         for j, i in enumerate(rows):
           tokens_BT[j, :len(col[i])] = col[i]
-        arrays[str(k)] = tokens_BT
+          lengths_B[j] = len(col[i])
+        arrays[f"{k}_tokens"], arrays[f"{k}_lengths"] = tokens_BT, lengths_B
       batch = sharding.shard_global_batch(arrays, self.mesh)
-      results = fn(self._state, *(batch[str(k)] for k in range(len(columns))))
+      results = fn(self._state, *(batch[f"{k}_{a}"] for k in range(len(columns)) for a in ("tokens", "lengths")))
       results = [np.asarray(r, np.float64) for r in (results if isinstance(results, tuple) else (results,))]
       for j, i in enumerate(rows):
         out[i] = tuple(r[j] for r in results)
@@ -157,11 +163,11 @@ class Comet:
 
   def predict(self, srcs: Sequence[str], mts: Sequence[str],
               refs: Sequence[str] | None = None) -> tuple[np.ndarray, list[list[dict]] | None]:
-    """(segment scores, xCOMET's error spans per segment; None for the other models)."""
+    """(segment scores, error spans per segment where the model has a word-level tagger, else None)."""
     if len(srcs) != len(mts) or (refs is not None and len(refs) != len(mts)):
       raise ValueError(f"COMET: {len(srcs)} sources, {len(mts)} hypotheses, {refs and len(refs)} references")
     if not mts:
-      return np.zeros(0), [] if self.cfg.kind == "xcomet" else None
+      return np.zeros(0), [] if self.cfg.word_level else None
     if refs is None and self.requires_references:
       raise ValueError(f"this COMET model ({self.cfg.kind}, inputs {self.cfg.input_segments}) needs references")
     mt_enc = self.tokenizer.encode_batch([str(t) for t in mts])
@@ -175,34 +181,43 @@ class Comet:
       inputs = [(mt, src), (mt, ref), (mt, src, ref)]
     else:
       inputs = [(mt, *([src] if use_src else []), *([ref] if use_ref else []))]
-    joint = [[[self._concat(p) for p in zip(*cols)]] for cols in inputs]
-    if self.cfg.kind == "unified":  # UnifiedMetric: the mean of the inputs' scores
-      return np.mean([self._scores(self._unified, cols) for cols in joint], axis=0), None
-    return self._xcomet_scores([self._run(self._xcomet, cols) for cols in joint], mt_enc)
+    joint = [[self._concat(p) for p in zip(*cols)] for cols in inputs]
+    if not self.cfg.word_level:  # UnifiedMetric: the mean of the inputs' scores
+      return np.mean([self._scores(self._unified, [rows]) for rows in joint], axis=0), None
+    return self._tagged_scores([self._run(self._tagged, [rows]) for rows in joint], joint[0], mt_enc)
 
   def segment_scores(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> np.ndarray:
     return self.predict(srcs, mts, refs)[0]
 
-  def _xcomet_scores(self, outputs: list[list[tuple[np.ndarray, np.ndarray]]],
+  def _tagged_scores(self, outputs: list[list[tuple[np.ndarray, np.ndarray]]], first: Sequence[list[int]],
                      mt_enc: Sequence) -> tuple[np.ndarray, list[list[dict]]]:
-    """XCOMETMetric.predict_step: capped regression scores weighted (one input: by the three weights' sum) plus
-    0.22 × the MQM score of the spans decoded from the inputs' weighted tag probabilities over the mt tokens."""
+    """UnifiedMetric.predict_step with the tagger (XCOMETMetric.predict_step): error spans decoded from the inputs'
+    tag probabilities (three inputs: weighted by SPAN_WEIGHTS) over the first len(mt tokens) positions, with the
+    token ids of the first joint input there (its padding past its end) and the mt's character offsets, as COMET
+    zips them (so a literal "<pad>" dropped from the input shifts the ids against the offsets, as in COMET). Score:
+    UnifiedMetric, the inputs' mean; XCOMETMetric, the capped scores weighted (one input: by the three weights'
+    sum) plus 0.22 × the MQM score of the spans."""
     score_w = XCOMET_SCORE_WEIGHTS[:3] if len(outputs) == 3 else (sum(XCOMET_SCORE_WEIGHTS[:3]),)
-    span_w = XCOMET_SPAN_WEIGHTS if len(outputs) == 3 else (1.0,)
+    span_w = SPAN_WEIGHTS if len(outputs) == 3 else (1.0,)
     labels = ("O", *(f"I-{e}" for e in self.cfg.error_labels))
     decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
     final, spans = np.zeros(len(mt_enc)), []
     for i, enc in enumerate(mt_enc):
-      regression = sum(w * min(out[i][0], 1.0) for w, out in zip(score_w, outputs))
-      probs_TC = sum(w * out[i][1][:len(enc.ids)] for w, out in zip(span_w, outputs))
-      spans.append(error_spans(probs_TC, labels, enc.ids, enc.offsets, decode))
-      final[i] = regression + XCOMET_SCORE_WEIGHTS[3] * mqm_score(spans[-1])
+      n = min(len(enc.offsets), *(len(out[i][1]) for out in outputs))
+      ids = (first[i] + [self.cfg.pad_id] * n)[:n]
+      probs_TC = sum(w * out[i][1][:n] for w, out in zip(span_w, outputs))
+      spans.append(error_spans(probs_TC, labels, ids, enc.offsets, decode))
+      if self.cfg.kind == "xcomet":
+        final[i] = (sum(w * min(out[i][0], 1.0) for w, out in zip(score_w, outputs))
+                    + XCOMET_SCORE_WEIGHTS[3] * mqm_score(spans[-1]))
+      else:
+        final[i] = np.mean([out[i][0] for out in outputs])
     return final, spans
 
   def score(self, srcs: Sequence[str], mts: Sequence[str], refs: Sequence[str] | None = None) -> dict:
-    """{"system": mean segment score, "segments": [score per triple]} (xCOMET: and "error_spans", per triple a list
-    of {"text", "confidence", "severity", "start", "end"} as unbabel-comet's metadata.error_spans); refs=None for
-    reference-free models."""
+    """{"system": mean segment score, "segments": [score per triple]} (models with a word-level tagger, xCOMET and
+    UnifiedMetric with word_level_training: and "error_spans", per triple a list of {"text", "confidence",
+    "severity", "start", "end"} as unbabel-comet's metadata.error_spans); refs=None for reference-free models."""
     seg, spans = self.predict(srcs, mts, refs)
     out = {"system": float(seg.mean()) if seg.size else float("nan"), "segments": [float(s) for s in seg]}
     return out if spans is None else {**out, "error_spans": spans}
