@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 HF = ["transformers>=4.56", "torch==2.13.0"]
 TFDS = ["tensorflow-datasets>=4.9", "array-record"]
 SEQIO = ["seqio"]
-TEST = HF + ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel"]
+# qwix: the oracle of our LoRA numerics (models/lora.py); peft: loads our PEFT adapter exports.
+TEST = HF + ["pytest>=8", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "qwix==0.1.8", "peft==0.21.2"]
 # The two stacks we support and test: python 3.11 with jax 0.10, python >= 3.12 with jax 0.12.
 JAX = ['jax>=0.10.2,<0.11; python_version < "3.12"', 'jax>=0.12.1,<0.13; python_version >= "3.12"']
 # The TPU compiler (libtpu, for `python -m towerplus_jax.aot --topology` and TPU runs): wheels for x86-64 Linux only,

@@ -5,7 +5,7 @@
 Same architecture and weights, same random token batch, same optimizer (AdamW, global-norm clipping 1.0). The HF step
 runs in a worker process of its own (bench/hf_worker.py), with glibc's default malloc unless `--hf_malloc=ours`.
 Warm-up steps (compilation) are excluded; the two take turns step by step and the median step time of `--steps`
-steps is reported. MFU = tokens/s × train.flops_per_token / the measured peak matmul FLOP/s of this machine.
+steps is reported. MFU = tokens/s × models.config.flops_per_token / the measured peak matmul FLOP/s of this machine.
 """
 from __future__ import annotations
 
@@ -15,15 +15,12 @@ import importlib
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
 from bench import common
-from towerplus_jax.models.config import ModelConfig
+from towerplus_jax.models.config import ModelConfig, flops_per_token
 from towerplus_jax.models.transformer import Transformer
-from towerplus_jax.training import train
 
 OPTIMIZER = dict(lr=1e-4, schedule="constant", warmup_steps=0, warmup_ratio=0.0, end_lr_ratio=1.0,
                  weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
@@ -38,25 +35,23 @@ def token_batch(cfg: ModelConfig, batch: int, seq: int) -> dict[str, np.ndarray]
 
 def ours_step(model: Transformer, batch: dict[str, np.ndarray], total_steps: int, logprob_chunk: int,
               lib: str = "towerplus_jax") -> Callable[[], None]:
-  """One blocking call = one jitted train step (`train.make_step_fns`, donated state) of package `lib`."""
-  sharding, optim, losses, train = (importlib.import_module(f"{lib}.{m}")
-                                    for m in ("sharding", "optim", "losses", "train"))
+  """One blocking call = one jitted train step (`training.step.jit_train_step`, donated state) of package `lib`."""
+  sharding, optim, losses, state_lib, step_lib = (importlib.import_module(f"{lib}.{m}") for m in (
+      "sharding", "training.optim", "losses", "training.state", "training.step"))
   mesh = sharding.make_mesh({}, jax.devices()[:1])
-  graphdef, params = nnx.split(model)
   tx, lr = optim.make(ml_collections.ConfigDict(OPTIMIZER), total_steps)
   loss_cfg = losses.default_config("lm")
   loss_cfg.logprob_chunk = logprob_chunk
-  fns = train.make_step_fns(graphdef, losses.get("lm"), loss_cfg, tx, lr, 1, False)
-  step = jax.jit(fns.train, donate_argnums=0)
+  graphdef, state = state_lib.init(model, tx, mesh, seed=0)
+  step = step_lib.jit_train_step(graphdef, step_lib.StepOptions(losses.get("lm"), loss_cfg, tx, lr),
+                                 jax.tree.map(lambda x: x.sharding, state))
   with jax.set_mesh(mesh):
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
-    device_batch = sharding.shard_batch(batch, mesh)
+    device_batch = sharding.shard_local_batch(batch, mesh)
 
   def one() -> None:
     nonlocal state
     with jax.set_mesh(mesh):
-      state, metrics = step(state, None, device_batch)
+      state, metrics = step(state, device_batch)
     metrics["loss"].block_until_ready()
   return one
 
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   cfg = common.model_config(args)
   batch = token_batch(cfg, args.batch, args.seq)
-  flops = train.flops_per_token(cfg, args.seq)
+  flops = flops_per_token(cfg, args.seq)
   torch_device = common.torch_setup()[1]
   print(common.device_line(torch_device))
   print(common.model_line(cfg) + f"; batch {args.batch} x seq {args.seq}; {flops / 1e6:.1f} MFLOP/token")

@@ -10,6 +10,9 @@ import os
 
 import ml_collections
 
+from towerplus_jax.config import keys
+from towerplus_jax.config.stage_config import build
+
 
 def _stage_module(name: str):
   """configs/<name>.py next to this file (importable whatever the working directory)."""
@@ -20,15 +23,10 @@ def _stage_module(name: str):
   return module
 
 
-STAGES = {name: _stage_module(name) for name in ("cpt", "sft", "wpo", "grpo")}
-
-
 def get_config(arg: str = "tiny"):
-  c = ml_collections.ConfigDict()
-  c.stage_order = tuple(STAGES)  # run in this order, each in WORKDIR/<stage>
-  c.stages = ml_collections.ConfigDict({name: mod.get_config(arg) for name, mod in STAGES.items()})
+  c = build(keys.chain_keys())  # stage_order, eval_data, eval_max_new_tokens
+  c.stages = ml_collections.ConfigDict({name: _stage_module(name).get_config(arg) for name in c.stage_order},
+                                       type_safe=False)
   for name in c.stage_order[1:]:
     c.stages[name].init_from = "previous"  # = ckpt:WORKDIR/<previous stage>
-  c.eval_data = "sample:test"  # translation test set scored (chrF, BLEU) after every stage ('' = none)
-  c.eval_max_new_tokens = 48  # greedy decoding budget per test sentence
   return c

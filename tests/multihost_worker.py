@@ -12,7 +12,7 @@ import sys
 
 import ml_collections
 
-from configs import sft, tower_plus
+from configs import tower_plus
 
 SCORED: list[int] = []  # completions per call of the `count_rows` reward on this process
 DECODED: list[int] = []  # prompt rows per sampler.sample call on this process (inside `count_decoded_rows`)
@@ -63,7 +63,6 @@ def stages_config() -> ml_collections.ConfigDict:
   grpo.rl.update(prompts_per_step=4, num_generations=4, max_completion_len=8,
                  rewards=(*grpo.rl.rewards, "multihost_worker:count_rows"),
                  reward_weights=(*grpo.rl.reward_weights, 0.0))
-  grpo.loss.max_completion_length = 8
   grpo.rl.iterations = 2  # μ > 1: old log-probs by a training forward pass, replicated onto every process
   grpo.train.global_batch_size = 16
   grpo.data.max_prompt_len = 56

@@ -96,10 +96,3 @@ def test_grpo_with_iterations_compiles_the_old_logps_layout():
   batch = programs.abstract_batch(config, sharding.make_mesh({"fsdp": -1}))
   assert batch["old_logps"].shape == batch["inputs"].shape and batch["old_logps"].dtype == "float32"
   assert batch["old_is_current"].shape == () and batch["old_is_current"].sharding.spec == jax.sharding.PartitionSpec()
-
-
-def test_the_step_is_compiled_as_on_an_accelerator():
-  """Not models/matmul.py's CPU-only form (every dot row-major, transposes materialised) but XLA's own weight
-  gradients, which contract the rows of their left operand."""
-  compiled = programs.train_step(get_config("tiny"), sharding.make_mesh({"fsdp": 8})).compiled
-  assert "lhs_contracting_dims={0}" in compiled.as_text()

@@ -16,7 +16,7 @@ import pytest
 
 from configs import grpo, sft, wpo
 from towerplus_jax import sharding
-from towerplus_jax.aot import cli, programs, topology
+from towerplus_jax.aot import programs, topology
 from towerplus_jax.models import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

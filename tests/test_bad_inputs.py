@@ -21,6 +21,10 @@ from towerplus_jax.run import chain
     ("train.global_batch_size", 0, "config.train.global_batch_size=0: must be >= 1"),
     ("train.keep_checkpoints", 0, "config.train.keep_checkpoints=0: must be >= 1"),
     ("train.micro_batches", 3, "config.train.global_batch_size=8 is not divisible by config.train.micro_batches=3"),
+    ("train.steps", 2.5, "config.train.steps=2.5: must be an int"),  # a config file's wrong type (flags parse by type)
+    ("model.remat", "ful", "config.model.remat='ful': must be one of none, full, dots, dots_no_batch, offload; "
+                           "did you mean 'full'?"),
+    ("loss.z_loss", -1.0, "config.loss.z_loss=-1.0: must be >= 0"),
 ])
 def test_bad_stage_value_is_one_line_naming_the_key(tmp_path, key, value, expected):
   config = sft.get_config("tiny")
@@ -32,6 +36,25 @@ def test_bad_stage_value_is_one_line_naming_the_key(tmp_path, key, value, expect
   assert str(e.value).startswith(expected)
   assert "\n" not in str(e.value)
   assert not workdir.exists()  # nothing written
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("rl.temperature", 0.0, "config.rl.temperature=0.0: must be > 0"),
+    ("loss.temperature", -1.0, "config.rl.temperature=-1.0: must be > 0"),  # one field with rl's: one line
+    ("loss.epsilon_low", 1.5, "config.loss.epsilon_low=1.5: must be in [0, 1)"),
+    ("loss.aggregation", "token_sum", "config.loss.aggregation='token_sum': must be one of token_mean, "
+                                      "seq_mean_token_mean, seq_mean_token_sum_norm; did you mean 'token_mean'?"),
+    ("loss.max_completion_length", 8, "config.loss.max_completion_length=8: no such key (configs/KEYS.md lists "
+                                      "them); did you mean config.loss.max_completion_len?"),
+])
+def test_bad_grpo_value_is_the_key_tables_line(tmp_path, key, value, expected):
+  config = grpo.get_config("tiny")
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ValueError) as e:
+    chain.run(config, str(tmp_path / "run"))
+  assert str(e.value) == expected
+  assert not (tmp_path / "run").exists()
 
 
 def test_rl_values_and_reward_weights():
@@ -64,7 +87,7 @@ def test_second_trainer_on_a_workdir_refuses_naming_the_first(tmp_path):
   import subprocess
   import sys
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from towerplus_jax import run_lock\n"
+      [sys.executable, "-c", "import sys, time; from towerplus_jax.files import run_lock\n"
        f"with run_lock.hold({str(tmp_path)!r}):\n  print('held', flush=True); time.sleep(60)"],
       stdout=subprocess.PIPE, text=True)
   try:
@@ -87,7 +110,7 @@ def test_verbosity_1_shows_the_traceback_the_error_line_points_to(tmp_path):
        f"--config.data.train={tmp_path / 'missing.jsonl'}", "--verbosity=1"],
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr, out.stderr[-2000:]
+  assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr, out.stderr[-2000:]
   assert f"error: data file {tmp_path / 'missing.jsonl'} does not exist (traceback: rerun with --verbosity=1)" in (
       out.stderr)
 
@@ -156,7 +179,7 @@ TEST_RECORD = {"source": "Hi", "reference": "Hallo", "src": "en", "tgt": "de"}
      "error: {t}/hf/model.safetensors: not a readable safetensors file (Error while deserializing header: "),
 ])
 def test_cli_bad_input_is_one_error_line_without_a_traceback(tmp_path, tiny_hf_model, args, expected):
-  """Each CLI, run as a program: exit status 1, the last line `error: ...` naming the file / key / flag, no traceback,
+  """Each CLI, run as a program: exit status 2, the last line `error: ...` naming the file / key / flag, no traceback,
   and no workdir left behind."""
   import subprocess
   import sys
@@ -167,7 +190,7 @@ def test_cli_bad_input_is_one_error_line_without_a_traceback(tmp_path, tiny_hf_m
   argv = [a.replace("{t}", str(tmp_path)) for a in args[1:]]
   out = subprocess.run([sys.executable, "-m", f"towerplus_jax.{args[0]}", *argv], cwd=REPO, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
   assert out.stderr.strip().splitlines()[-1].startswith(expected.replace("{t}", str(tmp_path))), out.stderr[-3000:]
   assert not (tmp_path / "w").exists()
 
@@ -249,15 +272,16 @@ def test_bad_test_set_record_is_named_before_decoding(tmp_path, bad, expected):
 def test_a_stopped_stage_stops_the_chain(tmp_path, monkeypatch):
   """SIGTERM during CPT: the chain must not go on into SFT/WPO/GRPO built on an unfinished CPT."""
   from towerplus_jax.files import checkpoint
-  from towerplus_jax.training import train
+  from towerplus_jax.training import preemption
+  from towerplus_jax.run import stage
   ran = []
 
   def fake_train(config, workdir):
     ran.append(os.path.basename(workdir))
-    raise checkpoint.Stopped(3, config.train.steps, 15)
+    raise preemption.Stopped(3, config.train.steps, 15)
 
-  monkeypatch.setattr(train, "train", fake_train)
-  with pytest.raises(checkpoint.Stopped):
+  monkeypatch.setattr(stage, "train", fake_train)
+  with pytest.raises(preemption.Stopped):
     chain.run(tower_plus.get_config("tiny"), str(tmp_path))
   assert ran == ["cpt"]
 
@@ -340,17 +364,23 @@ LONG = "word " * 400  # longer than any row below, whatever the tokenizer
     ("preference", False, [{"prompt": LONG, "chosen": "a", "rejected": "b"},  # prompt > max_prompt_len
                            {"prompt": "p", "chosen": LONG, "rejected": "b"},  # response past the row
                            {"prompt": "p", "chosen": "a", "rejected": "b"}]),
+    ("preference", True, [{"prompt": LONG, "chosen": "a", "rejected": "b"},  # packed: a pair is cut, never split
+                          {"prompt": "p", "chosen": LONG, "rejected": "b"},
+                          {"prompt": "p", "chosen": "a", "rejected": "b"}]),
 ])
 def test_truncated_examples_are_counted_exactly(tmp_path, kind, pack, records):
   path = tmp_path / "data.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  ds = pipeline.make_dataset(kind, str(path), CharTokenizer(), seq_len=32, batch_size=2, template="gemma", seed=0,
-                             repeat=False, pack=pack, max_prompt_len=20)
+  seq_len = 48 if kind == "preference" and pack else 32  # packed: both sides of the short pair (19 + 19) in a row
+  ds = pipeline.make_dataset(kind, str(path), CharTokenizer(), seq_len=seq_len, batch_size=2, template="gemma",
+                             seed=0, repeat=False, pack=pack, max_prompt_len=20)
   counts = pipeline.DataCounts()
   for batch in ds:
     assert {"num_examples", "num_truncated"} & set(counts.take(batch)) == set()
   long = sum(LONG in json.dumps(r) for r in records)
-  assert counts.metrics() == {"data/truncated": long, "data/truncated_frac": long / len(records)}
+  metrics = counts.metrics()
+  assert 0 < metrics.pop("data/fill") <= 1
+  assert metrics == {"data/truncated": long, "data/truncated_frac": long / len(records)}
   assert counts.metrics() == {}  # a window per call
 
 
@@ -358,14 +388,14 @@ def test_truncations_reach_the_metrics_with_a_warning(tmp_path, caplog):
   """A preference run over 4 records, 2 with prompts longer than max_prompt_len: each step's batch of 4 is one
   epoch, so each row says exactly 2 truncated."""
   from configs import wpo
-  from towerplus_jax.training import train
+  from towerplus_jax.run import stage
   records = [{"prompt": LONG if i in (1, 2) else f"Say {i}.", "chosen": "Yes.", "rejected": "No."} for i in range(4)]
   path = tmp_path / "prefs.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records))
   c = wpo.get_config("tiny")
   c.data.update(train=str(path), seq_len=64)
   c.train.update(steps=2, global_batch_size=4, log_every=1, checkpoint_every=0)
-  train.train(c, str(tmp_path / "run"))
+  stage.train(c, str(tmp_path / "run"))
   rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["data/truncated"], r["data/truncated_frac"]) for r in rows] == [(1, 2, 0.5), (2, 2, 0.5)]
   warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data: ")]
@@ -401,7 +431,7 @@ def test_evaluate_cli_refuses_an_unknown_code_before_loading(tmp_path):
   out = subprocess.run([sys.executable, "-m", "towerplus_jax.evaluate", f"--hf={tmp_path / 'no_model'}",
                         f"--data={path}"], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == (
       f"error: {path}:2: field 'tgt': unknown language code 'pt-BRR': did you mean 'pt-BR'? Use an ISO 639-1 code "
       "such as 'pt' or 'pt-BR' (see towerplus_jax/data/languages.py) (a language name goes in 'tgt_lang')"), (
@@ -454,3 +484,25 @@ def test_full_disk_while_saving_is_one_line_and_the_rerun_resumes(tmp_path, capl
   chain.run(config, str(workdir))
   assert any(r.getMessage() == f"resumed from {ckpts} at step 2" for r in caplog.records)
   assert sorted(os.listdir(ckpts)) == ["2", "4"]  # the partial save's folder was removed
+
+
+# ---------------------------------------------------------------- round 2, classes 4 and 5 through the CLIs
+def test_a_comet_folder_the_real_package_would_not_build_is_one_line_before_decoding(tmp_path):
+  """evaluate --comet_model with an unknown pool in hparams.yaml: one line naming the file, the key and what is
+  allowed, before the model under test is even looked for (tests/test_comet.py has every hparams case)."""
+  import subprocess
+  import sys
+
+  import yaml
+  data = os.path.join(REPO, "tests", "data", "comet")
+  shutil.copytree(os.path.join(data, "encoder"), tmp_path / "encoder")
+  shutil.copytree(os.path.join(data, "regression"), tmp_path / "regression")
+  hparams = tmp_path / "regression" / "hparams.yaml"
+  hparams.write_text(yaml.safe_dump({**yaml.safe_load(hparams.read_text()), "pool": "maxx"}))
+  (tmp_path / "test.jsonl").write_text(json.dumps(TEST_RECORD) + "\n")
+  out = subprocess.run([sys.executable, "-m", "towerplus_jax.evaluate", f"--hf={tmp_path / 'no_model'}",
+                        f"--data={tmp_path / 'test.jsonl'}", f"--comet_model={tmp_path / 'regression'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"error: {hparams}: pool='maxx' is not supported: must be one of avg, max, cls, default; did you mean 'max'?")

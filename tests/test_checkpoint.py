@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
 from towerplus_jax.files import checkpoint
+from towerplus_jax.training import preemption
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 
@@ -63,7 +64,7 @@ def test_restore_onto_another_mesh(tmp_path):
 
 
 def test_stop_signal_flag():
-  stop = checkpoint.StopSignal()
+  stop = preemption.StopSignal()
   try:
     assert not stop.requested
     os.kill(os.getpid(), signal.SIGTERM)

@@ -1,7 +1,7 @@
 """COMET in JAX against the real unbabel-comet: tests/data/comet holds tiny RegressionMetric and UnifiedMetric
 checkpoints (XLM-R and XLM-R XL encoders), an XCOMETMetric, and the real package's scores for 26 triples
 (tools/make_comet_fixture.py built them); a UnifiedMetric with its word-level tagger, and the real package's scores
-and error spans for triples holding special tokens as literal text (tests/data/comet/make_edge_fixture.py)."""
+and error spans for triples holding special tokens as literal text (tools/make_comet_edge_fixture.py)."""
 import json
 import os
 import shutil

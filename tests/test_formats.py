@@ -68,10 +68,10 @@ def test_aot_abstract_batch_is_the_pipelines_batch(module, sample_tok):
 
 
 def test_train_loop_stops_at_a_bad_first_batch_naming_the_field(tmp_path, monkeypatch):
-  def bad_batch(self):
+  def bad_batch(self, policy):
     batch = next(self.data_iter)
     return {**batch, "loss_mask": batch["loss_mask"].astype(np.int32)}
-  monkeypatch.setattr(datasets.DatasetBatches, "__next__", bad_batch)
+  monkeypatch.setattr(datasets.DatasetBatches, "next", bad_batch)
   config = sft.get_config("tiny")
   config.data.eval = ""
   with pytest.raises(ValueError, match=r"^sft batch: field 'loss_mask' is int32 \[8, 128\]; the format wants "

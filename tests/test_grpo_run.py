@@ -13,7 +13,8 @@ from flax import nnx
 from configs import grpo
 from towerplus_jax import sharding
 from towerplus_jax.models import config as model_config
-from towerplus_jax.training import train, weights
+from towerplus_jax.run import stage
+from towerplus_jax.training import weights
 
 
 def test_grpo_raises_mean_reward_on_copy_task(tmp_path):
@@ -21,9 +22,8 @@ def test_grpo_raises_mean_reward_on_copy_task(tmp_path):
   c.data.train = "sample:copy"
   c.rl.update(rewards=("chrf",), reward_weights=(1.0,), max_completion_len=6, num_generations=8, prompts_per_step=4)
   c.train.update(steps=24, global_batch_size=32, log_every=1, checkpoint_every=0)
-  c.loss.max_completion_length = 6
   c.optimizer.lr = 1e-2
-  train.train(c, str(tmp_path))
+  stage.train(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   rewards = [r["reward/mean"] for r in rows]
   assert len(rewards) == 24 and all(r["data/dropped"] == 0 for r in rows)  # every copy prompt fits
@@ -39,14 +39,13 @@ def test_resumed_grpo_samples_as_the_uninterrupted_run(tmp_path):
   c.data.train = "sample:copy"
   c.rl.update(rewards=("chrf",), reward_weights=(1.0,), max_completion_len=8, num_generations=2, prompts_per_step=4)
   c.train.update(steps=4, global_batch_size=8, log_every=1, checkpoint_every=2, keep_checkpoints=5)
-  c.loss.max_completion_length = 8
   full, resumed = tmp_path / "full", tmp_path / "resumed"
-  train.train(c, str(full))
+  stage.train(c, str(full))
   shutil.copytree(full, resumed)
   shutil.rmtree(resumed / "checkpoints" / "4")
   samples = [json.loads(l) for l in open(full / "samples.jsonl")]
   (resumed / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples if s["rollout"] < 2))
-  train.train(c, str(resumed))
+  stage.train(c, str(resumed))
   assert [json.loads(l) for l in open(resumed / "samples.jsonl")] == samples
 
   def params(workdir):
@@ -71,7 +70,7 @@ def test_mu2_first_ratio_is_one_and_resumed_grpo_is_the_uninterrupted_run(tmp_pa
   c.train.update(steps=4, log_every=1, checkpoint_every=1, keep_checkpoints=5)
   c.optimizer.lr = 1e-2
   full, resumed = tmp_path / "full", tmp_path / "resumed"
-  train.train(c, str(full))
+  stage.train(c, str(full))
   rows = [json.loads(l) for l in open(full / "metrics.jsonl")]
   for first, second in zip(rows[0::2], rows[1::2]):
     assert first["ratio/mean"] == 1.0 and first["clip_ratio/region_mean"] == 0.0, first
@@ -83,7 +82,7 @@ def test_mu2_first_ratio_is_one_and_resumed_grpo_is_the_uninterrupted_run(tmp_pa
     shutil.rmtree(resumed / "checkpoints" / str(step))
   samples = [json.loads(l) for l in open(full / "samples.jsonl")]
   (resumed / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples if s["rollout"] < 1))
-  train.train(c, str(resumed))
+  stage.train(c, str(resumed))
   assert [json.loads(l) for l in open(resumed / "samples.jsonl")] == samples
   again = [json.loads(l) for l in open(resumed / "metrics.jsonl")]
   keys = [k for k in rows[1] if k.startswith(("reward/", "ratio/", "clip_ratio/", "loss", "old_logps/"))]
@@ -101,8 +100,7 @@ def test_grpo_with_the_comet_reward_runs_and_logs_it(tmp_path):
   c.rl.update(rewards=("comet",), reward_weights=(1.0,), max_completion_len=6, num_generations=2, prompts_per_step=4,
               comet_model=os.path.join(os.path.dirname(__file__), "data", "comet", "regression"))
   c.train.update(steps=1, global_batch_size=8, log_every=1, checkpoint_every=0)
-  c.loss.max_completion_length = 6
-  train.train(c, str(tmp_path))
+  stage.train(c, str(tmp_path))
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert len(rows) == 1 and all(np.isfinite(r["reward/comet"]) and r["time/reward_comet"] > 0 for r in rows)
   assert all(r["reward/mean"] == pytest.approx(r["reward/comet"]) for r in rows)

@@ -130,7 +130,7 @@ def test_split_vocab_on_8_devices_matches_one_device(name, family, sizes):
   graphdef, sharded = nnx.split(sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh))
   fn = lambda p, b: losses.get(name).fn(nnx.merge(graphdef, p), b, jax.random.key(0), loss_cfg(name, 6))
   with jax.set_mesh(mesh):
-    device_batch = sharding.shard_batch(batch, mesh)
+    device_batch = sharding.shard_local_batch(batch, mesh)
     step = jax.jit(jax.value_and_grad(fn, has_aux=True))
     hlo = step.lower(sharded, device_batch).compile().as_text()
     (loss, metrics), grad = step(sharded, device_batch)

@@ -4,12 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fake_lm import FakeLM, np_log_softmax
-from flax import nnx
 from test_train_step import opt_cfg
 
-from towerplus_jax import losses
+from towerplus_jax import losses, sharding
 from towerplus_jax.losses import grpo
-from towerplus_jax.training import optim, train
+from towerplus_jax.training import optim
+from towerplus_jax.training import state as state_lib
+from towerplus_jax.training.step import StepOptions, make_train_step
 
 B, T, V, PROMPT = 4, 7, 6, 2
 MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
@@ -45,7 +46,7 @@ def make_batch(seed=0):
 
 def cfg(**kw):
   c = losses.default_config("grpo")
-  c.update({"temperature": TEMPERATURE, "max_completion_length": T - PROMPT, **kw})
+  c.update({"temperature": TEMPERATURE, "max_completion_len": T - PROMPT, **kw})
   return c
 
 
@@ -95,7 +96,7 @@ def test_loss_and_metrics_match_numpy(mode):
   assert set(metrics) == set(want)
   for key, value in want.items():
     np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-5, atol=1e-7, err_msg=key)
-  assert float(losses.denominator("grpo", batch, c)) == (m.sum() if mode == "token_mean" else B)
+  assert float(losses.loss_denominator("grpo", batch, c)) == (m.sum() if mode == "token_mean" else B)
 
 
 def test_ratio_one_without_old_logps_is_policy_gradient():
@@ -170,8 +171,8 @@ def test_reference_needed_only_with_beta():
     grpo_loss.fn(FakeLM(table), batch, None, cfg(beta=0.04))
   with pytest.raises(ValueError, match="aggregation"):
     grpo_loss.fn(FakeLM(table), batch, None, cfg(aggregation="seq_sum"))
-  with pytest.raises(ValueError, match="max_completion_length"):
-    grpo_loss.fn(FakeLM(table), batch, None, cfg(aggregation="seq_mean_token_sum_norm", max_completion_length=0))
+  with pytest.raises(ValueError, match="max_completion_len=0: must be >= 1"):
+    grpo_loss.fn(FakeLM(table), batch, None, cfg(aggregation="seq_mean_token_sum_norm", max_completion_len=0))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -202,12 +203,9 @@ def test_train_step_seq_mean_metrics_average_rows_with_tokens(micro):
   table, batch = make_batch(1)
   mode = "seq_mean_token_mean"
   c = cfg(aggregation=mode, beta=0.04, epsilon_high=0.28)
-  graphdef, params = nnx.split(FakeLM(table))
   tx, lr = optim.make(opt_cfg(), 10)
-  fns = train.make_step_fns(graphdef, losses.get("grpo"), c, tx, lr, micro, False)
-  state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-           "rng": jax.random.key_data(jax.random.key(0))}
-  _, metrics = jax.jit(fns.train)(state, None, batch)
+  graphdef, state = state_lib.init(FakeLM(table), tx, sharding.make_mesh({}, jax.devices()[:1]), seed=0)
+  _, metrics = jax.jit(make_train_step(graphdef, StepOptions(losses.get("grpo"), c, tx, lr, micro)))(state, batch)
   _, _, want = np_reference(table, batch, mode, 0.04, 0.2, 0.28)
   assert batch["loss_mask"][3].sum() == 0 and want["entropy"] > 0
   for key, value in want.items():
@@ -223,7 +221,7 @@ def test_rl_overrides_on_the_command_line_reach_the_loss_and_batch():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   program = ("import json, sys\nfrom absl import flags\nfrom ml_collections import config_flags\n"
              "config = config_flags.DEFINE_config_file('config', None, lock_config=True)\nflags.FLAGS(sys.argv)\n"
-             "c = config.value\nprint(json.dumps([c.loss.temperature, c.loss.max_completion_length, "
+             "c = config.value\nprint(json.dumps([c.loss.temperature, c.loss.max_completion_len, "
              "c.train.global_batch_size, c.rl.prompts_per_step]))")
   out = subprocess.run([sys.executable, "-c", program, "--config=configs/grpo.py:tiny", "--config.rl.temperature=0.7",
                         "--config.rl.max_completion_len=16", "--config.rl.num_generations=2"],

@@ -60,7 +60,7 @@ def test_cross_entropy_z_loss_and_metrics_match_numpy(name):
   np.testing.assert_allclose(float(metrics["z_loss"]), z_term, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["accuracy"]), acc, rtol=1e-6)
   assert float(metrics["ntokens"]) == n
-  assert float(losses.denominator(name, batch, cfg())) == n
+  assert float(losses.loss_denominator(name, batch, cfg())) == n
 
 
 def test_masked_positions_do_not_change_loss_or_get_gradient():
@@ -85,7 +85,7 @@ def test_micro_batches_with_global_denominator_equal_full_batch():
 
   full_loss, full_grad = loss_and_grad(batch)
   _, full_metrics = fn(FakeLM(table), batch, None, c)
-  denom = losses.denominator("lm", batch, c)
+  denom = losses.loss_denominator("lm", batch, c)
   parts = [{**{k: v[s] for k, v in batch.items()}, "loss_denominator": denom} for s in (slice(0, 1), slice(1, B))]
   results = [loss_and_grad(p) for p in parts]
   np.testing.assert_allclose(sum(float(l) for l, _ in results), float(full_loss), rtol=1e-5)

@@ -107,7 +107,7 @@ def test_reference_fn_sums_reference_logprobs():
 def test_padding_pairs_do_not_count():
   table, batch = make_batch()
   padded = {k: np.concatenate([v, np.zeros_like(v[:1])]) for k, v in batch.items()}
-  assert float(losses.denominator("wpo", padded, None)) == P
+  assert float(losses.loss_denominator("wpo", padded, None)) == P
   c = cfg("wpo", beta=0.3)
   full = losses.get("wpo").fn(FakeLM(table), batch, None, c)
   with_pad = losses.get("wpo").fn(FakeLM(table), padded, None, c)
@@ -127,7 +127,7 @@ def test_micro_batches_with_global_denominator_equal_full_batch(name):
     return loss, metrics, np.asarray(grad)
 
   full_loss, full_metrics, full_grad = run(batch)
-  denom = losses.denominator(name, batch, c)
+  denom = losses.loss_denominator(name, batch, c)
   parts = [run({**{k: v[s] for k, v in batch.items()}, "loss_denominator": denom})
            for s in (slice(0, 1), slice(1, P))]
   np.testing.assert_allclose(sum(float(p[0]) for p in parts), float(full_loss), rtol=1e-5)

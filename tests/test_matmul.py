@@ -1,8 +1,6 @@
-"""models/matmul.dot: the plain matmul's values and gradients, a row-major weight gradient on the CPU, and a plain
-matmul on other platforms."""
+"""models/matmul: XLA's own contractions (values, gradients, output dtypes as jnp's), no CPU-only form, and the
+remat policies still telling the projections' dots from attention's batched ones."""
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
@@ -12,108 +10,75 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from towerplus_jax.models import matmul
 
-# (M, D, F): the weight gradient transposes x when D <= F, g when D > F.
-SHAPES = [(96, 16, 48), (96, 48, 16), (96, 32, 32)]
+
+def _inputs(x_shape, w_shape, dtype):
+  kx, kw = jax.random.split(jax.random.key(sum(x_shape) + sum(w_shape)))
+  return (jax.random.normal(kx, x_shape, jnp.float32).astype(dtype),
+          (jax.random.normal(kw, w_shape, jnp.float32) / w_shape[-2] ** 0.5).astype(dtype))
 
 
-def _loss(mm, x_MD, w_DF):
-  return jnp.sum(jnp.sin(mm(x_MD, w_DF)).astype(jnp.float32))
+def _value_and_grads(fn, x, w):
+  return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w)).astype(jnp.float32)), argnums=(0, 1)))(x, w)
 
 
-def _inputs(m, d, f, dtype):
-  kx, kw = jax.random.split(jax.random.key(m + d + f))
-  return (jax.random.normal(kx, (m, d), jnp.float32).astype(dtype),
-          jax.random.normal(kw, (d, f), jnp.float32).astype(dtype) / d ** 0.5)
-
-
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_values_and_gradients_match_the_plain_matmul(shape, dtype, tol):
-  x_MD, w_DF = _inputs(*shape, dtype)
-  got = jax.jit(jax.value_and_grad(lambda x, w: _loss(matmul.dot, x, w), argnums=(0, 1)))(x_MD, w_DF)
-  want = jax.jit(jax.value_and_grad(lambda x, w: _loss(jnp.matmul, x, w), argnums=(0, 1)))(x_MD, w_DF)
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+def _assert_close(got, want, tol):
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert g.dtype == r.dtype and g.shape == r.shape
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("d,f", [(16, 48), (48, 16)])
-def test_batched_with_an_output_dtype(d, f):
-  """Leading batch dims, bfloat16 inputs and float32 results (attention's scores): as jnp.matmul's."""
-  kx, kw = jax.random.split(jax.random.key(d))
-  x = jax.random.normal(kx, (2, 3, 40, d)).astype(jnp.bfloat16)
-  w = jax.random.normal(kw, (2, 3, d, f)).astype(jnp.bfloat16)
-  def run(mm):
-    return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(mm(x, w))), argnums=(0, 1)))(x, w)
-  got = run(lambda x, w: matmul.dot(x, w, jnp.float32))
-  want = run(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    assert g.dtype == r.dtype and g.shape == r.shape
-    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2e-2, atol=2e-2)
+# (spec, x shape, w shape): the model's projections, output head, attention scores and values.
+EINSUMS = [("BTD,DF->BTF", (2, 24, 16), (16, 40)),
+           ("BTD,DNH->BTNH", (2, 24, 16), (16, 4, 8)),
+           ("BTNH,NHD->BTD", (2, 24, 4, 8), (4, 8, 16)),
+           ("BTKGH,BSKH->BKGTS", (2, 24, 2, 3, 8), (2, 24, 2, 8)),
+           ("BKGTS,BSKH->BTKGH", (2, 2, 3, 24, 24), (2, 24, 2, 8))]
 
 
-def _dot_dims(hlo: str) -> list[tuple[str, str]]:
-  return re.findall(r"dot\([^)]*\), lhs_contracting_dims=\{(\d)\}, rhs_contracting_dims=\{(\d)\}", hlo)
+@pytest.mark.parametrize("spec,x_shape,w_shape", EINSUMS)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_einsum_values_and_gradients_are_jnps(spec, x_shape, w_shape, dtype, tol):
+  x, w = _inputs(x_shape, w_shape, dtype)
+  _assert_close(_value_and_grads(lambda x, w: matmul.einsum(spec, x, w), x, w),
+                _value_and_grads(lambda x, w: jnp.einsum(spec, x, w), x, w), tol)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_cpu_weight_gradient_is_a_row_major_matmul(shape):
-  """No dot of the compiled CPU backward contracts the rows of its left operand (XLA CPU's slow form); the plain
-  matmul's backward does, which shows the check can fail."""
-  x_MD, w_DF = _inputs(*shape, jnp.float32)
-  def compiled(mm):
-    return jax.jit(jax.grad(lambda x, w: _loss(mm, x, w), argnums=1)).lower(x_MD, w_DF).compile().as_text()
-  ours, plain = _dot_dims(compiled(matmul.dot)), _dot_dims(compiled(jnp.matmul))
-  assert ours and plain
-  assert all(lhs == "1" for lhs, _ in ours), ours
-  assert any(lhs == "0" for lhs, _ in plain), plain
+@pytest.mark.parametrize("x_shape,w_shape", [((40, 16), (16, 48)), ((2, 3, 40, 16), (2, 3, 16, 8))])
+def test_dot_in_an_output_dtype(x_shape, w_shape):
+  """bfloat16 operands, float32 results (attention's scores, the chunked head): jnp.matmul's values; the gradients
+  come back in the operands' dtype."""
+  x, w = _inputs(x_shape, w_shape, jnp.bfloat16)
+  got = _value_and_grads(lambda x, w: matmul.dot(x, w, jnp.float32), x, w)
+  want = _value_and_grads(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32), x, w)
+  _assert_close(got, want, 2e-2)
+  assert matmul.dot(x, w, jnp.float32).dtype == jnp.float32 and got[1][1].dtype == jnp.bfloat16
+  assert matmul.einsum("...md,...df->...mf", x, w, jnp.float32).dtype == jnp.float32
 
 
-def test_other_backends_trace_the_plain_matmul(monkeypatch):
-  x_MD, w_DF = _inputs(*SHAPES[0], jnp.float32)
-  def lowered():
-    return jax.jit(jax.grad(lambda x, w: _loss(matmul.dot, x, w), argnums=(0, 1))).lower(x_MD, w_DF).as_text()
-  assert "optimization_barrier" in lowered()
-  for backend in ("tpu", "gpu"):
-    monkeypatch.setattr(jax, "default_backend", lambda: backend)
-    assert "optimization_barrier" not in lowered()
+def test_one_form_on_every_platform():
+  """No custom VJP and no optimization barrier: a CPU program is the accelerators' program (what aot compiles)."""
+  x, w = _inputs((2, 24, 16), (16, 40), jnp.float32)
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(matmul.einsum("BTD,DF->BTF", x, w) ** 2), argnums=(0, 1)))
+  text = grad.lower(x, w).as_text()
+  assert "optimization_barrier" not in text and "custom_vjp" not in text
 
 
-def test_remat_policies_still_see_the_dot(capsys):
-  """checkpoint_dots saves the matmul's output (the platform switch's), nothing_saveable does not."""
-  m, _, f = SHAPES[0]
-  x_MD, w_DF = _inputs(*SHAPES[0], jnp.float32)
-  loss = lambda x, w: _loss(matmul.dot, jnp.sin(x), w)
+def test_remat_policies_tell_projections_from_attention_dots(capsys):
+  """dots_no_batch saves a projection's output (no batch dims) but not attention's scores (batched over B, K);
+  checkpoint_dots saves both; nothing_saveable neither."""
+  x, w = _inputs((2, 24, 16), (16, 40), jnp.float32)
+  q, k = _inputs((2, 24, 2, 3, 8), (2, 24, 2, 8), jnp.float32)
+  def loss(x, w, q, k):
+    proj = matmul.einsum("BTD,DF->BTF", jnp.sin(x), w)
+    scores = matmul.einsum("BTKGH,BSKH->BKGTS", jnp.sin(q), k)
+    return jnp.sum(jnp.sin(proj)) + jnp.sum(jnp.sin(scores))
   def saved(policy):
-    print_saved_residuals(jax.checkpoint(loss, policy=policy), x_MD, w_DF)
+    print_saved_residuals(jax.checkpoint(loss, policy=policy), x, w, q, k)
     return capsys.readouterr().out
-  assert f"f32[{m},{f}] output of" in saved(jax.checkpoint_policies.checkpoint_dots)
-  assert f"f32[{m},{f}]" not in saved(jax.checkpoint_policies.nothing_saveable)
-
-
-def test_matmul_2d_flattens_batch_and_time():
-  x_BTD = jax.random.normal(jax.random.key(0), (2, 3, 8))
-  w_DF = jax.random.normal(jax.random.key(1), (8, 5))
-  np.testing.assert_allclose(matmul.matmul_2d(x_BTD, w_DF), jnp.einsum("btd,df->btf", x_BTD, w_DF), rtol=1e-5)
-
-
-def test_inside_shard_map_with_operands_varying_over_different_axes():
-  """x split over "a", w over "b" (as the chunked loss's hidden states and vocab slice): the custom VJP's
-  cotangents vary as its inputs do, and the gradients equal the plain matmul's."""
-  mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  x_MD, w_DF = _inputs(96, 16, 48, jnp.float32)
-  P = jax.sharding.PartitionSpec
-  def grads(mm):
-    body = lambda x, w: jax.lax.psum(_loss(mm, x, w), ("a", "b"))
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P("a", None), P(None, "b")), out_specs=P())
-    return jax.jit(jax.grad(f, argnums=(0, 1)))(x_MD, w_DF)
-  for got, want in zip(grads(matmul.dot), grads(jnp.matmul)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_accelerator_form_traces_the_plain_matmul_on_the_cpu():
-  x_MD, w_DF = _inputs(*SHAPES[0], jnp.float32)
-  grad = lambda: jax.jit(jax.grad(lambda x, w: _loss(matmul.dot, x, w), argnums=1)).lower(x_MD, w_DF).as_text()
-  with matmul.accelerator_form():
-    inside = grad()
-  assert "optimization_barrier" not in inside and "optimization_barrier" in grad()
+  proj = "f32[2,24,40] output of dot_general"
+  dots = lambda text: text.count("output of dot_general")
+  no_batch = saved(jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+  assert proj in no_batch and dots(no_batch) == 1
+  every = saved(jax.checkpoint_policies.checkpoint_dots)
+  assert proj in every and dots(every) == 2
+  assert dots(saved(jax.checkpoint_policies.nothing_saveable)) == 0

@@ -1,9 +1,14 @@
-"""Presets: parameter counts equal the published sizes; config validation."""
+"""Presets: parameter counts equal the published sizes; config validation; the config key table."""
+import os
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from configs import cpt, grpo, sft, tower_plus, wpo
+from towerplus_jax import losses
+from towerplus_jax.config import keys
 from towerplus_jax.models.config import PRESETS, ModelConfig, preset
 from towerplus_jax.models.transformer import abstract_model
 
@@ -58,3 +63,39 @@ def test_tiny_presets_and_errors():
     ModelConfig.tiny().replace(num_kv_heads=3)
   with pytest.raises(ValueError, match="layer_types"):
     ModelConfig.tiny().replace(layer_types=("full",))
+
+
+def leaves(config, prefix=""):
+  """Dotted paths of every non-section key."""
+  return [p for k, v in config.items()
+          for p in (leaves(v, f"{prefix}{k}.") if hasattr(v, "items") else [prefix + k])]
+
+
+@pytest.mark.parametrize("arg", ["tiny", "gemma2_2b"])
+def test_every_config_key_is_in_the_table_and_every_table_key_in_a_config(arg):
+  used = set()
+  chain = tower_plus.get_config(arg)
+  stage_configs = [m.get_config(arg) for m in (cpt, sft, wpo, grpo)] + list(chain.stages.values())
+  for config in stage_configs:
+    declared = keys.stage_keys(config.loss.name)
+    assert sorted(leaves(config)) == sorted(k.path for k in declared), config.loss.name
+    used |= {id(k) for k in declared}
+  top = [p for p in leaves(chain) if not p.startswith("stages.")]
+  assert sorted(top) == sorted(k.path for k in keys.chain_keys())
+  used |= {id(k) for k in keys.chain_keys()}
+  assert [k.path for k in keys.KEYS if id(k) not in used] == []  # no unused entries
+
+
+def test_each_key_is_declared_once():
+  for loss in losses.names():
+    paths = [k.path for k in keys.stage_keys(loss)]
+    assert len(paths) == len(set(paths)), loss
+  assert {loss for k in keys.KEYS for loss in k.losses} <= set(keys.LOSSES) == set(losses.names())
+  chain = [k.path for k in keys.chain_keys()]
+  assert len(chain) == len(set(chain))
+
+
+def test_keys_md_is_up_to_date():
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "KEYS.md")
+  with open(path) as f:
+    assert f.read() == keys.markdown(), "regenerate it: python -m towerplus_jax.config.keys > configs/KEYS.md"

@@ -27,8 +27,8 @@ from flax import nnx
 from towerplus_jax import sharding
 from towerplus_jax.data import sources
 from towerplus_jax.models import config as model_config
-from towerplus_jax.run import chain
-from towerplus_jax.training import train, weights
+from towerplus_jax.run import chain, stage
+from towerplus_jax.training import weights
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900  # the shared test machine may be busy: generous, still bounded
@@ -121,7 +121,7 @@ def runs(tmp_path_factory):
                  {"heldout": str(tmp / "heldout_two"), "data": str(heldout)}], tmp)
   shutil.copytree(two / "sft", tmp / "two_to_one")
   keep_until(tmp / "two_to_one", 2)
-  train.train(multihost_worker.sft_config(), str(tmp / "two_to_one"))
+  stage.train(multihost_worker.sft_config(), str(tmp / "two_to_one"))
   return {"dir": tmp, "one_results": one_results, "two_results": json.loads((two / "results.json").read_text()),
           "one_scored": one_scored, "one_heldout": one_heldout, "one_decoded": list(multihost_worker.DECODED),
           "two_heldout": json.loads((tmp / "heldout_two" / "results.json").read_text())}

@@ -12,7 +12,7 @@ import pytest
 from configs import sft
 from towerplus_jax.convert import tokenizer_files
 from towerplus_jax.data import chat, tokenizers
-from towerplus_jax.training import train
+from towerplus_jax.run import stage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def test_hf_folder_sft_export_chat_stops(family, template, tiny_hf_model, sample
   c.train.update(steps=40, global_batch_size=8, log_every=10, checkpoint_every=0)
   c.optimizer.update(lr=1e-2, warmup_ratio=0.0)
   workdir = str(tmp_path / "run")
-  train.train(c, workdir)
+  stage.train(c, workdir)
   out = str(tmp_path / "export")
   run = subprocess.run([sys.executable, "-m", "towerplus_jax.convert.hf", "export", f"--workdir={workdir}",
                         f"--out={out}", "--dtype=float32"], cwd=REPO, capture_output=True, text=True,

@@ -161,7 +161,7 @@ def test_preference_batch(tmp_path):
               "ref_chosen_logp": -0.5, "ref_rejected_logp": -3.0}]
   path = write_jsonl(tmp_path / "pref.jsonl", records)
   b = next(iter(dataset("preference", path, batch_size=2, shuffle=False, repeat=False, seq_len=64,
-                            max_prompt_len=32)))
+                            max_prompt_len=32, pack=False)))
   for side in ("chosen", "rejected"):
     assert {f"{side}_{k}" for k in ("inputs", "targets", "loss_mask", "positions", "segment_ids")} <= set(b)
     for row, rec in enumerate(records):
@@ -191,18 +191,18 @@ def test_preference_reference_logps_all_or_none(tmp_path):
 def test_preference_padded_last_batch_and_record_index(tmp_path):
   """3 records in batches of 2: the padding row of the last batch is not a record missing its reference log-probs."""
   bare = write_jsonl(tmp_path / "bare.jsonl", [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)])
-  batches = list(dataset("preference", bare, batch_size=2, shuffle=False, repeat=False))
+  batches = list(dataset("preference", bare, batch_size=2, shuffle=False, repeat=False, pack=False))
   assert len(batches) == 2 and all("ref_chosen_logp" not in b for b in batches)
   assert batches[0]["record_index"].tolist() == [0, 1] and batches[1]["record_index"][0] == 2
   with_ref = write_jsonl(tmp_path / "ref.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b",
                                                    "ref_chosen_logp": -1.0, "ref_rejected_logp": -2.0}] * 3)
-  last = list(dataset("preference", with_ref, batch_size=2, shuffle=False, repeat=False))[-1]
+  last = list(dataset("preference", with_ref, batch_size=2, shuffle=False, repeat=False, pack=False))[-1]
   np.testing.assert_array_equal(last["ref_chosen_logp"], np.float32([-1.0, 0.0]))
 
 
 def test_preference_truncation_keeps_prompt_end(tmp_path):
   path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 50, "chosen": "y" * 50, "rejected": "n"}])
-  b = next(iter(dataset("preference", path, batch_size=1, repeat=False, max_prompt_len=10)))
+  b = next(iter(dataset("preference", path, batch_size=1, repeat=False, max_prompt_len=10, pack=False)))
   prompt_ids, _ = chat.encode_chat(TOK, "gemma", [{"role": "user", "content": "x" * 50}], True)
   np.testing.assert_array_equal(b["chosen_inputs"][0, :10], prompt_ids[-10:])
   assert b["chosen_segment_ids"][0].sum() == 32  # cut to the row

@@ -6,7 +6,7 @@ import numpy as np
 from configs import wpo
 from towerplus_jax import reference
 from towerplus_jax.data import derive, sources
-from towerplus_jax.training import train
+from towerplus_jax.run import stage
 
 
 def test_precomputed_reference_equals_frozen_reference(tmp_path):
@@ -18,7 +18,7 @@ def test_precomputed_reference_equals_frozen_reference(tmp_path):
   c = wpo.get_config("tiny")
   c.data.update(train=str(prefs), seq_len=64)
   c.train.update(steps=3, global_batch_size=4, log_every=1, checkpoint_every=0)
-  frozen = train.train(c, str(tmp_path / "frozen"))
+  frozen = stage.train(c, str(tmp_path / "frozen"))
 
   with_ref = tmp_path / "prefs_ref.jsonl"
   c.train.global_batch_size = 3  # 10 records: the last batch has 1 record and 2 padding rows
@@ -28,7 +28,7 @@ def test_precomputed_reference_equals_frozen_reference(tmp_path):
   assert all(r["ref_chosen_logp"] < 0 and r["ref_rejected_logp"] < 0 for r in rows)
   assert [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows] == derive.read_jsonl(str(prefs))
   c.data.update(train=str(with_ref), precomputed_reference=True)
-  precomputed = train.train(c, str(tmp_path / "precomputed"))
+  precomputed = stage.train(c, str(tmp_path / "precomputed"))
   # Reference sums computed in batches of 3 rows vs 4 differ in float32's last bits, and the training steps carry
   # that on: the metrics agree to ~2e-5 relative (8.6e-6 absolute on a fresh jax 0.10.2 install).
   for key in ("loss", "rewards/margins", "logps/chosen", "wpo/weight"):

@@ -1,77 +1,59 @@
-"""μ > 1 rollout batches: old log-probs from the training forward (closed form), the first update marked
-`old_is_current`, and a rollout with updates left restored exactly from the JSON data state."""
+"""μ > 1 rollouts: old log-probs from the training forward (closed form), the replay buffer's first update marked
+`old_is_current`, and a buffer with updates left restored exactly from the JSON data state."""
 import json
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from fake_lm import FakeLM
 from test_losses_grpo import cfg, make_batch, np_logps
 from towerplus_jax import sharding
-from towerplus_jax.rl import rollout
+from towerplus_jax.rl.replay import ReplayBuffer
+from towerplus_jax.rl.rollout import Rollout, old_logps_forward
 
 
-class _Prompts:
-  """The prompt iterator's state only (the rollout itself is replaced)."""
-
-  def __init__(self):
-    self.state = {"consumed": 0}
-
-  def get_state(self):
-    return dict(self.state)
-
-  def set_state(self, state):
-    self.state = dict(state)
+def _rollout(batch):
+  n = len(batch["inputs"])
+  return Rollout(batch, {"reward/mean": 0.25}, [""] * n, [""] * n, np.zeros(n, np.float32))
 
 
-def _source(table, batch, iterations):
-  """RolloutBatches around a FakeLM policy whose `_rollout` returns `batch` (sampler log-probs as old_logps)."""
-  src = object.__new__(rollout.RolloutBatches)
-  src.cfg = ml_collections.ConfigDict({"iterations": iterations})
-  src.loss_cfg, src.policy, src.data_iter = cfg(), lambda: FakeLM(table), _Prompts()
-  src.mesh = sharding.make_mesh({}, jax.devices()[:1])
-  src._logps_fn, src._encoded, src.buffer, src.metrics, src.rollouts = None, None, [], {}, 0
-
-  def sample_once():
-    if batch is None:
-      raise AssertionError("a resumed source sampled a fresh rollout")
-    src.metrics, src.rollouts = {"reward/mean": 0.25}, src.rollouts + 1
-    return dict(batch)
-  src._rollout = sample_once
-  return src
-
-
-def test_old_logps_come_from_the_training_forward_and_a_resume_continues_the_rollout():
+def test_old_logps_are_the_training_forwards():
   table, batch = make_batch()
-  src = _source(table, batch, iterations=3)
-  first, second = next(src), next(src)
+  policy = FakeLM(table)
+  forward = old_logps_forward(nnx.graphdef(policy), cfg(), sharding.make_mesh({}, jax.devices()[:1]))
   want, _ = np_logps(table, batch)
+  got = forward(policy, batch)
   m = batch["loss_mask"] > 0
-  assert int(first["old_is_current"]) == 1 and int(second["old_is_current"]) == 0
-  np.testing.assert_allclose(second["old_logps"], want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(first["old_logps"], second["old_logps"])
-  gap = np.abs(batch["old_logps"] - want)[m].mean()
-  assert gap > 0.1  # the test batch's "sampler" log-probs are far from the forward's
-  np.testing.assert_allclose(src.metrics["old_logps/sampler_gap_mean"], gap, rtol=1e-4)
+  np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-6)
+  assert np.abs(batch["old_logps"] - want)[m].mean() > 0.1  # the test batch's "sampler" log-probs are far off
 
-  state = json.loads(json.dumps(src.get_state()))  # as the checkpoint's JSON data state
-  resumed = _source(table, None, iterations=3)
-  resumed.set_state(state)
-  third = next(resumed)
-  assert resumed.rollouts == 1 and resumed.metrics == src.metrics
+
+def test_the_buffer_marks_the_first_update_and_a_resume_continues_the_rollout():
+  _, batch = make_batch()
+  buffer = ReplayBuffer(iterations=3)
+  buffer.put(_rollout(batch))
+  first, second = buffer.take(), buffer.take()
+  assert int(first["old_is_current"]) == 1 and int(second["old_is_current"]) == 0 and len(buffer) == 1
+  np.testing.assert_array_equal(first["old_logps"], second["old_logps"])
+
+  resumed = ReplayBuffer(iterations=3)
+  resumed.set_state(json.loads(json.dumps(buffer.get_state())))  # as the checkpoint's JSON data state
+  third = resumed.take()
+  assert resumed.metrics == {"reward/mean": 0.25} and len(resumed) == 0 and resumed.get_state() == {}
   assert set(third) == set(second)
   for k, v in second.items():
     assert third[k].dtype == np.asarray(v).dtype, k
     np.testing.assert_array_equal(third[k], v, err_msg=k)
-  with pytest.raises(AssertionError, match="fresh rollout"):
-    next(resumed)
+  with pytest.raises(IndexError, match="no updates left"):
+    resumed.take()
 
 
 def test_one_iteration_keeps_no_old_logps_and_no_pending_state():
-  table, batch = make_batch()
+  _, batch = make_batch()
   del batch["old_logps"]
-  src = _source(table, batch, iterations=1)
-  out = next(src)
-  assert "old_logps" not in out and "old_is_current" not in out and "pending" not in src.get_state()
+  buffer = ReplayBuffer(iterations=1)
+  buffer.put(_rollout(batch))
+  out = buffer.take()
+  assert "old_logps" not in out and "old_is_current" not in out and buffer.get_state() == {}

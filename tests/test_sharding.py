@@ -45,7 +45,7 @@ def test_sharded_forward_matches_single_device(family):
   tokens = jax.random.randint(jax.random.key(0), (4, 12), 0, cfg.vocab_size)
   want = single(tokens)
   with jax.set_mesh(mesh):
-    batch = sharding.shard_batch({"tokens": np.asarray(tokens)}, mesh)
+    batch = sharding.shard_local_batch({"tokens": np.asarray(tokens)}, mesh)
     got = nnx.jit(lambda m, t: m(t))(sharded, batch["tokens"])
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 

@@ -13,9 +13,10 @@ from configs import cpt, grpo, sft, tower_plus, wpo
 from towerplus_jax import sharding
 from towerplus_jax.convert import tokenizer_files
 from towerplus_jax.files import checkpoint
+from towerplus_jax.training import preemption
 from towerplus_jax.models import config as model_config
-from towerplus_jax.run import setup_run
-from towerplus_jax.training import train, weights
+from towerplus_jax.run import stage
+from towerplus_jax.training import weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,28 +38,28 @@ def final_params(workdir):
 def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
   c = small(sft.get_config("tiny"))
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  first = train.train(c, a)
+  first = stage.train(c, a)
   assert np.isfinite(first["loss"]) and "eval/loss" in first
 
   calls = {"n": 0}
-  shard_batch = sharding.shard_global_batch
+  shard_local_batch = sharding.shard_global_batch
 
   def sigterm_on_third_batch(batch, mesh):
     calls["n"] += 1
     if calls["n"] == 3:
       os.kill(os.getpid(), signal.SIGTERM)
-    return shard_batch(batch, mesh)
+    return shard_local_batch(batch, mesh)
 
   monkeypatch.setattr(sharding, "shard_global_batch", sigterm_on_third_batch)
-  with pytest.raises(checkpoint.Stopped, match=r"^stopped at step 3 of \d+ \(SIGTERM\); a checkpoint was saved: "
+  with pytest.raises(preemption.Stopped, match=r"^stopped at step 3 of \d+ \(SIGTERM\); a checkpoint was saved: "
                      r"rerun the same command to resume$") as stopped:
-    train.train(c, b)
+    stage.train(c, b)
   assert stopped.value.exit_code == 143  # non-zero: tpu_run.sh retries, and the retry resumes
   monkeypatch.undo()
   ckpt = checkpoint.Checkpointer(os.path.join(b, "checkpoints"))
   assert ckpt.latest_step() == 3  # the SIGTERM'd run saved where it stopped
   ckpt.close()
-  train.train(c, b)  # resumes at step 3: params, optimizer, step, rng and data iterator
+  stage.train(c, b)  # resumes at step 3: params, optimizer, step, rng and data iterator
   for x, y in zip(jax.tree.leaves(final_params(a)), jax.tree.leaves(final_params(b))):
     np.testing.assert_array_equal(x, y)
 
@@ -66,7 +67,7 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
 def test_loss_falls_on_the_sample(tmp_path):
   c = small(cpt.get_config("tiny"), steps=30)
   c.train.log_every = 5
-  train.train(c, str(tmp_path))
+  stage.train(c, str(tmp_path))
   import json
   rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   train_rows = [r for r in rows if "loss" in r]
@@ -93,7 +94,7 @@ def test_runlocal_shrinks_every_stage_of_a_real_preset(module, preset):
   assert small_.model.remat == "none"
   if "rl" in small_:
     assert small_.train.global_batch_size == small_.rl.prompts_per_step * small_.rl.num_generations
-    assert small_.loss.max_completion_length == small_.rl.max_completion_len <= 32
+    assert small_.loss.max_completion_len == small_.rl.max_completion_len <= 32
 
 
 def test_tower_plus_config_chains_stages():
@@ -138,7 +139,7 @@ def test_init_from_hf_then_export_to_hf(tmp_path, tiny_hf_model, hf_logits):
   c.optimizer.lr = 0.0  # params must stay the HF ones
   c.optimizer.weight_decay = 0.0
   workdir = str(tmp_path / "run")
-  train.train(c, workdir)
+  stage.train(c, workdir)
   out = str(tmp_path / "hf_out")
   subprocess.run([sys.executable, "-m", "towerplus_jax.convert.hf", "export", f"--workdir={workdir}", f"--out={out}",
                   "--dtype=float32"], cwd=REPO, check=True, capture_output=True, env={**os.environ,
@@ -155,10 +156,10 @@ def test_init_from_hf_takes_the_folders_tokenizer_and_template(tmp_path, tiny_hf
   c.init_from = f"hf:{folder}"
   with pytest.raises(ValueError, match="1024 ids but the model .* 256 embedding rows"):
     c.init_from = f"hf:{tiny_hf_model('qwen2')}"  # 256 rows, no tokenizer: the tiny default is the sample's 1024
-    setup_run.setup_run(c, str(tmp_path / "small"))
+    stage.setup(c, str(tmp_path / "small"))
   c.init_from = f"hf:{folder}"
   shutil.copy(sample_sp_path, os.path.join(folder, "tokenizer.model"))
-  run = setup_run.setup_run(c, str(tmp_path / "w"))
+  run = stage.setup(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()  # setup only checks: the files are written once the run is known valid
   run.save_files()
   assert run.tokenizer.path == os.path.join(folder, "tokenizer.model") and c.data.template == "chatml"

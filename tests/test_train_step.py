@@ -9,7 +9,9 @@ from flax import nnx
 from towerplus_jax import losses, sharding
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
-from towerplus_jax.training import optim, train
+from towerplus_jax.training import optim, trainer
+from towerplus_jax.training import state as state_lib
+from towerplus_jax.training.step import StepOptions, make_train_step
 
 
 def opt_cfg(**kw):
@@ -31,20 +33,16 @@ def run_steps(cfg, micro, mesh=None, steps=2, batch_fn=lm_batch):
   metrics = None
   mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
-  graphdef, params = nnx.split(model)
   # eps well above float32 rounding of the gradients: with eps=1e-8 Adam's first steps move a parameter by about
   # ±lr whatever the size of its gradient, so rounding noise in a near-zero gradient (a different summation order)
   # becomes a difference of up to 2·lr between two correct computations.
   tx, lr = optim.make(opt_cfg(eps=1e-4), 10)
-  loss = losses.get("lm")
-  fns = train.make_step_fns(graphdef, loss, losses.default_config("lm"), tx, lr, micro, False)
+  graphdef, state = state_lib.init(model, tx, mesh, seed=0)
+  step = jax.jit(make_train_step(graphdef, StepOptions(losses.get("lm"), losses.default_config("lm"), tx, lr, micro)))
   with jax.set_mesh(mesh):
-    state = {"params": params, "opt_state": jax.jit(tx.init)(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(0))}
-    step = jax.jit(fns.train)
     for i in range(steps):
-      state, metrics = step(state, None, sharding.shard_batch(batch_fn(cfg, seed=i), mesh))
-  return jax.device_get(nnx.to_pure_dict(state["params"])), jax.device_get(metrics)
+      state, metrics = step(state, sharding.shard_local_batch(batch_fn(cfg, seed=i), mesh))
+  return jax.device_get(nnx.to_pure_dict(state.params)), jax.device_get(metrics)
 
 
 def assert_trees_close(a, b, atol):
@@ -86,7 +84,7 @@ def test_nonfinite_gradients_skip_the_update():
   assert max(np.abs(x - y).max() for x, y in zip(jax.tree.leaves(fresh), jax.tree.leaves(initial))) > 1e-4
   assert int(metrics["nonfinite/consecutive"]) == 3 and int(metrics["nonfinite/total"]) == 3
   try:
-    train._check_finite(metrics, 3, 3)
+    trainer.check_finite(metrics, 3, 3)
   except FloatingPointError as e:
     assert "3 consecutive" in str(e) and "max_nonfinite=3" in str(e)
   else:

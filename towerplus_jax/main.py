@@ -29,6 +29,8 @@ def main(argv: list[str]) -> None:
   import jax
 
   from towerplus_jax.files import checkpoint
+
+  from towerplus_jax.training import preemption
   from towerplus_jax.run import chain, report
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -46,7 +48,7 @@ def main(argv: list[str]) -> None:
     sys.stdout.flush()
     os._exit(1)  # at once: Orbax's abandoned writes of the failed save (into a temporary folder that the rerun
     # removes) would fail on its closed event loop during interpreter exit, burying this line under tracebacks
-  except checkpoint.Stopped as e:  # non-zero, so that a launcher retrying on failure resumes the run
+  except preemption.Stopped as e:  # non-zero, so that a launcher retrying on failure resumes the run
     logging.warning("%s", e)
     print(e, file=sys.stderr, flush=True)
     sys.exit(e.exit_code)

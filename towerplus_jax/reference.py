@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from towerplus_jax import errors, losses, sharding
 from towerplus_jax.config import config_check
 from towerplus_jax.convert import tokenizer_files
-from towerplus_jax.data import sources
+from towerplus_jax.data import pipeline, sources
 from towerplus_jax.run import datasets
 from towerplus_jax.training import weights
 
@@ -55,9 +55,10 @@ def precompute(config: ml_collections.ConfigDict, workdir: str, out_path: str) -
   logps: dict[int, dict[str, float]] = {}
   with jax.set_mesh(mesh):
     for batch in batches:
-      out = jax.device_get(reference(params, sharding.shard_batch(batch, mesh)))
-      for row in np.flatnonzero(batch["chosen_segment_ids"].any(axis=1)):  # padding rows have no tokens
-        logps[int(batch["record_index"][row])] = {k: float(v[row]) for k, v in out.items()}
+      out = jax.device_get(reference(params, sharding.shard_local_batch(batch, mesh)))
+      index = batch["record_index"].ravel()
+      for i in np.flatnonzero(pipeline.pairs_present(batch).ravel()):  # not padding rows / unused slots
+        logps[int(index[i])] = {k: float(v.ravel()[i]) for k, v in out.items()}
   if len(logps) != len(records):
     raise RuntimeError(f"computed {len(logps)} of {len(records)} records (are some preference records empty?)")
   tmp = out_path + ".tmp"

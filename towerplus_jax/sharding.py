@@ -150,7 +150,7 @@ def _check_rows_per_process(sharding: NamedSharding, global_b: int) -> None:
                        f"{jax.process_count()} processes: make it a multiple of {math.prod(axes.values())}")
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def shard_local_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global arrays split over the batch axes (multi-host safe: raises when the hosts'
   rows cannot be told apart)."""
   def one(x):
@@ -165,7 +165,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
 
 def process_rows(mesh: Mesh, global_b: int) -> np.ndarray:
   """Indices of the global batch rows this process's devices hold under `batch_spec` (ascending): the order in
-  which `shard_batch` maps host-local rows and `global_array_to_host_local_array` returns them."""
+  which `shard_local_batch` maps host-local rows and `global_array_to_host_local_array` returns them."""
   spec = NamedSharding(mesh, batch_spec(1, mesh, global_b))
   _check_rows_per_process(spec, global_b)
   rows = {i for index in spec.addressable_devices_indices_map((global_b,)).values()

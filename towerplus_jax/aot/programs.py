@@ -16,17 +16,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import losses, sharding
 from towerplus_jax.data import formats
-from towerplus_jax.models import matmul
 from towerplus_jax.models.config import ModelConfig, preset
-from towerplus_jax.models.transformer import abstract_model
-from towerplus_jax.training import optim, train, weights
+from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.training import lora, optim, weights
+from towerplus_jax.training import state as state_lib
+from towerplus_jax.training import step as step_lib
+from towerplus_jax.training.state import TrainState
+from towerplus_jax.training.step import StepOptions
 
 GIB = 1024 ** 3
 
@@ -71,14 +73,12 @@ class Program:
 
 @dataclasses.dataclass(frozen=True)
 class AbstractStage:
-  """A stage's model, optimizer and state as sharded shapes (`jax.ShapeDtypeStruct`s with their shardings)."""
+  """A stage's model, optimizer and train state as sharded shapes (`jax.ShapeDtypeStruct`s with their shardings)."""
 
   cfg: ModelConfig
   graphdef: nnx.GraphDef
-  state: dict[str, Any]  # {"params", "opt_state", "step", "rng"} as the train step takes it
-  reference: nnx.State | None  # the frozen reference params (same layout as the policy's), when the loss needs one
-  tx: optax.GradientTransformation
-  lr: optax.Schedule
+  state: TrainState  # as the train step takes it (the reference inside when the loss needs one)
+  options: StepOptions
 
 
 def architecture(config: ml_collections.ConfigDict) -> ModelConfig:
@@ -87,33 +87,23 @@ def architecture(config: ml_collections.ConfigDict) -> ModelConfig:
   return cfg.replace(vocab_size=config.model.vocab_size or cfg.vocab_size, **weights.model_overrides(config))
 
 
-def _with_shardings(tree, shardings):
-  """Shapes of `tree` carrying `shardings` (a tree of the same structure, or one sharding for every leaf)."""
-  if isinstance(shardings, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def chip_bytes(tree) -> int:
   """Bytes one chip holds of a tree of sharded shapes (the largest shard of each leaf)."""
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def abstract_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> AbstractStage:
-  """Params, optimizer state, step and RNG as training lays them out on `mesh` (train.py's shardings)."""
+  """The train state as training lays it out on `mesh` (training/state.py)."""
   cfg = architecture(config)
-  graphdef, params = nnx.split(abstract_model(cfg))
   tx, lr = optim.make(config.optimizer, config.train.steps)
-  replicated = NamedSharding(mesh, P())
-  params_sh = sharding.state_shardings(params, mesh)
-  params = _with_shardings(params, params_sh)
-  opt_state = _with_shardings(jax.eval_shape(tx.init, params), train.opt_shardings(tx, params, params_sh, replicated))
-  state = {"params": params, "opt_state": opt_state,
-           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-           "rng": _with_shardings(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))), replicated)}
   loss = losses.get(config.loss.name)
   uses_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
-  return AbstractStage(cfg, graphdef, state, params if uses_reference else None, tx, lr)
+  adapted = lora.spec(config) is not None  # LoRA: the adapters train, the base is the reference
+  model = nnx.eval_shape(lambda: lora.adapt(config, Transformer(cfg, rngs=nnx.Rngs(0))))
+  graphdef, state = state_lib.abstract(model, tx, mesh, reference=uses_reference and not adapted,
+                                       trainable=lora.TRAINABLE if adapted else nnx.Param)
+  return AbstractStage(cfg, graphdef, state, StepOptions(loss, config.loss, tx, lr, config.train.micro_batches,
+                                                         reference_is_base=adapted and uses_reference))
 
 
 def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -145,7 +135,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, j
 def _compile(name: str, lower: Callable[[], jax.stages.Lowered], mesh: Mesh, held: int = 0,
              own_process: bool = False) -> Program:
   start = time.perf_counter()
-  with jax.set_mesh(mesh), matmul.accelerator_form():
+  with jax.set_mesh(mesh):
     lowered = lower()
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
@@ -154,14 +144,11 @@ def _compile(name: str, lower: Callable[[], jax.stages.Lowered], mesh: Mesh, hel
 
 
 def train_step(config: ml_collections.ConfigDict, mesh: Mesh, stage: AbstractStage | None = None) -> Program:
-  """The stage's train step (train.py's jit: state donated, its shardings kept)."""
+  """The stage's train step as the trainer jits it (training/step.py: state donated, its shardings kept)."""
   stage = stage or abstract_stage(config, mesh)
-  loss = losses.get(config.loss.name)
-  fns = train.make_step_fns(stage.graphdef, loss, config.loss, stage.tx, stage.lr, config.train.micro_batches,
-                            stage.reference is not None)
-  state_sh = jax.tree.map(lambda x: x.sharding, stage.state)
-  step = jax.jit(fns.train, out_shardings=(state_sh, None), donate_argnums=0)
-  return _compile("train step", lambda: step.lower(stage.state, stage.reference, abstract_batch(config, mesh)), mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, stage.state)
+  step = step_lib.jit_train_step(stage.graphdef, stage.options, shardings)
+  return _compile("train step", lambda: step.lower(stage.state, abstract_batch(config, mesh)), mesh)
 
 
 def compile_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program]:
@@ -169,8 +156,9 @@ def compile_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program
   from towerplus_jax.evaluate import sampler  # the RL stack only for RL stages
   stage = abstract_stage(config, mesh)
   loss = losses.get(config.loss.name)
-  params, reference = stage.state["params"], stage.reference
-  besides_params = chip_bytes({k: v for k, v in stage.state.items() if k != "params"})
+  params = nnx.merge_state(stage.state.params, stage.state.frozen)  # the whole model (LoRA: adapters + base)
+  reference = stage.state.reference
+  besides_params = chip_bytes((stage.state.opt_state, stage.state.step, stage.state.rng))
   ref_bytes = chip_bytes(reference) if reference is not None else 0
   batch = abstract_batch(config, mesh)
   programs = [train_step(config, mesh, stage)]
@@ -191,9 +179,8 @@ def compile_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> list[Program
                                lambda: logps.lower(params, {k: batch[k] for k in keys}), mesh,
                                besides_params + ref_bytes))
   else:
-    fns = train.make_step_fns(stage.graphdef, loss, config.loss, stage.tx, stage.lr, 1, reference is not None)
-    programs.append(_compile("eval step", lambda: jax.jit(fns.eval).lower(params, reference, batch), mesh,
-                             besides_params))
+    eval_step = jax.jit(step_lib.make_eval_step(stage.graphdef, dataclasses.replace(stage.options, micro_batches=1)))
+    programs.append(_compile("eval step", lambda: eval_step.lower(stage.state, batch), mesh, besides_params))
   if loss.batch_format is formats.PREFERENCE and loss.reference_fn is not None:
     ref_batch = {k: v for k, v in batch.items() if k not in loss.reference_keys}
     precompute = jax.jit(lambda p, b: loss.reference_fn(nnx.merge(stage.graphdef, p), b, config.loss))

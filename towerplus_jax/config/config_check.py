@@ -1,115 +1,119 @@
-"""Value checks of a stage config, run before anything is written to the workdir.
+"""Checks of a stage (or chain) config against the key table (config/keys.py), run before anything is written to
+the workdir: type, range and allowed values of every key, no undeclared keys, and the rules between keys.
 
-Each rule names a config key, a predicate on its value and what the value must be; `check(config)` raises one
-`ValueError` line per run, e.g. `config.train.steps=-1: must be >= 1`. Keys a stage does not have are skipped.
+`check(config)` raises one `ValueError` line per run, e.g. `config.train.steps=-1: must be >= 1`. Keys a stage does
+not have are skipped.
 """
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-from towerplus_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES, preset
+from towerplus_jax.config import keys
+from towerplus_jax.models.config import preset
 
-Check = tuple[str, Callable[[Any], bool], str]
-
-_AT_LEAST_1 = (lambda v: v >= 1, "must be >= 1")
-_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
-_POSITIVE = (lambda v: v > 0, "must be > 0")
-
-CHECKS: tuple[Check, ...] = (
-    ("train.steps", *_AT_LEAST_1),
-    ("train.global_batch_size", *_AT_LEAST_1),
-    ("train.micro_batches", *_AT_LEAST_1),
-    ("train.log_every", *_AT_LEAST_1),
-    ("train.eval_every", *_NON_NEGATIVE),
-    ("train.eval_steps", *_AT_LEAST_1),
-    ("train.checkpoint_every", *_NON_NEGATIVE),
-    ("train.keep_checkpoints", lambda v: v >= 1, "must be >= 1 (the final checkpoint is always kept)"),
-    ("train.max_nonfinite", *_AT_LEAST_1),
-    ("mesh.slices", *_AT_LEAST_1),
-    ("data.seq_len", lambda v: v >= 2, "must be >= 2 (a row needs an input and a target token)"),
-    ("data.max_prompt_len", *_NON_NEGATIVE),
-    ("optimizer.lr", *_POSITIVE),
-    ("optimizer.warmup_ratio", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.end_lr_ratio", *_NON_NEGATIVE),
-    ("optimizer.weight_decay", *_NON_NEGATIVE),
-    ("optimizer.clip_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)"),
-    ("optimizer.eps", *_POSITIVE),
-    ("optimizer.b1", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("optimizer.b2", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    ("rl.num_generations", lambda v: v >= 2, "must be >= 2 (advantages are relative to the group)"),
-    ("rl.prompts_per_step", *_AT_LEAST_1),
-    ("rl.iterations", *_AT_LEAST_1),
-    ("rl.max_completion_len", *_AT_LEAST_1),
-    ("rl.temperature", *_POSITIVE),
-    ("rl.top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
-    ("rl.top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
-    ("rl.std_ddof", lambda v: v in (0, 1), "must be 0 (population std) or 1 (Bessel-corrected, as TRL)"),
-)
+_MUST_BE = {bool: "True or False", int: "an int", float: "a number", str: "a string", tuple: "a tuple"}
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+  """(dotted path, value) of every non-section key."""
+  out = []
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _leaves(value, f"{prefix}{name}.")
+    else:
+      out.append((prefix + name, value))
+  return out
 
 
-def _choices() -> dict[str, tuple[str, ...]]:
-  """Keys that name one of a fixed set of values (imported here, not at module level: losses pull in jax)."""
-  from towerplus_jax import losses
-  from towerplus_jax.data import chat
-  return {"model.dtype": DTYPES, "model.param_dtype": DTYPES, "model.remat": REMAT_POLICIES,
-          "model.attention": ATTENTION_IMPLS, "data.template": ("auto", *chat.TEMPLATES),
-          "loss.name": tuple(losses.names())}
-
-
-def _get(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
+def _has_path(config: ml_collections.ConfigDict, path: str) -> bool:
   node: Any = config
-  for part in key.split("."):
+  for part in path.split("."):
     if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      return False, None
+      return False
     node = node[part]
-  return True, node
+  return True
 
 
-def _cross_checks(config: ml_collections.ConfigDict) -> list[str]:
-  """Rules between keys."""
+def _did_you_mean(value: Any, options: tuple | list) -> str:
+  close = difflib.get_close_matches(str(value), [str(o) for o in options], n=1)
+  return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _has_type(value: Any, kind: type) -> bool:
+  """As ml_collections types a field: an int passes for a float (a bool for neither), a list for a tuple."""
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  return isinstance(value, (tuple, list) if kind is tuple else kind)
+
+
+def _problem(key: keys.Key, value: Any) -> str:
+  """What is wrong with `value` for `key` ('' = nothing)."""
+  kind = keys.value_type(key)
+  if not _has_type(value, kind):
+    return f"must be {_MUST_BE[kind]}"
+  allowed = keys.choices(key)
+  if allowed is not None and value not in allowed:
+    return f"must be one of {', '.join(str(v) or repr(v) for v in allowed)}{_did_you_mean(value, allowed)}"
+  if key.rule is not None and not key.rule.ok(value):
+    return key.rule.must
+  return ""
+
+
+def _key_errors(config: ml_collections.ConfigDict, prefix: str, chain: bool) -> dict[str, str]:
+  """{path: line} of every key of `config` that breaks its entry in the table, or has none."""
+  loss = config.loss.get("name", "") if "loss" in config and not chain else ""
+  declared = [k.path for k in keys.KEYS if k.chain == chain]
+  out = {}
+  for path, value in _leaves(config):
+    if chain and path.startswith("stages."):
+      continue
+    key = keys.find(path, loss, chain)
+    if key is None:
+      close = difflib.get_close_matches(path, declared, n=1)
+      hint = f"; did you mean {prefix}.{close[0]}?" if close else ""
+      out[path] = f"{prefix}.{path}={value!r}: no such key (configs/KEYS.md lists them){hint}"
+    elif not (isinstance(key.default, keys.SameAs) and _has_path(config, key.default.path)):  # else its source's
+      problem = _problem(keys.source(key, loss), value)
+      if problem:
+        out[path] = f"{prefix}.{path}={value!r}: {problem}"
+  return out
+
+
+def _cross_checks(config: ml_collections.ConfigDict, bad: set[str]) -> list[str]:
+  """Rules between keys, among keys that pass their own checks (`bad`: the paths that do not)."""
   errors = []
   train = config.get("train")
-  if train is not None and train.micro_batches >= 1 and train.global_batch_size % train.micro_batches:
+  if (train is not None and not bad & {"train.global_batch_size", "train.micro_batches"}
+      and train.global_batch_size % train.micro_batches):
     errors.append(f"config.train.global_batch_size={train.global_batch_size} is not divisible by "
                   f"config.train.micro_batches={train.micro_batches}")
   rl = config.get("rl")
-  if rl is not None and len(rl.reward_weights) != len(rl.rewards):
+  if (rl is not None and not bad & {"rl.rewards", "rl.reward_weights"}
+      and len(rl.reward_weights) != len(rl.rewards)):
     errors.append(f"config.rl.reward_weights has {len(rl.reward_weights)} entries for {len(rl.rewards)} "
                   f"config.rl.rewards {tuple(rl.rewards)}: give one weight per reward function")
   return errors
 
 
 def errors(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
-  """Every rule the config breaks, one line each."""
-  out = []
-  for key, ok, must in CHECKS:
-    present, value = _get(config, key)
-    if present and not ok(value):
-      out.append(f"{prefix}.{key}={value!r}: {must}")
-  for key, allowed in _choices().items():
-    present, value = _get(config, key)
-    if present and value not in allowed:
-      close = difflib.get_close_matches(str(value), allowed, n=1)
-      hint = f"; did you mean {close[0]!r}?" if close else ""
-      out.append(f"{prefix}.{key}={value!r}: must be one of {', '.join(allowed)}{hint}")
-  return out + [e.replace("config.", f"{prefix}.") for e in _cross_checks(config)]
+  """Every rule a stage config, or a chain config and each of its stages, breaks: one line each."""
+  if "stages" in config:
+    out = list(_key_errors(config, prefix, chain=True).values())
+    for name in config.stage_order:
+      out += errors(config.stages[name], f"{prefix}.stages.{name}")
+    return out
+  found = _key_errors(config, prefix, chain=False)
+  return [*found.values(), *(e.replace("config.", f"{prefix}.") for e in _cross_checks(config, set(found)))]
 
 
 def check(config: ml_collections.ConfigDict) -> None:
   """Raise ValueError naming the first broken rule of a stage config, or of every stage of a chain config."""
-  found = []
-  if "stages" in config:
-    for name in config.stage_order:
-      found += errors(config.stages[name], f"config.stages.{name}")
-  else:
-    found = errors(config)
+  found = errors(config)
   if found:
     more = f" (and {len(found) - 1} more: {'; '.join(found[1:])})" if len(found) > 1 else ""
     raise ValueError(found[0] + more)

@@ -2,7 +2,11 @@
 and the CLI. Key tables: hf_tables.py; config.json translation: hf_config.py; tokenizer files: data/tokenizer_files.py.
 
     python -m towerplus_jax.convert.hf import --hf=HF_DIR --out=DIR       # DIR is a run workdir: init_from=ckpt:DIR
-    python -m towerplus_jax.convert.hf export --workdir=DIR [--step=N] --out=HF_DIR
+    python -m towerplus_jax.convert.hf export --workdir=DIR [--step=N] --out=HF_DIR [--adapter]
+
+A LoRA run (its workdir has convert/peft.py's lora_base.json) exports merged full weights (its base, rebuilt from the
+record, plus the merged adapters), or with --adapter a PEFT adapter folder; `run_model` gives the same merged weights
+to a stage whose init_from is such a run (the chain's next stage).
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, Sharding
 from safetensors import SafetensorError, safe_open
 
-from towerplus_jax import sharding
+from towerplus_jax import errors, sharding
+from towerplus_jax.convert import peft
 from towerplus_jax.convert.hf_config import config_from_folder, config_to_hf, default_token_ids, read_json
 from towerplus_jax.convert.hf_tables import IGNORABLE, Layout, key_map
 from towerplus_jax.convert.tokenizer_files import (
@@ -42,6 +47,7 @@ from towerplus_jax.convert.tokenizer_files import (
 from towerplus_jax.data import chat
 from towerplus_jax.files import checkpoint, storage
 from towerplus_jax.models import config as model_config
+from towerplus_jax.models import layout, lora
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer, abstract_model
 
@@ -237,7 +243,8 @@ def _pure_params(params: nnx.Module | nnx.State | Mapping) -> Mapping:
 
 def _export_file(name: str) -> bool:
   """Whether `name` is a file an HF export writes (and so one `overwrite` may replace)."""
-  return (name in TOKENIZER_FILES or name in ("config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE)
+  return (name in TOKENIZER_FILES or name in ("config.json", "generation_config.json", SINGLE_FILE, INDEX_FILE,
+                                              peft.CONFIG_FILE, peft.WEIGHTS_FILE)
           or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
 
 
@@ -337,16 +344,78 @@ def import_to_workdir(hf_dir: str, out_dir: str, param_dtype: str = "float32") -
   return cfg
 
 
+def _restore(abstract: nnx.State, mesh: Mesh, workdir: str, step: int | None) -> dict:
+  """The pure dict of `abstract`'s variables from a workdir's (latest or given) checkpoint, sharded on `mesh`."""
+  target = checkpoint.abstract_like(nnx.to_pure_dict(abstract),
+                                    nnx.to_pure_dict(sharding.state_shardings(abstract, mesh)))
+  return checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target, step)
+
+
+def lora_base(record: dict, cfg: ModelConfig, mesh: Mesh) -> nnx.Module:
+  """The base a LoRA run adapted, from its record (convert/peft.py): its init_from (an HF folder or another run's
+  workdir) or its seeded random init, in `cfg`'s layout and param dtype, cast to the run's `lora.base_dtype`."""
+  kind, _, path = record["init_from"].partition(":")
+  if kind == "hf":
+    _, model = load_hf(path, mesh=mesh, overrides={"param_dtype": cfg.param_dtype, "scan_layers": cfg.scan_layers})
+  elif kind == "ckpt":
+    model = run_model(path, cfg, mesh)
+  else:
+    model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(record["seed"])), mesh)
+  nnx.update(model, jax.tree.map(lambda x: x.astype(record["base_dtype"]), nnx.state(model, nnx.Param)))
+  return model
+
+
+def run_model(workdir: str, cfg: ModelConfig, mesh: Mesh, step: int | None = None) -> nnx.Module:
+  """A model of `cfg` (its layout and param dtype) with the weights of a run's (latest or given) checkpoint: its
+  params, or for a LoRA run its base with its adapters merged in."""
+  saved = model_config.load_json(workdir).replace(param_dtype=cfg.param_dtype)
+  record = peft.read_base(workdir)
+  if record is None:
+    params = _restore(nnx.state(abstract_model(saved), nnx.Param), mesh, workdir, step)
+  else:
+    params = jax.tree.map(lambda x: x.astype(cfg.param_dtype), lora_merged(workdir, record, saved, mesh, step))
+  graphdef, state = nnx.split(abstract_model(cfg))
+  nnx.replace_by_pure_dict(state, layout.convert(params, saved, cfg))
+  return nnx.merge(graphdef, state)
+
+
+def lora_adapters(workdir: str, record: dict, cfg: ModelConfig, mesh: Mesh, step: int | None
+                  ) -> tuple[lora.Spec, dict]:
+  """(spec, pure dict of the adapters) of a LoRA run's (latest or given) checkpoint."""
+  spec = lora.Spec(record["rank"], record["alpha"], record["targets"])
+  abstract = nnx.eval_shape(lambda: lora.apply(Transformer(cfg, rngs=nnx.Rngs(0)), spec, nnx.Rngs(0)))
+  return spec, _restore(nnx.state(abstract, nnx.LoRAParam), mesh, workdir, step)
+
+
+def lora_merged(workdir: str, record: dict, cfg: ModelConfig, mesh: Mesh, step: int | None = None) -> dict:
+  """A LoRA run's merged params (base + alpha / rank · A B) as a pure dict in `cfg`'s layout, on `mesh`."""
+  spec, adapters = lora_adapters(workdir, record, cfg, mesh, step)
+  model = lora.apply(lora_base(record, cfg, mesh), spec, nnx.Rngs(0))
+  state = nnx.state(model, nnx.LoRAParam)
+  nnx.replace_by_pure_dict(state, adapters)
+  nnx.update(model, state)
+  return nnx.to_pure_dict(nnx.state(lora.merged(model), lora.BASE))
+
+
 def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = "bfloat16",
-                   max_shard_size: str | int = "5GB", overwrite: bool = False) -> None:
-  """A run workdir's (latest or given) checkpoint -> HF folder, tokenizer taken from `<workdir>/tokenizer`."""
+                   max_shard_size: str | int = "5GB", overwrite: bool = False, adapter: bool = False) -> None:
+  """A run workdir's (latest or given) checkpoint -> HF folder, tokenizer taken from `<workdir>/tokenizer`. A LoRA
+  run: merged full weights, or with `adapter` a PEFT adapter folder (refused for a full fine-tuning run)."""
+  record = peft.read_base(workdir)
+  if adapter and record is None:
+    raise ValueError(f"--adapter: {workdir} is a full fine-tuning run (no {peft.BASE_FILE}), it has no adapters: "
+                     "export it without --adapter (nothing was written)")
   check_export_target(out_dir, overwrite)  # before the (long) restore
   cfg = model_config.load_json(workdir)
   mesh = sharding.make_mesh({"fsdp": -1})
-  abstract = nnx.state(abstract_model(cfg), nnx.Param)
-  target = checkpoint.abstract_like(nnx.to_pure_dict(abstract),
-                                    nnx.to_pure_dict(sharding.state_shardings(abstract, mesh)))
-  params = checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target, step)
+  if record is None:
+    params = _restore(nnx.state(abstract_model(cfg), nnx.Param), mesh, workdir, step)
+  else:
+    if adapter:
+      spec, adapters = lora_adapters(workdir, record, cfg, mesh, step)
+      peft.save_adapter(adapters, cfg, spec, record["base"], out_dir)
+      return
+    params = lora_merged(workdir, record, cfg, mesh, step)
   tokenizer_dir = os.path.join(workdir, "tokenizer")
   if not any((epath.Path(tokenizer_dir) / n).exists() for n in MODEL_FILES.values()):
     save_hf(params, cfg, out_dir, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
@@ -377,16 +446,19 @@ def cli(argv: list[str] | None = None) -> None:
                    help="weights dtype of the export (default bfloat16, as the published checkpoints)")
   exp.add_argument("--max_shard_size", default="5GB")
   exp.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out (only that)")
+  exp.add_argument("--adapter", action="store_true", help="a LoRA run's PEFT adapter folder, not merged weights")
   args = parser.parse_args(argv)
   try:
     if args.command == "import":
       import_to_workdir(args.hf, args.out, args.param_dtype)
     else:
       export_workdir(args.workdir, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, adapter=args.adapter)
   except (FileExistsError, FileNotFoundError, ValueError) as e:
     errors.fail(str(e))
-  if args.command == "export":
+  if args.command == "export" and args.adapter:
+    print(f"exported the LoRA adapters of {args.workdir} to {args.out} (PEFT: peft.PeftModel.from_pretrained)")
+  elif args.command == "export":
     print(f"exported {args.workdir} to {args.out} in {args.dtype} (--dtype=float32 keeps full precision); "
           "generation_config.json stops at the chat template's end-of-turn token")
 

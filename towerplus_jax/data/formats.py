@@ -3,9 +3,9 @@ required). Each loss names its format (`losses.register(..., batch_format=...)`)
 build batches of it, the AOT check builds its abstract batch from it, and the train loop checks the first batch
 against it (`BatchFormat.check`: one error naming the field, before anything is traced).
 
-Shape letters: B rows of the global batch, T tokens of a row; "" a scalar. Optional fields appear when their
-producer adds them: reference log-probs (precomputed, else the trainer adds them with the loss's reference_fn),
-GRPO's old policy (rl.iterations > 1), the data counts the trainer pops into `data/*` metrics.
+Shape letters: B rows of the global batch, T tokens of a row, P pair slots of a row; "" a scalar. Optional fields
+appear when their producer adds them: reference log-probs (precomputed, else the trainer adds them with the loss's
+reference_fn), GRPO's old policy (rl.iterations > 1), the data counts the trainer pops into `data/*` metrics.
 """
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class BatchFormat:
   name: str
   fields: Mapping[str, Field]
   reference: tuple[str, ...] = ()  # the optional fields a reference model fills (the loss's reference_fn)
+  packed: BatchFormat | None = None  # the packed layout of the same data (data.pack=True), told by its first field
+
+  def layout(self, batch: Mapping[str, Any]) -> BatchFormat:
+    """This format, or its packed layout when the batch holds the packed layout's first field."""
+    return self.packed if self.packed is not None and next(iter(self.packed.fields)) in batch else self
 
   @property
   def required(self) -> tuple[str, ...]:
@@ -35,6 +40,8 @@ class BatchFormat:
 
   def check(self, batch: Mapping[str, Any]) -> None:
     """Raise ValueError naming the first field that is missing, unknown, or of the wrong dtype, rank or size."""
+    if self.layout(batch) is not self:
+      return self.packed.check(batch)
     missing = [k for k in self.required if k not in batch]
     if missing:
       raise ValueError(f"{self.name} batch: missing field(s) {missing}; it has {sorted(batch)}")
@@ -76,7 +83,15 @@ PREFERENCE = BatchFormat(
     {**{f"{s}_{k}": f for s in SIDES for k, f in ROW.items()}, "ref_chosen_logp": Field("B", np.float32, False),
      "ref_rejected_logp": Field("B", np.float32, False), "record_index": Field("B", np.int32, False),
      **DATA_COUNTS},
-    reference=("ref_chosen_logp", "ref_rejected_logp"))
+    reference=("ref_chosen_logp", "ref_rejected_logp"),
+    # Packed (data.pack=True): whole pairs share rows. Pair p of a row is its segments 2p+1 (chosen) and 2p+2
+    # (rejected), positions restarting at 0 in each; the per-pair fields are [B, P] (P pair slots per row, the
+    # unused ones with no segment). A step holds the unpacked step's pairs (placed first-fit, longest first).
+    packed=BatchFormat(
+        "preference_packed",
+        {**ROW, "ref_chosen_logp": Field("BP", np.float32, False), "ref_rejected_logp": Field("BP", np.float32, False),
+         "record_index": Field("BP", np.int32, False), **DATA_COUNTS},
+        reference=("ref_chosen_logp", "ref_rejected_logp")))
 # GRPO rollout rows (prompt ⧺ completion, loss on completion tokens), group-relative advantages; with μ > 1 the old
 # policy's log-probs and `old_is_current` (1 on a rollout's first update); per-token reference log-probs.
 RL = BatchFormat(

@@ -70,3 +70,79 @@ def pad_row(example: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarra
 def pad(dataset: grain.IterDataset, seq_len: int) -> grain.IterDataset:
   """One row per example (long examples split into several rows), right-padded."""
   return split_long(dataset, seq_len).map(functools.partial(pad_row, seq_len=seq_len))
+
+
+def fit_pair(chosen: dict[str, np.ndarray], rejected: dict[str, np.ndarray], seq_len: int
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], bool]:
+  """Both sides of a preference pair cut (at their ends) to share a row of `seq_len` tokens: the longer side first,
+  neither below half the row. Returns the sides and whether any was cut."""
+  n_c, n_r = len(chosen["inputs"]), len(rejected["inputs"])
+  if n_c + n_r <= seq_len:
+    return chosen, rejected, False
+  half = seq_len // 2
+  if n_c > half and n_r > half:
+    n_c, n_r = seq_len - half, half
+  elif n_c > n_r:
+    n_c = seq_len - n_r
+  else:
+    n_r = seq_len - n_c
+  cut = lambda side, n: {k: v[:n] for k, v in side.items()}
+  return cut(chosen, n_c), cut(rejected, n_r), True
+
+
+def row_buckets(max_rows: int, multiple: int) -> list[int]:
+  """The row counts a packed step may have: multiples of `multiple`, each at most 10% above the one before once past
+  ten multiples (so rounding a step's rows up to a bucket wastes under 10% of them there), up to >= `max_rows`."""
+  buckets = [multiple]
+  while buckets[-1] < max_rows:
+    b = buckets[-1]
+    buckets.append(max(b + multiple, b * 11 // 10 // multiple * multiple))
+  return buckets
+
+
+def _first_fit(lengths_E: np.ndarray, seq_len: int, slots: int) -> list[list[int]]:
+  """Examples (longest first) into the first row with room for them and a free slot: the rows' example indices."""
+  rows: list[list[int]] = []
+  used: list[int] = []
+  for e in sorted(range(len(lengths_E)), key=lambda i: -lengths_E[i]):
+    r = next((r for r in range(len(rows)) if used[r] + lengths_E[e] <= seq_len and len(rows[r]) < slots), len(rows))
+    if r == len(rows):
+      rows.append([])
+      used.append(0)
+    rows[r].append(e)
+    used[r] += int(lengths_E[e])
+  return rows
+
+
+def pack_pairs(examples: Sequence[dict], seq_len: int, slots: int, buckets: Sequence[int],
+               pair_keys: Sequence[str]) -> dict[str, np.ndarray]:
+  """Preference examples ({side}_{inputs,targets,loss_mask}, each pair at most `seq_len` tokens, and scalar
+  `pair_keys`) -> one packed batch (formats.PREFERENCE.packed) of the smallest bucket's rows that holds them: pair p
+  of a row is segments 2p+1 (chosen), 2p+2 (rejected); per-pair fields [rows, slots] (record_index -1 in unused
+  slots, NaN reference log-probs), `num_examples` / `num_truncated` per row."""
+  sides = [[{k: e[f"{s}_{k}"] for k in SEQUENCE_KEYS} for s in ("chosen", "rejected")] for e in examples]
+  lengths_E = np.asarray([sum(len(side["inputs"]) for side in pair) for pair in sides])
+  rows = _first_fit(lengths_E, seq_len, slots)
+  num_rows = next((b for b in buckets if b >= len(rows)), None)
+  if num_rows is None:
+    raise ValueError(f"{len(examples)} pairs need {len(rows)} rows; the largest bucket is {buckets[-1]}")
+  out = {k: np.zeros((num_rows, seq_len), np.float32 if k == "loss_mask" else np.int32)
+         for k in (*SEQUENCE_KEYS, "segment_ids", "positions")}
+  out.update({k: np.full((num_rows, slots), np.nan if k.startswith("ref_") else -1,
+                         np.float32 if k.startswith("ref_") else np.int32) for k in pair_keys})
+  out["num_examples"], out["num_truncated"] = np.zeros(num_rows, np.int32), np.zeros(num_rows, np.int32)
+  for r, row in enumerate(rows):
+    t = 0
+    for p, e in enumerate(row):
+      for s, side in enumerate(sides[e]):
+        n = len(side["inputs"])
+        for k in SEQUENCE_KEYS:
+          out[k][r, t:t + n] = side[k]
+        out["segment_ids"][r, t:t + n] = 2 * p + s + 1
+        out["positions"][r, t:t + n] = np.arange(n)
+        t += n
+      for k in pair_keys:
+        out[k][r, p] = examples[e][k]
+      out["num_examples"][r] += 1
+      out["num_truncated"][r] += examples[e]["num_truncated"]
+  return out

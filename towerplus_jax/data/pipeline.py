@@ -7,7 +7,8 @@
               translation chat).
   preference  formats.PREFERENCE from {"prompt" (string or messages), "chosen", "rejected"}: right-padded rows, loss
               on the response only; the reference log-probs when the records carry them. Prompts keep their last
-              `max_prompt_len` tokens; responses are cut to fit the row.
+              `max_prompt_len` tokens; responses are cut to fit the row. Packed (formats.PREFERENCE.packed): the
+              step's pairs share rows, both sides of a pair in one row (cut to fit it: packing.fit_pair).
   Data counts (lm, sft, preference): `num_examples` / `num_truncated` per row: the examples whose start is in it
   and how many of them did not fit (lm/sft: longer than the row, split; preference: prompt longer than
   max_prompt_len or prompt + response longer than the row, cut). The trainer pops them into `data/*` metrics
@@ -80,6 +81,7 @@ class Encoder:
   template: str
   seq_len: int
   max_prompt_len: int
+  pack: bool = False  # preference: both sides of a pair cut to share a row (packing.fit_pair)
 
   def __call__(self, index: int, record: dict) -> dict:
     records.check(self.kind, record)
@@ -119,8 +121,12 @@ class Encoder:
       cut |= len(kept) + len(response) > self.seq_len + 1
       ids = (kept + response)[:self.seq_len + 1]
       mask = ([0] * len(kept) + response_mask)[:self.seq_len + 1]
-      row = packing.pad_row(packing.shifted_example(ids, mask), self.seq_len)
-      example.update({f"{side}_{k}": v for k, v in row.items()})
+      example[side] = packing.shifted_example(ids, mask)
+    if self.pack:
+      example["chosen"], example["rejected"], cut_pair = packing.fit_pair(example["chosen"], example["rejected"],
+                                                                         self.seq_len)
+      cut |= cut_pair
+    example = {f"{side}_{k}": v for side in formats.SIDES for k, v in example[side].items()}
     example.update(num_examples=np.int32(1), num_truncated=np.int32(cut))
     for key in formats.PREFERENCE.reference:
       value = record.get(key)
@@ -195,14 +201,17 @@ def _example_counts(batch: dict) -> dict:
 
 
 class DataCounts:
-  """The examples truncated to fit their rows, counted on the batches the trainer consumes (so exact whatever grain
-  prefetches, and global: every host builds the whole global batch). `take` pops the count keys (module docstring)
-  and warns when truncations first appear (then at 2, 4, 8, ...); `metrics` gives the counts since its last call."""
+  """The examples truncated to fit their rows and the rows' fill, counted on the batches the trainer consumes (so
+  exact whatever grain prefetches, and global: every host builds the whole global batch). `take` pops the count keys
+  (module docstring) and warns when truncations first appear (then at 2, 4, 8, ...); `metrics` gives the figures
+  since its last call."""
 
   def __init__(self):
     self.examples = self.truncated = self.total = 0
+    self.real = self.positions = 0
 
   def take(self, batch: dict) -> dict:
+    self.real, self.positions = self.real + real_positions(batch), self.positions + _positions(batch)
     if "num_truncated" not in batch:
       return batch
     batch = dict(batch)
@@ -212,16 +221,26 @@ class DataCounts:
     before, self.total = self.total, self.total + n
     if before.bit_length() < self.total.bit_length():  # passed 1, 2, 4, 8, ...
       logging.warning("data: %d example(s) so far did not fit a row of %d tokens and were cut (%s)", self.total,
-                      _row_len(batch), _FIX["chosen_inputs" in batch])
+                      _row_len(batch), _FIX["record_index" in batch])
     return batch
 
   def metrics(self) -> dict[str, float]:
-    """data/truncated (examples) and data/truncated_frac since the last call; {} when no counted batch came."""
-    if not self.examples:
-      return {}
-    out = {"data/truncated": float(self.truncated), "data/truncated_frac": self.truncated / self.examples}
-    self.examples = self.truncated = 0
+    """data/fill (real tokens / token positions of the rows), data/truncated (examples) and data/truncated_frac
+    since the last call; {} when no batch came."""
+    out = {"data/fill": self.real / self.positions} if self.positions else {}
+    if self.examples:
+      out.update({"data/truncated": float(self.truncated), "data/truncated_frac": self.truncated / self.examples})
+    self.examples = self.truncated = self.real = self.positions = 0
     return out
+
+
+def real_positions(batch: dict) -> int:
+  """The token positions of a batch's rows that hold a real token (segment id > 0)."""
+  return int(sum(np.count_nonzero(v) for k, v in batch.items() if k.endswith("segment_ids")))
+
+
+def _positions(batch: dict) -> int:
+  return int(sum(np.size(v) for k, v in batch.items() if k.endswith("segment_ids")))
 
 
 _FIX = {False: "split into row-sized pieces that lose their context: raise data.seq_len or shorten those records",
@@ -233,19 +252,35 @@ def _row_len(batch: dict) -> int:
   return batch["chosen_inputs" if "chosen_inputs" in batch else "inputs"].shape[1]
 
 
+def pairs_present(batch: dict) -> np.ndarray:
+  """bool, the shape of the batch's per-pair fields: which hold a pair (not a padding row or an unused slot)."""
+  if "chosen_segment_ids" in batch:
+    return batch["chosen_segment_ids"].any(axis=1)
+  return batch["record_index"] >= 0
+
+
 def _reference_logps(batch: dict) -> dict:
-  """Keep ref_*_logp when every real row has it; drop it when none has; else raise. Padding rows (a last, partial
-  batch) count as neither."""
-  rows_B = batch["chosen_segment_ids"].any(axis=1)
+  """Keep ref_*_logp when every pair has it; drop it when none has; else raise. Padding rows (a last, partial
+  batch) and unused slots of packed rows count as neither."""
+  present = pairs_present(batch)
   for key in formats.PREFERENCE.reference:
-    missing_B = np.isnan(batch[key]) & rows_B
-    if (missing_B == rows_B).all():
+    missing = np.isnan(batch[key]) & present
+    if (missing == present).all():
       del batch[key]
-    elif missing_B.any():
+    elif missing.any():
       raise ValueError(f"some preference records have {key} and some do not; give it for all or none")
     else:
-      batch[key] = np.where(rows_B, batch[key], 0.0).astype(np.float32)
+      batch[key] = np.where(present, batch[key], 0.0).astype(np.float32)
   return batch
+
+
+def _pad_sides(example: dict, seq_len: int) -> dict:
+  """A preference example's sides as right-padded rows (formats.PREFERENCE)."""
+  padded = {k: v for k, v in example.items() if not k.startswith(formats.SIDES)}
+  for side in formats.SIDES:
+    row = packing.pad_row({k: example[f"{side}_{k}"] for k in packing.SEQUENCE_KEYS}, seq_len)
+    padded.update({f"{side}_{k}": v for k, v in row.items()})
+  return padded
 
 
 def _check_tokenizer(tokenizer: Tokenizer, template: str) -> None:
@@ -256,9 +291,11 @@ def _check_tokenizer(tokenizer: Tokenizer, template: str) -> None:
 
 def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokenizer: Tokenizer, *, seq_len: int,
                  batch_size: int, template: str, seed: int, shuffle: bool = True, repeat: bool = True,
-                 pack: bool = True, max_prompt_len: int | None = None, num_threads: int = 4) -> grain.IterDataset:
+                 pack: bool = True, max_prompt_len: int | None = None, num_threads: int = 4,
+                 row_multiple: int = 1) -> grain.IterDataset:
   """A grain dataset of global batches (`batch_size` rows, the same on every host) of format `kind` (module
-  docstring). max_prompt_len (preference, rl): default seq_len // 2.
+  docstring). max_prompt_len (preference, rl): default seq_len // 2. Packed preference batches hold `batch_size`
+  pairs in a multiple of `row_multiple` rows (the devices the batch is split over), from packing.row_buckets.
   """
   formats.get(kind)  # raises on an unknown format
   max_prompt_len = max_prompt_len or seq_len // 2
@@ -268,7 +305,7 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
   if kind != "lm":
     _check_tokenizer(tokenizer, template)
 
-  encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len)
+  encode = Encoder(kind, tokenizer, template, seq_len, max_prompt_len, pack=pack)
   ds = grain.MapDataset.source(source).map_with_index(_located(source, encode))
   num_records, prefetch = len(ds), 4 * batch_size
   if shuffle:
@@ -281,8 +318,16 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
     fits = PromptFits(max_prompt_len, 2 * num_records)
     return it.filter(fits).batch(batch_size, batch_fn=functools.partial(
         _rl_batch, max_prompt_len=max_prompt_len, pad_id=tokenizer.pad_id, fits=fits))
-  if kind in ("lm", "sft"):
-    it = (packing.pack(it, seq_len, max(batch_size, MIN_PACKING_BINS), seed, shuffle_bins=shuffle) if pack
-          else packing.pad(it, seq_len))
+  if kind == "preference" and pack:
+    pack_fn = functools.partial(packing.pack_pairs, seq_len=seq_len, slots=min(batch_size, seq_len // 2),
+                                buckets=packing.row_buckets(batch_size, row_multiple),
+                                pair_keys=("record_index", *formats.PREFERENCE.reference))
+    return it.batch(batch_size, batch_fn=pack_fn).map(_reference_logps)
+  if kind == "preference":
+    it = it.map(functools.partial(_pad_sides, seq_len=seq_len))
+  elif pack:
+    it = packing.pack(it, seq_len, max(batch_size, MIN_PACKING_BINS), seed, shuffle_bins=shuffle)
+  else:
+    it = packing.pad(it, seq_len)
   batched = it.batch(batch_size, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
   return batched.map(_reference_logps if kind == "preference" else _example_counts)

@@ -247,7 +247,7 @@ def sample(model: Transformer, prompt_tokens_BP, prompt_lengths_B, *, max_new_to
   opts = _options(model.cfg, mesh, tokens_BP.shape[0] * jax.process_count(), max_new_tokens, top_k, top_p, greedy,
                   return_logprobs, pad_id)
   if mesh is not None:
-    batch = sharding.shard_batch(batch, mesh)
+    batch = sharding.shard_local_batch(batch, mesh)
   stop_S = np.full((-(-max(len(stop_ids), 1) // STOP_SLOTS) * STOP_SLOTS,), -1, np.int32)
   stop_S[:len(stop_ids)] = stop_ids
   graphdef, state = nnx.split(model)

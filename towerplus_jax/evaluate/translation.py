@@ -16,14 +16,12 @@ import os
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf, tokenizer_files
-from towerplus_jax.data import chat, derive, ifmt_rules, sources
-from towerplus_jax.data import records as records_lib
+from towerplus_jax.data import chat, derive, ifmt_rules
 from towerplus_jax.evaluate import comet, mt_metrics, sampler
 from towerplus_jax.models import config as model_config
 from towerplus_jax.training import weights

@@ -10,8 +10,6 @@ naming the step and the step a rerun resumes from, and its temporary folder is r
 from __future__ import annotations
 
 import errno
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -152,30 +150,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-class StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the training loop polls, so it can save a checkpoint before exiting."""
-
-  def __init__(self):
-    self.event = threading.Event()
-    self.signum = signal.SIGTERM  # the signal seen (a stop agreed with other hosts counts as SIGTERM)
-    self._previous = {}
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame) -> None:
-    self.signum = signum
-    self.event.set()
-
-  @property
-  def requested(self) -> bool:
-    return self.event.is_set()
-
-  def restore_handlers(self) -> None:
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def _all_processes(ok: bool) -> bool:
   """Whether `ok` holds on every process (a collective in multi-host runs)."""
   if jax.process_count() == 1:
@@ -198,13 +172,3 @@ class SaveFailed(Exception):
     resume = f"resume from step {resume_step}" if resume_step is not None else "start over (no checkpoint yet)"
     super().__init__(f"{what} while saving checkpoint step {step} to {directory}; {fix} and rerun to {resume}")
     self.step, self.resume_step = step, resume_step
-
-
-class Stopped(Exception):
-  """Training stopped on a signal at `step` of `total`, after saving a checkpoint there; rerun to resume. The exit
-  status is 128 + the signal number (143 for SIGTERM), so launchers that retry on failure resume the run."""
-
-  def __init__(self, step: int, total: int, signum: int):
-    super().__init__(f"stopped at step {step} of {total} ({signal.Signals(signum).name}); a checkpoint was saved: "
-                     "rerun the same command to resume")
-    self.step, self.total, self.exit_code = step, total, 128 + signum

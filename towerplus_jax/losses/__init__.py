@@ -72,7 +72,7 @@ def default_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({"name": name, **get(name).defaults})
 
 
-def denominator(name: str, batch: Mapping[str, jax.Array], cfg: ml_collections.ConfigDict | None) -> jax.Array:
+def loss_denominator(name: str, batch: Mapping[str, jax.Array], cfg: ml_collections.ConfigDict | None) -> jax.Array:
   """`loss_denominator` of a (global) batch for loss `name`."""
   return get(name).count_fn(batch, cfg)
 

@@ -1,4 +1,4 @@
-"""Pieces shared by every loss: the config key every loss reads, config reading, normalisation.
+"""Pieces shared by every loss: config reading, normalisation.
 
 Normalisation rule (all losses): a loss returns sum-over-this-micro-batch / `batch["loss_denominator"]`, the count
 (tokens or sequences) of the whole global batch, so summing the micro-batch losses gives the global-batch mean.
@@ -14,14 +14,6 @@ import jax.numpy as jnp
 import ml_collections
 
 Batch = Mapping[str, jax.Array]
-
-# Config keys every loss reads (each loss's defaults include them).
-DEFAULTS = {
-    # Tokens per device per chunk of the log-prob kernel (losses/logprobs.py): the forward and backward pass hold
-    # one [logprob_chunk, vocab] float32 block at a time instead of [B, T, vocab] logits. 0 = full logits (XLA).
-    "logprob_chunk": 512,
-}
-
 
 def read_config(cfg: ml_collections.ConfigDict | None, defaults: Mapping, loss: str) -> ml_collections.ConfigDict:
   """`defaults` overridden by the `loss` config section; unknown keys raise (the key `name` is ignored)."""
@@ -54,7 +46,7 @@ def row_mask(batch: Batch, prefix: str = "") -> jax.Array:
   return jnp.any(segment_ids_BT > 0, axis=-1).astype(jnp.float32)
 
 
-def denominator(batch: Batch, own_count: jax.Array, key: str = "loss_denominator") -> jax.Array:
+def normaliser(batch: Batch, own_count: jax.Array, key: str = "loss_denominator") -> jax.Array:
   """The global count `key` (`loss_denominator` or a loss's extra count) when the batch carries it, else this
   micro-batch's own count; at least 1."""
   return jnp.maximum(jnp.asarray(batch.get(key, own_count), jnp.float32), 1.0)

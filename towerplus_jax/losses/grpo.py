@@ -5,14 +5,13 @@ optional `old_logps` (the policy before this rollout's first update, by `policy_
 the current log-probs, ratio exactly 1) with optional `old_is_current` (1: the same as absent, for a rollout's first
 update without a second batch layout to compile), and `ref_logps` (`reference_fn` computes them; required when
 beta != 0). All log-probs use logits / temperature.
-Config (`loss` section): epsilon_low = 0.2, epsilon_high = 0.2 (0.28 for DAPO), beta = 0.0, temperature = 1.0,
-aggregation = 'token_mean' | 'seq_mean_token_mean' | 'seq_mean_token_sum_norm', max_completion_length = 0
-(the normaliser of 'seq_mean_token_sum_norm', required there); logprob_chunk (see common.DEFAULTS).
+Config (`loss` section; defaults and checks in config/keys.py): epsilon_low, epsilon_high, beta, temperature,
+aggregation, max_completion_len (the normaliser of 'seq_mean_token_sum_norm'), logprob_chunk.
   r_t = exp(logπ − logπ_old),  ℓ_t = −min(r_t·A, clip(r_t, 1−ε_low, 1+ε_high)·A) + β·k3,
   k3 = exp(ref − logπ) − (ref − logπ) − 1.
 Aggregation (loss_denominator: completion tokens of the global batch for token_mean, else its sequences):
   token_mean: Σ_tokens ℓ / denominator;  seq_mean_token_mean: Σ_seq mean_t ℓ / denominator;
-  seq_mean_token_sum_norm: Σ_seq (Σ_t ℓ / max_completion_length) / denominator.
+  seq_mean_token_sum_norm: Σ_seq (Σ_t ℓ / max_completion_len) / denominator.
 Metrics: loss, kl (when the batch has ref_logps), entropy, ratio/mean (r_t), clip_ratio/{low,high,region}_mean
 (TRL's definitions). They are token means over the global batch with token_mean (sums / loss_denominator), else means of
 per-sequence token means over the sequences that have loss tokens (sums / `rows_with_tokens`, the global count the
@@ -25,22 +24,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from towerplus_jax.config import config_check, keys
 from towerplus_jax.data import formats
 from towerplus_jax.losses import common, logprobs, register
 
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-DEFAULTS = {**common.DEFAULTS, "epsilon_low": 0.2, "epsilon_high": 0.2, "beta": 0.0, "temperature": 1.0,
-            "aggregation": "token_mean", "max_completion_length": 0}
+DEFAULTS = keys.loss_defaults("grpo")
 
 
 def _config(cfg: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
+  """The `loss` section over the defaults, checked as a run's config is (direct callers get the same lines)."""
   c = common.read_config(cfg, DEFAULTS, "grpo")
-  if c.aggregation not in AGGREGATIONS:
-    raise ValueError(f"config.loss.aggregation: '{c.aggregation}' is not one of {AGGREGATIONS}")
-  if c.aggregation == "seq_mean_token_sum_norm" and c.max_completion_length <= 0:
-    raise ValueError("config.loss.max_completion_length must be > 0 for aggregation 'seq_mean_token_sum_norm'")
-  if c.temperature <= 0:
-    raise ValueError(f"config.loss.temperature must be > 0, got {c.temperature}")
+  config_check.check(ml_collections.ConfigDict({"loss": {"name": "grpo", **c}}))
   return c
 
 
@@ -118,14 +112,14 @@ def grpo_loss(model, batch: common.Batch, rng: jax.Array, cfg: ml_collections.Co
       per_token_BT = per_token_BT + c.beta * kl_BT
 
   rows_B = common.row_mask(batch)
-  denom = common.denominator(batch, count(batch, c))
-  loss = aggregate(per_token_BT, mask_BT, rows_B, c.aggregation, c.max_completion_length, denom)
+  denom = common.normaliser(batch, count(batch, c))
+  loss = aggregate(per_token_BT, mask_BT, rows_B, c.aggregation, c.max_completion_len, denom)
   metric_mode, metric_denom = "token_mean", denom
   if c.aggregation != "token_mean":
     metric_mode = "seq_mean_token_mean"
-    metric_denom = common.denominator(batch, extra_counts(batch)["rows_with_tokens"], "rows_with_tokens")
+    metric_denom = common.normaliser(batch, extra_counts(batch)["rows_with_tokens"], "rows_with_tokens")
   mean = lambda x_BT: aggregate(jax.lax.stop_gradient(x_BT).astype(jnp.float32), mask_BT, rows_B, metric_mode,
-                                c.max_completion_length, metric_denom)
+                                c.max_completion_len, metric_denom)
   low_BT = (ratio_BT < 1.0 - c.epsilon_low) & (adv_B1 < 0)
   high_BT = (ratio_BT > 1.0 + c.epsilon_high) & (adv_B1 > 0)
   metrics = {

@@ -1,8 +1,8 @@
 """Next-token cross entropy over loss-mask tokens (`lm` for CPT, `sft` for instruction tuning: the same loss).
 
 Batch: formats.LM / formats.SFT rows (the loss on `loss_mask` tokens).
-Config (`loss` section): z_loss = 0.0 (weight of the auxiliary z_loss * logsumexp(logits)^2 per loss token);
-logprob_chunk (see common.DEFAULTS).
+Config (`loss` section; defaults and checks in config/keys.py): z_loss (weight of the auxiliary
+z_loss * logsumexp(logits)^2 per loss token), logprob_chunk.
 Loss = (sum of CE + z-term over loss tokens) / loss_denominator (loss tokens of the global batch).
 Metrics: loss (CE only), z_loss (the added term), accuracy (argmax == target), ntokens (a sum).
 """
@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from towerplus_jax.config import keys
 from towerplus_jax.data import formats
 from towerplus_jax.losses import common, logprobs, register
 
-DEFAULTS = {**common.DEFAULTS, "z_loss": 0.0}
+DEFAULTS = keys.loss_defaults("lm")  # lm and sft read the same keys
 
 
 def count(batch: common.Batch, cfg: ml_collections.ConfigDict | None = None) -> jax.Array:
@@ -28,7 +29,7 @@ def cross_entropy_loss(model, batch: common.Batch, cfg: ml_collections.ConfigDic
   common.require(batch, formats.LM.required, name)
   c = common.read_config(cfg, DEFAULTS, name)
   mask_BT = batch["loss_mask"].astype(jnp.float32)
-  denom = common.denominator(batch, count(batch))
+  denom = common.normaliser(batch, count(batch))
   want = ("logp", "correct", "lse") if c.z_loss else ("logp", "correct")  # logsumexp² only when it is asked for
   stats = logprobs.token_stats(model, batch, chunk=c.logprob_chunk, want=want)
   ce = -jnp.sum(stats["logp"] * mask_BT) / denom

@@ -119,17 +119,13 @@ def _xla(q_BTNH, k_BSKH, v_BSKH, q_positions_BT, k_positions_BS, q_segments_BT, 
     mask_BTS &= idx_T[:, None] >= idx_S[None, :]
   b, t, n, h = q_BTNH.shape
   kv, g = k_BSKH.shape[2], n // k_BSKH.shape[2]
-  # Batched 2-D matmuls over (B, K) with the G query heads of a kv head stacked along the rows (M = G·T): XLA CPU
-  # then needs fewer transposes than with einsums over five dimensions (matmul.py has the CPU backward).
-  q_BKMH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4)
-  logits_BKGTS = matmul.dot(q_BKMH.reshape(b, kv, g * t, h), k_BSKH.transpose(0, 2, 3, 1),
-                            jnp.float32).reshape(b, kv, g, t, -1)
+  q_BTKGH = (q_BTNH * jnp.asarray(scale, q_BTNH.dtype)).reshape(b, t, kv, g, h)
+  logits_BKGTS = matmul.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, jnp.float32)
   if softcap is not None:
     logits_BKGTS = jnp.tanh(logits_BKGTS / softcap) * softcap
   logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, NEG_INF)
-  probs_BKMS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype).reshape(b, kv, g * t, -1)
-  out_BKGTH = matmul.dot(probs_BKMS, v_BSKH.transpose(0, 2, 1, 3)).reshape(b, kv, g, t, h)
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  return matmul.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH).reshape(b, t, n, h)
 
 
 def dot_product(q_BTNH, k_BTKH, v_BTKH, segments_BT, window, scale, implementation: str) -> jax.Array:

@@ -261,3 +261,11 @@ def load_json(directory: str) -> ModelConfig:
     raise FileNotFoundError(f"{path} not found: is {directory} a towerplus_jax run folder?")
   d = json.loads(path.read_text())
   return ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token: 6·(non-embedding params + lm head) + attention scores (12·L·T·N·H), as MaxText."""
+  d, f, n, k, h, layers = (cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                           cfg.num_layers)
+  per_layer = d * (n + 2 * k) * h + n * h * d + 3 * d * f
+  return 6 * (layers * per_layer + d * cfg.vocab_size) + 12 * layers * seq_len * n * h

@@ -11,8 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
-from towerplus_jax.models import attention
-from towerplus_jax.models.matmul import matmul_2d
+from towerplus_jax.models import attention, matmul
 from towerplus_jax.models.config import ModelConfig
 
 
@@ -126,8 +125,7 @@ class Attention(nnx.Module):
     self.cfg = cfg
 
   def _project(self, x_BTD: jax.Array, w: nnx.Param, bias_name: str) -> jax.Array:
-    d, n, h = w.shape
-    y = matmul_2d(x_BTD, w[...].astype(x_BTD.dtype).reshape(d, n * h)).reshape(*x_BTD.shape[:2], n, h)
+    y = matmul.einsum("BTD,DNH->BTNH", x_BTD, w[...].astype(x_BTD.dtype))
     if self.cfg.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(y.dtype)
     return y
@@ -154,9 +152,7 @@ class Attention(nnx.Module):
     out_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, k_positions_BS=k_pos_BS,
                                 q_segments_BT=segment_ids_BT, k_segments_BS=k_seg_BS, window=self.window,
                                 softcap=self.softcap, scale=self.scale, impl=impl, block=cfg.attention_block)
-    b, t, n, h = out_BTNH.shape
-    o_FD = self.o_NHD[...].astype(out_BTNH.dtype).reshape(n * h, -1)
-    return matmul_2d(out_BTNH.reshape(b, t, n * h), o_FD), cache
+    return matmul.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(out_BTNH.dtype)), cache
 
 
 class MLP(nnx.Module):
@@ -171,6 +167,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     dt = x_BTD.dtype
-    gate_BTF = matmul_2d(x_BTD, self.gate_DF[...].astype(dt))
+    gate_BTF = matmul.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) if self.gelu else jax.nn.silu(gate_BTF)
-    return matmul_2d(act_BTF * matmul_2d(x_BTD, self.up_DF[...].astype(dt)), self.down_FD[...].astype(dt))
+    up_BTF = matmul.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
+    return matmul.einsum("BTF,FD->BTD", act_BTF * up_BTF, self.down_FD[...].astype(dt))

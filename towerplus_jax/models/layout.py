@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from towerplus_jax.models.config import ModelConfig
 
+LAYER_KEYS = ("layers", "stack", "tail")  # the top-level entries of a param dict holding decoder layers
+
 
 def num_groups(cfg: ModelConfig) -> int:
   return cfg.num_layers // cfg.scan_period
@@ -44,12 +46,18 @@ def _from_layers(layers: list[Any], cfg: ModelConfig) -> dict:
     return {"layers": dict(enumerate(layers))}
   p, g = cfg.scan_period, num_groups(cfg)
   stack = {j: jax.tree.map(lambda *xs: jnp.stack(xs), *layers[j:g * p:p]) for j in range(p)}
-  return {"stack": stack, "tail": dict(enumerate(layers[g * p:]))}
+  tail = layers[g * p:]  # a model without leftover layers has no `tail` entry
+  return {"stack": stack, **({"tail": dict(enumerate(tail))} if tail else {})}
+
+
+def same_layout(a: ModelConfig, b: ModelConfig) -> bool:
+  """Whether the two configs place every layer's params alike (same scan_layers and scan_period)."""
+  return a.scan_layers == b.scan_layers and a.scan_period == b.scan_period
 
 
 def convert(params: dict, src: ModelConfig, dst: ModelConfig) -> dict:
   """A pure param dict (`nnx.to_pure_dict`) of a `src`-layout model in `dst`'s layout (unrolled <-> scanned)."""
-  if src.scan_layers == dst.scan_layers and src.scan_period == dst.scan_period:
+  if same_layout(src, dst):
     return params
-  rest = {k: v for k, v in params.items() if k not in ("layers", "stack", "tail")}
+  rest = {k: v for k, v in params.items() if k not in LAYER_KEYS}
   return {**rest, **_from_layers(_per_layer(params, src), dst)}

@@ -13,10 +13,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from towerplus_jax import sharding
-from towerplus_jax.models import layout
+from towerplus_jax.models import layout, matmul
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.layers import MLP, Attention, Embedder, RMSNorm
-from towerplus_jax.models.matmul import matmul_2d
 
 # Mirrors the block tree: cache[name][k] belongs to getattr(model, name)[k] for name in "layers" (unrolled model)
 # or "stack" / "tail" (scanned model); each {"k": [B, S, K, H], "v": ...}, with a leading [G] axis under "stack".
@@ -160,7 +159,7 @@ class Transformer(nnx.Module):
 
   def logits(self, h_BTD: jax.Array) -> jax.Array:
     """float32 logits [B, T, V] of final-normed hidden states, with Gemma's final soft-cap."""
-    logits_BTV = matmul_2d(h_BTD, self.output_head()).astype(jnp.float32)
+    logits_BTV = matmul.einsum("BTD,DV->BTV", h_BTD, self.output_head()).astype(jnp.float32)
     if self.cfg.final_logit_softcap is not None:
       cap = self.cfg.final_logit_softcap
       logits_BTV = jnp.tanh(logits_BTV / cap) * cap

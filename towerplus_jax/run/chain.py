@@ -13,14 +13,14 @@ from etils import epath
 from towerplus_jax import distributed, errors
 from towerplus_jax.config import config_check
 from towerplus_jax.files import run_lock
-from towerplus_jax.training import train
+from towerplus_jax.run import stage
 from towerplus_jax.training.metrics_writer import MetricsWriter
 
 
 def check_names(config: ml_collections.ConfigDict) -> None:
   """Every stage's preset / init_from resolves (ValueError otherwise), before anything is written."""
-  for stage in config.stages.values() if "stages" in config else [config]:
-    config_check.check_names(stage)
+  for stage_config in config.stages.values() if "stages" in config else [config]:
+    config_check.check_names(stage_config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -52,20 +52,20 @@ def _has_checkpoints(folder: epath.Path) -> bool:
 
 def _run_locked(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "stages" not in config:
-    return train.train(config, workdir)
+    return stage.train(config, workdir)
   results, previous = {}, None
   for name in config.stage_order:
-    stage = config.stages[name]
-    if stage.init_from == "previous":
-      with stage.unlocked():
-        stage.init_from = f"ckpt:{os.path.join(workdir, previous)}" if previous else ""
+    stage_config = config.stages[name]
+    if stage_config.init_from == "previous":
+      with stage_config.unlocked():
+        stage_config.init_from = f"ckpt:{os.path.join(workdir, previous)}" if previous else ""
     logging.info("=== stage %s ===", name)
     stage_dir = os.path.join(workdir, name)
-    results[name] = train.train(stage, stage_dir)
+    results[name] = stage.train(stage_config, stage_dir)
     if config.eval_data:
       scores = held_out_scores(config, stage_dir)
       results[name].update(scores)
-      _append_metrics(stage_dir, stage.train.steps, scores)
+      _append_metrics(stage_dir, stage_config.train.steps, scores)
       logging.info("stage %s held-out: chrF %.2f BLEU %.2f", name, results[name]["heldout/chrf"],
                    results[name]["heldout/bleu"])
     previous = name

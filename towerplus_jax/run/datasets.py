@@ -2,12 +2,15 @@
 batch source the train loop checkpoints."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
+from flax import nnx
 
-from towerplus_jax import losses
+from towerplus_jax import losses, sharding
 from towerplus_jax.data import pipeline
 from towerplus_jax.data.sources import open_source, resolve_sources
 
@@ -70,8 +73,17 @@ def dataset_fn(config: ml_collections.ConfigDict, tokenizer) -> Callable[[str, b
     return pipeline.make_dataset(
         batch_format(config), resolve_sources(spec), tokenizer, seq_len=dcfg.seq_len, batch_size=batch_size,
         template=dcfg.template, seed=dcfg.seed, shuffle=train_split, repeat=train_split, pack=dcfg.pack,
-        max_prompt_len=dcfg.max_prompt_len or None)
+        max_prompt_len=dcfg.max_prompt_len or None,
+        row_multiple=batch_devices(config) * config.train.get("micro_batches", 1))  # each micro-batch split evenly
   return dataset
+
+
+def batch_devices(config: ml_collections.ConfigDict) -> int:
+  """How many devices the batch is split over: the product of the mesh's batch axes (sharding.make_mesh's; the data
+  axis spans the slices)."""
+  slices = config.mesh.get("slices", 1)
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(config.mesh), jax.device_count() // slices)))
+  return slices * math.prod(shape[a] for a in sharding.BATCH)
 
 
 class DatasetBatches:
@@ -80,7 +92,9 @@ class DatasetBatches:
   def __init__(self, dataset):
     self.data_iter = iter(dataset)
 
-  def __next__(self) -> dict:
+  def next(self, policy: Callable[[], nnx.Module]) -> dict:
+    """The next batch (data does not depend on the policy)."""
+    del policy
     return next(self.data_iter)
 
   def host_metrics(self) -> dict[str, float]:

@@ -1,6 +1,9 @@
-"""Everything a stage needs before its first step, assembled: mesh, tokenizer (data/tokenizer_files.py), model and
-frozen reference params (weights.py), and the batch sources (data/datasets.py). Kept apart from the loop in
-`train.py`."""
+"""One stage from its config: everything it needs before its first step, assembled (mesh, tokenizer
+(convert/tokenizer_files.py), model and frozen reference params (training/weights.py), batch sources (datasets.py)),
+then trained by the loop (training/trainer.py).
+
+  stage.train(config, workdir)   # what `python -m towerplus_jax.main` runs for each stage
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -17,13 +20,15 @@ from jax.sharding import Mesh
 
 from towerplus_jax import distributed, losses, sharding
 from towerplus_jax.config import config_check
-from towerplus_jax.convert import tokenizer_files
+from towerplus_jax.convert import peft, tokenizer_files
 from towerplus_jax.data import chat
 from towerplus_jax.models import config as model_config
-from towerplus_jax.models.config import ModelConfig
-from towerplus_jax.rl import rollout
+from towerplus_jax.models.config import ModelConfig, flops_per_token
 from towerplus_jax.run import datasets
-from towerplus_jax.training import weights
+from towerplus_jax.training import lora, optim, weights
+from towerplus_jax.training import state as state_lib
+from towerplus_jax.training.step import StepOptions
+from towerplus_jax.training.trainer import BatchSource, LoopOptions, Trainer
 
 
 @dataclasses.dataclass
@@ -33,7 +38,8 @@ class RunSetup:
   model_cfg: ModelConfig
   model: nnx.Module
   ref_params: Any  # nnx.State of a frozen reference model, or None
-  batches: Callable[[Callable[[], nnx.Module]], Any]  # policy getter -> batch source (next(), get/set_state)
+  reference_is_base: bool  # LoRA with a reference policy: the base, i.e. the policy with its adapters off
+  batches: BatchSource
   eval_batches: Callable[[], Iterable[dict]] | None
   # Writes the run's model_config.json and tokenizer/ into the workdir: called once the run is known to be valid
   # (after its checkpoint restored, or for a new run before its first step), so that a refused resume changes nothing.
@@ -57,7 +63,7 @@ def check_vocab(config: ml_collections.ConfigDict, tokenizer, model_cfg: ModelCo
                      f"config.data.template={other} (or auto)") from None
 
 
-def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
+def setup(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   """Every check a stage's config, data, tokenizer and model allow before its first step; reads the workdir (a resumed
   run's model_config.json) but writes nothing to it (`RunSetup.save_files` does)."""
   distributed.initialize()
@@ -68,6 +74,10 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
   model_cfg, model = weights.load_model(config, mesh, tokenizer.vocab_size)
   weights.check_resume_layout(workdir, model_cfg)
   check_vocab(config, tokenizer, model_cfg)
+  model = lora.apply(config, model, mesh)
+  base = lora.base_record(config, model) if lora.spec(config) else None
+  if base:
+    lora.check_base(workdir, base)
 
   def save_files() -> None:
     if jax.process_count() > 1:  # every host has read the old model_config.json before process 0 rewrites it
@@ -75,20 +85,22 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
     if jax.process_index() == 0:
       model_config.save_json(model_cfg, workdir)
       tokenizer_files.save_for_run(config, tokenizer, tokenizer_spec, workdir)
+      if base:
+        peft.save_base(workdir, base)
 
   loss = losses.get(config.loss.name)
   use_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
-  ref_params = weights.frozen_copy(model) if use_reference else None
+  ref_params = weights.frozen_copy(model) if use_reference and not base else None
   fmt = datasets.batch_format(config)
   dataset = datasets.dataset_fn(config, tokenizer)
   dcfg = config.data
   global_batch = config.train.global_batch_size
 
-  def batches(policy: Callable[[], nnx.Module]):
-    if fmt == "rl":
-      prompts = dataset(dcfg.train, True, config.rl.prompts_per_step)
-      return rollout.RolloutBatches(config, tokenizer, prompts, policy, mesh, workdir)
-    return datasets.DatasetBatches(dataset(dcfg.train, True, global_batch))
+  if fmt == "rl":
+    from towerplus_jax.rl.source import RolloutSource  # the RL stack (rewards, COMET) only for RL stages
+    batches = RolloutSource(config, tokenizer, dataset(dcfg.train, True, config.rl.prompts_per_step), mesh, workdir)
+  else:
+    batches = datasets.DatasetBatches(dataset(dcfg.train, True, global_batch))
 
   eval_batches = None
   if dcfg.eval and fmt != "rl":
@@ -96,4 +108,21 @@ def setup_run(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
       return itertools.islice(iter(dataset(dcfg.eval, False, global_batch)), config.train.eval_steps)
   logging.info("model %s: %s params on mesh %s", model_cfg.family,
                f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
-  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches, save_files)
+  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, bool(base) and use_reference, batches, eval_batches,
+                  save_files)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Run (or resume) one stage in `workdir`; returns the last logged metrics. Raises `preemption.Stopped` when a
+  signal stopped it early (after saving a checkpoint)."""
+  run = setup(config, workdir)
+  tx, lr = optim.make(config.optimizer, config.train.steps)
+  trainable = lora.TRAINABLE if lora.spec(config) else nnx.Param
+  graphdef, state = state_lib.init(run.model, tx, run.mesh, config.train.seed, reference=run.ref_params,
+                                   trainable=trainable)
+  options = StepOptions(losses.get(config.loss.name), config.loss, tx, lr, config.train.micro_batches,
+                        reference_is_base=run.reference_is_base)
+  trainer = Trainer(graphdef=graphdef, state=state, step_options=options, mesh=run.mesh, batches=run.batches,
+                    eval_batches=run.eval_batches, options=LoopOptions.of(config.train), workdir=workdir,
+                    flops_per_token=flops_per_token(run.model_cfg, config.data.seq_len), on_restored=run.save_files)
+  return trainer.run()

@@ -18,7 +18,7 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "B200": 2250e12}
 # The progress line's figures, in order: metric key -> name shown.
 PROGRESS = {"loss": "loss", "reward/mean": "reward", "lr": "lr", "grad_norm": "grad_norm",
-            "perf/tokens_per_sec": "tokens/s", "perf/mfu": "mfu"}
+            "perf/tokens_per_sec": "tokens/s", "perf/mfu": "mfu", "data/fill": "fill"}
 
 
 def peak_flops_per_device() -> float | None:
