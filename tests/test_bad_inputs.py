@@ -434,8 +434,8 @@ def test_evaluate_cli_refuses_an_unknown_code_before_loading(tmp_path):
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == (
       f"error: {path}:2: field 'tgt': unknown language code 'pt-BRR': did you mean 'pt-BR'? Use an ISO 639-1 code "
-      "such as 'pt' or 'pt-BR' (see towerplus_jax/data/languages.py) (a language name goes in 'tgt_lang')"), (
-          out.stderr[-2000:])
+      "such as 'pt' or 'pt-BR' (see towerplus_jax/data/languages.py) (a language name goes in 'tgt_lang') "
+      "(traceback: rerun with --verbosity=1)"), out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- a full disk while saving: one line, nothing lost
