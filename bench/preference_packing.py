@@ -14,18 +14,24 @@ import json
 import os
 import tempfile
 
+import ml_collections
 import numpy as np
 
 from towerplus_jax.run import stage
 
 
-def run(config_path: str, pack: bool, batch: int, seq: int, steps: int) -> dict[str, float]:
-  """Median step time, pairs/s and mean fill of one layout."""
+def load_config(config_path: str) -> ml_collections.ConfigDict:
+  """The config of FILE[:ARG] (ARG default tiny), as --config= reads it."""
   module, _, arg = config_path.partition(":")
   spec = importlib.util.spec_from_file_location("bench_config", module)
   config_module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(config_module)
-  c = config_module.get_config(arg or "tiny")
+  return config_module.get_config(arg or "tiny")
+
+
+def run(config_path: str, pack: bool, batch: int, seq: int, steps: int) -> dict[str, float]:
+  """Median step time, pairs/s and mean fill of one layout."""
+  c = load_config(config_path)
   c.data.update(pack=pack, seq_len=seq)
   c.train.update(steps=steps, global_batch_size=batch, log_every=1, checkpoint_every=0)
   with tempfile.TemporaryDirectory() as workdir:

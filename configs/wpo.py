@@ -11,7 +11,7 @@ def get_config(arg: str = "tiny"):
   c = base(arg, loss="wpo")
   c.data.train = "sample:preferences"  # {"prompt","chosen","rejected"} (+ optional precomputed ref_*_logp)
   c.data.eval = ""
-  c.data.pack = False
+  c.data.pack = True  # whole pairs share rows (exact: per-segment sums); False: one right-padded row per side
   c.optimizer.warmup_ratio = 0.1
   if c.model.preset.startswith("tiny"):  # the sample's preferences are learnt visibly: accuracy and margins rise
     c.optimizer.lr = 3e-4

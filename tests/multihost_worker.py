@@ -58,7 +58,8 @@ def stages_config() -> ml_collections.ConfigDict:
     c.stages[name].data.seq_len = 64
     c.stages[name].train.update(steps=2, log_every=1, checkpoint_every=2, keep_checkpoints=5, eval_steps=2)
   c.stages.sft.train.steps = 4
-  c.stages.wpo.data.max_prompt_len = 32
+  c.stages.wpo.data.update(max_prompt_len=32, pack=True)  # packed pairs: rows and per-pair fields split over hosts
+  c.stages.wpo.optimizer.eps = 1e-4  # WPO's near-zero gradients: at eps=1e-8 their rounding noise moves params ~lr
   grpo = c.stages.grpo
   grpo.rl.update(prompts_per_step=4, num_generations=4, max_completion_len=8,
                  rewards=(*grpo.rl.rewards, "multihost_worker:count_rows"),

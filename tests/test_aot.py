@@ -13,6 +13,7 @@ from flax import nnx
 from configs.sft import get_config
 from towerplus_jax import sharding
 from towerplus_jax.aot import cli, programs
+from towerplus_jax.data import formats, packing
 from towerplus_jax.models.transformer import abstract_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,6 +65,10 @@ def test_targets_are_the_production_rows():
   for family in ("v6e", "v5p"):  # one target per stage on each
     stages = {t.config.split("/")[1].split(".")[0] for t in cli.TARGETS if t.topology.startswith(family)}
     assert stages == {"cpt", "sft", "wpo", "grpo"}, family
+  lora = {(t.config, t.topology): t.overrides for t in cli.TARGETS if "--config.lora.rank=16" in t.overrides}
+  assert set(lora) == {("configs/sft.py:gemma2_9b", "v5e-8"), ("configs/grpo.py:gemma2_9b", "v5e-8"),
+                       ("configs/sft.py:qwen2_5_72b", "v6e-16"), ("configs/sft.py:qwen2_5_72b", "v6e-8")}
+  assert "--config.lora.base_dtype=int8" in lora["configs/sft.py:qwen2_5_72b", "v6e-8"]
 
 
 def test_bad_mesh_flag_names_the_entry():
@@ -96,3 +101,33 @@ def test_grpo_with_iterations_compiles_the_old_logps_layout():
   batch = programs.abstract_batch(config, sharding.make_mesh({"fsdp": -1}))
   assert batch["old_logps"].shape == batch["inputs"].shape and batch["old_logps"].dtype == "float32"
   assert batch["old_is_current"].shape == () and batch["old_is_current"].sharding.spec == jax.sharding.PartitionSpec()
+
+
+def test_packed_preference_step_compiles_for_the_largest_bucket():
+  """data.pack=True (configs/wpo.py's default): the compiled train step takes the packed rows, as many as the largest
+  bucket in multiples of batch devices x micro-batches (a step whose pairs each fill a row of their own), and the
+  per-pair fields [rows, pair slots]."""
+  from configs import wpo
+  config = wpo.get_config("tiny")
+  config.train.update(global_batch_size=12, micro_batches=2)
+  mesh = sharding.make_mesh({"fsdp": 4}, jax.devices()[:4])
+  rows, t = packing.row_buckets(12, 4 * 2)[-1], config.data.seq_len
+  assert config.data.pack and rows == 16 < 2 * 12  # each pair one row: half the unpacked rows, rounded to a bucket
+  step = programs.train_step(config, mesh).compiled
+  batch = step.args_info[0][1]  # (state, batch): the batch's ArgInfos
+  assert set(batch) == set(formats.PREFERENCE.packed.required) | {"record_index"}
+  assert all(batch[k].shape == (rows, t) for k in formats.ROW) and batch["record_index"].shape == (rows, 12)
+
+
+def test_packed_grpo_step_compiles_for_the_largest_bucket():
+  """GRPO with data.pack=True: the compiled train step takes packed rollout rows (per-token advantages, a completion
+  index per slot), at most a row per completion."""
+  from configs import grpo
+  config = grpo.get_config("tiny")
+  config.data.pack = True
+  mesh = sharding.make_mesh({"fsdp": 4}, jax.devices()[:4])
+  n, t = config.train.global_batch_size, programs.prompt_len(config) + config.rl.max_completion_len
+  rows = packing.sequence_buckets(n, 4)[-1]
+  batch = programs.train_step(config, mesh).compiled.args_info[0][1]
+  assert set(batch) == set(formats.RL.packed.required)
+  assert batch["advantages"].shape == (rows, t) and batch["completion_index"].shape == (rows, min(n, t))

@@ -98,10 +98,13 @@ def test_grpo_programs_and_what_the_stage_holds_besides_each():
 
 @needs_libtpu
 def test_wpo_programs_include_the_reference_precompute_in_its_own_process():
+  """configs/wpo.py packs pairs (data.pack=True): every program takes the packed rows (test_aot.py: their count)."""
   compiled = programs.compile_stage(wpo.get_config("tiny"), _mesh("v5e:2x2", {"fsdp": 4}))
   assert [(p.name, p.own_process) for p in compiled] == [
       ("train step", False), ("eval step", False), ("reference log-probs (towerplus_jax.reference)", True)]
   assert compiled[1].held > 0 and compiled[2].held == 0
+  batches = [p.compiled.args_info[0][-1] for p in compiled]  # (state or params, batch)
+  assert all("inputs" in b and "chosen_inputs" not in b and len(b["record_index"].shape) == 2 for b in batches)
 
 
 def _cross_slice(text: str) -> list[str]:

@@ -1,5 +1,6 @@
-"""LoRA (models/lora.py, training/lora.py): merged forward = base + scale·A·B (qwix's numerics as the oracle), the
-targets regex, only adapters train, the reference is the base, resume, base identity."""
+"""LoRA (models/lora.py, training/lora.py): the adapted forward x W + scale·(x A)·B is qwix's (the oracle) and the
+merged weights' (the export), the targets regex, QLoRA's quantised base, only adapters train, the reference is the
+base, resume, base identity."""
 import dataclasses
 import json
 import os
@@ -14,14 +15,14 @@ import pytest
 import qwix
 from flax import nnx
 
-from configs import grpo, sft, wpo
+from configs import grpo, sft, tower_plus, wpo
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf, peft
 from towerplus_jax.files import checkpoint
-from towerplus_jax.models import layout, lora
+from towerplus_jax.models import layout, lora, quant
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
-from towerplus_jax.run import stage
+from towerplus_jax.run import chain, stage
 from towerplus_jax.training import lora as lora_run
 from towerplus_jax.training import optim, preemption
 
@@ -39,15 +40,21 @@ def adapted(scan: bool, family: str = "gemma2", targets: str = lora.DEFAULT_TARG
 
 
 @pytest.mark.parametrize("family", ["gemma2", "qwen2"])
-def test_merged_forward_is_qwix_lora_forward(family):
-  """qwix (0.1.8) computes x W + (alpha / r) · x A B on the unscanned model's __call__; our merged weights agree."""
+def test_adapted_and_merged_forwards_are_qwix_lora_forward(family):
+  """qwix (0.1.8) computes x W + (alpha / r) · x A B on the unscanned model's __call__; our layers and our merged
+  weights agree."""
   model = adapted(scan=False, family=family)
-  base = nnx.merge(*nnx.split(model))  # a copy: qwix clones and re-classes its input
+  base = Transformer(model.cfg, rngs=nnx.Rngs(0))  # the same base, without adapters
+  plain = base(TOKENS)
   oracle = qwix.apply_lora_to_model(base, qwix.LoraProvider(module_path=".*", rank=4, alpha=8.0), TOKENS,
                                     rngs=nnx.Rngs(3))
   nnx.update(oracle, nnx.state(model, nnx.LoRAParam))  # same names, shapes: X_lora_a [*in, r], X_lora_b [r, *out]
+  np.testing.assert_allclose(model(TOKENS), oracle(TOKENS), atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(lora.merged(model)(TOKENS), oracle(TOKENS), atol=1e-5, rtol=1e-5)
-  assert not np.allclose(lora.merged(model)(TOKENS), model(TOKENS), atol=1e-3)  # the adapters do change it
+  assert not np.allclose(model(TOKENS), plain, atol=1e-3)  # the adapters do change it
+  off = nnx.merge(nnx.graphdef(model), jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.LoRAParam)),
+                  nnx.state(model, lora.BASE))
+  np.testing.assert_array_equal(off(TOKENS), plain)  # adapters off: exactly the base
 
 
 def test_merged_weights_are_base_plus_scaled_product_scanned():
@@ -65,6 +72,7 @@ def test_merged_weights_are_base_plus_scaled_product_scanned():
   nnx.replace_by_pure_dict(state, layout.convert(nnx.to_pure_dict(nnx.state(model)), model.cfg, unrolled.cfg))
   nnx.update(unrolled, state)
   np.testing.assert_allclose(merged(TOKENS), lora.merged(unrolled)(TOKENS), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(model(TOKENS), unrolled(TOKENS), atol=1e-5, rtol=1e-5)
 
 
 def test_fresh_adapters_leave_the_model_unchanged():
@@ -72,7 +80,7 @@ def test_fresh_adapters_leave_the_model_unchanged():
   base = Transformer(cfg, rngs=nnx.Rngs(0))
   before = base(TOKENS)
   model = lora.apply(base, lora.Spec(8, 16.0), nnx.Rngs(1))
-  np.testing.assert_array_equal(lora.merged(model)(TOKENS), before)  # B = 0
+  np.testing.assert_array_equal(model(TOKENS), before)  # B = 0
   assert len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) == 2 * 7 * cfg.num_layers
 
 
@@ -126,7 +134,8 @@ def test_reference_is_the_base_at_step_one(tmp_path, loss):
   c = small(wpo.get_config("tiny"), steps=2)
   c.loss.name = loss
   run = stage.setup(c, str(tmp_path / "probe"))
-  assert run.ref_params is None and run.reference_is_base  # no second copy of the weights
+  names = {p[-1] for p, _ in nnx.to_flat_state(run.ref_params)}  # a copy of the adapters, not of the weights
+  assert names and all(n.endswith(("_lora_a", "_lora_b")) for n in names)
   stage.train(c, str(tmp_path / "w"))
   first = rows(tmp_path / "w")[0]
   assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0 and first["rewards/margins"] == 0, first
@@ -183,7 +192,7 @@ def test_peft_adapter_export_loads_as_the_merged_export(family, tmp_path, tiny_h
   hf.export_workdir(workdir, merged, dtype="float32")
   hf.export_workdir(workdir, adapter, adapter=True)
   config = json.load(open(os.path.join(adapter, peft.CONFIG_FILE)))
-  assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["base_model_name_or_path"] == f"hf:{folder}"
+  assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["base_model_name_or_path"] == folder
   assert config["target_modules"] == ["down_proj", "o_proj", "q_proj", "v_proj"]
 
   tokens = np.random.default_rng(1).integers(3, 1024, size=(2, 10))
@@ -225,7 +234,7 @@ def test_aot_lora_stage_trains_adapters_against_the_base():
   abstract = programs.abstract_stage(config, mesh)
   names = {p[-1] for p, _ in nnx.to_flat_state(abstract.state.params)}
   assert names and all(n.endswith(("_lora_a", "_lora_b")) for n in names)
-  assert abstract.state.reference is None and abstract.options.reference_is_base
+  assert jax.tree.structure(abstract.state.reference) == jax.tree.structure(abstract.state.params)
   assert programs.train_step(config, mesh, abstract).memory.total > 0
 
 
@@ -250,3 +259,151 @@ def test_next_stage_starts_from_the_merged_lora_run(tmp_path):
   evaluated, _, _ = translation.load(workdir=first)  # evaluation of the LoRA run: the same merged weights
   for x, y in zip(jax.tree.leaves(nnx.state(evaluated)), jax.tree.leaves(nnx.state(hf.load_hf(merged)[1]))):
     np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ QLoRA
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantised_weights_are_within_half_a_step_of_the_weights(dtype):
+  w = jax.random.normal(jax.random.key(0), (3, 16, 4, 8)) * jnp.arange(1, 9)  # [G, D, N, H], channels of all scales
+  q, s = quant.quantize(w, (1,), dtype)
+  assert q.dtype == jnp.dtype(dtype) and s.shape == (3, 1, 4, 8)
+  assert int(jnp.abs(q.astype(jnp.int32)).max()) == quant.QMAX[dtype]  # each channel's largest |w| maps to qmax
+  err = jnp.abs(quant.dequantize(q, s, jnp.float32) - w)
+  assert bool(jnp.all(err <= s / 2 * (1 + 1e-6)))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_qlora_forward_is_the_base_within_its_quantisation_error(scan):
+  cfg = dataclasses.replace(ModelConfig.tiny(), scan_layers=scan)
+  exact = Transformer(cfg, rngs=nnx.Rngs(0))(TOKENS)
+  bf16 = lora.store_base(Transformer(cfg, rngs=nnx.Rngs(0)), "bfloat16")(TOKENS)
+  errors = {}
+  for dtype in ("int8", "int4"):
+    model = lora.store_base(Transformer(cfg, rngs=nnx.Rngs(0)), dtype)
+    stored = {x.dtype for x in jax.tree.leaves(nnx.state(model))}
+    assert stored == {jnp.dtype(dtype), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)}  # weights, rest, scales
+    errors[dtype] = float(jnp.abs(model(TOKENS) - exact).max())
+    adapted = lora.apply(model, lora.Spec(4, 8.0), nnx.Rngs(1))
+    adapters = nnx.state(adapted, nnx.LoRAParam)
+    keys = jax.random.split(jax.random.key(2), len(jax.tree.leaves(adapters)))
+    nnx.update(adapted, jax.tree.unflatten(jax.tree.structure(adapters), [
+        jax.random.normal(k, x.shape, x.dtype) * 0.05 for k, x in zip(keys, jax.tree.leaves(adapters))]))
+    np.testing.assert_allclose(adapted(TOKENS), lora.merged(adapted)(TOKENS), atol=1e-5)  # the export's weights
+  scale = float(jnp.abs(exact).max())
+  bf16_error = float(jnp.abs(bf16 - exact).max())
+  assert bf16_error < errors["int8"] < errors["int4"] < 0.5 * scale, (bf16_error, errors, scale)
+  assert errors["int8"] < 0.05 * scale, (errors, scale)
+
+
+def test_qlora_sft_trains_adapters_on_an_int8_base_and_exports_what_it_computes(tmp_path, hf_logits):
+  c = small(sft.get_config("tiny"), steps=6)
+  c.lora.base_dtype = "int8"
+  c.optimizer.update(lr=5e-2, warmup_ratio=0.0)
+  workdir = str(tmp_path / "run")
+  stage.train(c, workdir)
+  losses = [r["loss"] for r in rows(workdir)]
+  assert np.mean(losses[-2:]) < losses[0], losses
+  run = stage.setup(c, str(tmp_path / "probe"))
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(run.model, lora.BASE))} >= {jnp.dtype(jnp.int8)}
+  state = nnx.state(run.model, nnx.LoRAParam)
+  nnx.replace_by_pure_dict(state, adapters(c, workdir))
+  nnx.update(run.model, state)
+  merged = str(tmp_path / "merged")
+  hf.export_workdir(workdir, merged, dtype="float32")
+  tokens = np.asarray(TOKENS)
+  np.testing.assert_allclose(np.asarray(run.model(TOKENS)), hf_logits(merged, tokens), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ init_from=peft:DIR
+def peft_adapter(base_folder: str, out: str, targets=("q_proj", "v_proj", "down_proj")) -> str:
+  """A PEFT LoRA adapter made by `peft` itself on an HF folder, with random (non-zero) B."""
+  import torch
+  import transformers
+  from peft import LoraConfig, get_peft_model
+  torch.manual_seed(0)
+  base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+  get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+                 ).save_pretrained(out)
+  return out
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_peft_adapter_continues_as_peft_runs_it(scan, tmp_path, tiny_hf_model):
+  import torch
+  import transformers
+  from peft import PeftModel
+  folder = tiny_hf_model("qwen2", vocab_size=1024)
+  adapter = peft_adapter(folder, str(tmp_path / "adapter"))
+  c = small(sft.get_config("tiny_qwen2"), steps=2)
+  c.init_from, c.model.scan_layers = f"peft:{adapter}", scan
+  c.lora.update(rank=0, base_dtype="float32")  # rank 0: the adapter's
+  model = stage.setup(c, str(tmp_path / "probe")).model
+  tokens = np.random.default_rng(1).integers(3, 1024, size=(2, 10))
+  base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+  with torch.no_grad():
+    want = PeftModel.from_pretrained(base, adapter)(torch.as_tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(tokens))), want, atol=1e-4)
+  workdir = str(tmp_path / "run")
+  stage.train(c, workdir)  # continues it, and exports it as an adapter of the same base
+  hf.export_workdir(workdir, str(tmp_path / "again"), adapter=True)
+  config = json.load(open(tmp_path / "again" / peft.CONFIG_FILE))
+  assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == folder
+  assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+
+
+def test_a_peft_adapter_that_does_not_fit_is_one_line(tmp_path, tiny_hf_model):
+  adapter = peft_adapter(tiny_hf_model("qwen2", vocab_size=1024), str(tmp_path / "adapter"))
+  c = small(sft.get_config("tiny_qwen2"), steps=1)
+  c.init_from = f"peft:{adapter}"
+  c.lora.rank = 8
+  with pytest.raises(ValueError, match=rf"^config.lora.rank=8, but init_from=peft:{adapter} is an adapter of rank 4: "
+                     r"set lora.rank=4 \(or 0: the adapter's\)$"):
+    stage.setup(c, str(tmp_path / "w"))
+  c.lora.rank = 0
+  config_path = tmp_path / "adapter" / peft.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  other = tiny_hf_model("qwen2", vocab_size=1024, hidden_size=32)  # another base: another width
+  config_path.write_text(json.dumps({**config, "base_model_name_or_path": other}))
+  with pytest.raises(ValueError, match=r"^init_from=peft:.*layers.0.self_attn.q_proj.lora_A has shape \(4, 64\), "
+                     r"which does not fit this qwen2 model \(embed_dim 32\): an adapter of another base$"):
+    stage.setup(c, str(tmp_path / "w"))
+  config_path.write_text(json.dumps({**config, "base_model_name_or_path": "Qwen/Qwen2.5-7B"}))
+  with pytest.raises(ValueError, match=r"^init_from=peft:.*: its base_model_name_or_path 'Qwen/Qwen2.5-7B' is not a "
+                     r"local Hugging Face folder \(with config.json\): download the base and set"):
+    stage.setup(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_lora_chain_continues_one_adapter_through_sft_wpo_grpo_that_peft_loads(tmp_path, tiny_hf_model):
+  """Issue 24's goal: an HF checkpoint through SFT -> WPO -> GRPO with LoRA (each stage continues the adapter on the
+  same base, its reference the previous stage's policy) comes out as one PEFT adapter of that checkpoint. ~60 s."""
+  import torch
+  import transformers
+  from peft import PeftModel
+  folder = tiny_hf_model("qwen2", vocab_size=1024)
+  c = tower_plus.get_config("tiny_qwen2")
+  c.stage_order, c.eval_data = ["sft", "wpo", "grpo"], ""
+  c.stages.sft.init_from = f"hf:{folder}"
+  for name in c.stage_order:
+    stage_config = c.stages[name]
+    stage_config.train.update(steps=2, log_every=1, checkpoint_every=0, eval_steps=1)
+    stage_config.lora.update(rank=4, alpha=8.0, base_dtype="float32")
+    stage_config.optimizer.update(lr=5e-2, warmup_ratio=0.0)
+  c.stages.grpo.loss.beta = 0.04
+  workdir = str(tmp_path / "chain")
+  chain.run(c, workdir)
+  for name in c.stage_order:  # every stage adapts the HF checkpoint itself
+    assert json.load(open(os.path.join(workdir, name, peft.BASE_FILE)))["base"] == f"hf:{folder}"
+  first_wpo, first_grpo = rows(os.path.join(workdir, "wpo"))[0], rows(os.path.join(workdir, "grpo"))[0]
+  assert first_wpo["rewards/margins"] == 0 and first_grpo["kl"] == 0  # the reference: the stage's start
+  adapter, merged = str(tmp_path / "adapter"), str(tmp_path / "merged")
+  hf.export_workdir(os.path.join(workdir, "grpo"), adapter, adapter=True)
+  hf.export_workdir(os.path.join(workdir, "grpo"), merged, dtype="float32")
+  tokens = torch.as_tensor(np.random.default_rng(1).integers(3, 1024, size=(2, 10)))
+  load = lambda path: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                                        attn_implementation="eager")
+  with torch.no_grad():
+    got = PeftModel.from_pretrained(load(folder), adapter)(tokens).logits.numpy()
+    want, base = load(merged)(tokens).logits.numpy(), load(folder)(tokens).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  assert not np.allclose(want, base, atol=1e-3)

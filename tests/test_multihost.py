@@ -1,9 +1,9 @@
 """Real multi-process runs (2 processes x 4 CPU devices over a localhost coordinator, gloo collectives) against the
 same runs in this process (1 x 8 devices): the same model, metrics, samples and checkpoints whatever the host count.
 
-One 2-process launch covers SFT -> WPO -> GRPO, a resume of a 1-process checkpoint and the end-of-stage held-out
-evaluation; a second (through launch/local_run.sh --processes=2) covers SIGTERM to one process. Children run in their own process group and are
-always killed at the end.
+One 2-process launch covers SFT -> WPO (packed pairs) -> GRPO, a resume of a 1-process checkpoint and the end-of-stage
+held-out evaluation; a second (through launch/local_run.sh --processes=2) covers SIGTERM to one process. Children run
+in their own process group and are always killed at the end.
 """
 from __future__ import annotations
 

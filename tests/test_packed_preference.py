@@ -1,6 +1,7 @@
 """Packed preference rows (data.pack=True for dpo / wpo): a packed step holds the unpacked step's pairs, whole pairs
 per row, in bucketed row counts; attention never crosses segments; loss, metrics, gradients and reference log-probs
-equal the unpacked ones; a tiny WPO run logs the same losses packed and unpacked, and resumes bit-exact."""
+equal the unpacked ones, in one pass or in micro-batches; a tiny WPO run logs the same losses packed and unpacked,
+and resumes bit-exact."""
 import json
 import os
 import signal
@@ -17,7 +18,9 @@ from towerplus_jax.data import formats, packing, pipeline
 from towerplus_jax.models.config import ModelConfig
 from towerplus_jax.models.transformer import Transformer
 from towerplus_jax.run import stage
-from towerplus_jax.training import preemption
+from towerplus_jax.training import optim, preemption, weights
+from towerplus_jax.training import state as state_lib
+from towerplus_jax.training.step import StepOptions, make_train_step
 
 SAMPLE = os.path.join(os.path.dirname(pipeline.__file__), "sample", "preferences.jsonl")
 
@@ -111,6 +114,14 @@ def loss_and_grads(name, net, batch, ref=None, chunk=0):
   return float(value), jax.device_get(metrics), jax.device_get(nnx.to_pure_dict(grads))
 
 
+def assert_same_metrics(metrics_a, metrics_b):
+  """Equal up to float32 rounding at the scale of the summed log-probs (assert_same)."""
+  assert set(metrics_a) == set(metrics_b)
+  scale = max(abs(metrics_a["logps/chosen"]), abs(metrics_a["logps/rejected"]))
+  for k in metrics_a:
+    np.testing.assert_allclose(metrics_a[k], metrics_b[k], rtol=1e-5, atol=1e-7 * scale, err_msg=k)
+
+
 def assert_same(a, b):
   """Equal up to float32 rounding. Tokens after the first segment of a packed row see their attention sums in
   another order (hidden states within a few ulps), so: rewards, β·(logπ − logπ_ref) with sums near -100, get an
@@ -118,10 +129,7 @@ def assert_same(a, b):
   many cancelling terms differ by up to ~1e-4 of the largest)."""
   (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = a, b
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
-  assert set(metrics_a) == set(metrics_b)
-  scale = max(abs(metrics_a["logps/chosen"]), abs(metrics_a["logps/rejected"]))
-  for k in metrics_a:
-    np.testing.assert_allclose(metrics_a[k], metrics_b[k], rtol=1e-5, atol=1e-7 * scale, err_msg=k)
+  assert_same_metrics(metrics_a, metrics_b)
   diff, norm = (np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(tree)))
                 for tree in (jax.tree.map(np.subtract, grads_a, grads_b), grads_b))
   assert diff <= 1e-5 * norm, (diff, norm)  # float32 rounding: the summation order of attention differs
@@ -156,6 +164,31 @@ def test_packed_loss_equals_unpacked_with_precomputed_reference(sample_tok, tmp_
   for packed, padded in zip(*(batches(sample_tok, str(path), pack, steps=1) for pack in (True, False))):
     assert set(formats.PREFERENCE.reference) <= set(packed)
     assert_same(loss_and_grads(name, net, packed), loss_and_grads(name, net, padded))
+
+
+def train_step_metrics(net, ref, batch, micro):
+  """One jitted WPO train step (reference model in the state, as a run holds it) on one device: its metrics."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  cfg = losses.default_config("wpo")
+  cfg.beta = 0.5
+  tx, lr = optim.make(wpo.get_config("tiny").optimizer, 10)
+  graphdef, state = state_lib.init(net, tx, mesh, 0, reference=weights.frozen_copy(ref))
+  step = jax.jit(make_train_step(graphdef, StepOptions(losses.get("wpo"), cfg, tx, lr, micro)))
+  batch = {k: v for k, v in batch.items() if k not in formats.DATA_COUNTS}
+  with jax.set_mesh(mesh):
+    return jax.device_get(step(state, sharding.shard_global_batch(batch, mesh))[1])
+
+
+def test_packed_micro_batches_give_the_loss_and_grad_norm_of_one_pass_and_of_unpacked(sample_tok):
+  """train.micro_batches=2 on packed rows (rows in multiples of devices x micro-batches, each micro-batch with its
+  share of the step's pairs, the loss over the step's pairs): the step of one pass, and of the unpacked rows."""
+  net, ref = model(0, sample_tok.vocab_size), model(1, sample_tok.vocab_size)
+  packed, padded = (batches(sample_tok, SAMPLE, pack, steps=1, row_multiple=2)[0] for pack in (True, False))
+  counts = packed["num_examples"]
+  assert len(counts) % 2 == 0 and counts[0::2].any() and counts[1::2].any()  # pairs in both micro-batches
+  one, two, unpacked = (train_step_metrics(net, ref, b, m) for b, m in ((packed, 1), (packed, 2), (padded, 1)))
+  for other in (two, unpacked):
+    assert_same_metrics(other, one)
 
 
 def test_tiny_wpo_run_logs_the_same_losses_packed(tmp_path):

@@ -45,6 +45,7 @@ class Target:
 
 _GRPO_2B = ("--config.rl.prompts_per_step=1", "--config.rl.num_generations=8", "--config.data.max_prompt_len=1536",
             "--config.rl.max_completion_len=512")
+_LORA = ("--config.lora.rank=16",)  # on every projection (lora.targets' default)
 # The production targets (seq 2048). Rows per chip: the global batch over the chips.
 TARGETS = (
     Target("sft gemma2_2b, 2 rows/chip", "configs/sft.py:gemma2_2b", "v5e-8", ("--config.train.global_batch_size=16",)),
@@ -66,6 +67,14 @@ TARGETS = (
     Target("grpo qwen2_5_7b + reference, 1 row/chip", "configs/grpo.py:qwen2_5_7b", "v5p-16", _GRPO_2B),
     Target("sft gemma2_2b, 2 rows/chip, 2 slices", "configs/sft.py:gemma2_2b", "v5e-8",
            ("--config.train.global_batch_size=32",), num_slices=2),
+    Target("sft gemma2_9b LoRA r16, 1 row/chip", "configs/sft.py:gemma2_9b", "v5e-8",
+           (*_LORA, "--config.train.global_batch_size=8")),
+    Target("grpo gemma2_9b LoRA r16 + reference, 1 row/chip", "configs/grpo.py:gemma2_9b", "v5e-8",
+           (*_LORA, *_GRPO_2B)),
+    Target("sft qwen2_5_72b LoRA r16, 1 row/chip", "configs/sft.py:qwen2_5_72b", "v6e-16",
+           (*_LORA, "--config.train.global_batch_size=16")),
+    Target("sft qwen2_5_72b QLoRA int8 r16, 1 row/chip", "configs/sft.py:qwen2_5_72b", "v6e-8",
+           (*_LORA, "--config.lora.base_dtype=int8", "--config.train.global_batch_size=8")),
 )
 
 

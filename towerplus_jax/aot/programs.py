@@ -21,9 +21,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import losses, sharding
-from towerplus_jax.data import formats
+from towerplus_jax.data import formats, packing
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer
+from towerplus_jax.run import datasets
 from towerplus_jax.training import lora, optim, weights
 from towerplus_jax.training import state as state_lib
 from towerplus_jax.training import step as step_lib
@@ -98,26 +99,42 @@ def abstract_stage(config: ml_collections.ConfigDict, mesh: Mesh) -> AbstractSta
   tx, lr = optim.make(config.optimizer, config.train.steps)
   loss = losses.get(config.loss.name)
   uses_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
-  adapted = lora.spec(config) is not None  # LoRA: the adapters train, the base is the reference
   model = nnx.eval_shape(lambda: lora.adapt(config, Transformer(cfg, rngs=nnx.Rngs(0))))
-  graphdef, state = state_lib.abstract(model, tx, mesh, reference=uses_reference and not adapted,
-                                       trainable=lora.TRAINABLE if adapted else nnx.Param)
-  return AbstractStage(cfg, graphdef, state, StepOptions(loss, config.loss, tx, lr, config.train.micro_batches,
-                                                         reference_is_base=adapted and uses_reference))
+  # LoRA: the adapters train, and the reference is a copy of the adapters on the same frozen base
+  graphdef, state = state_lib.abstract(model, tx, mesh, reference=uses_reference, trainable=lora.trainable(config))
+  return AbstractStage(cfg, graphdef, state, StepOptions(loss, config.loss, tx, lr, config.train.micro_batches))
 
 
-def batch_fields(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+def batch_fields(config: ml_collections.ConfigDict, batch_devices: int | None = None
+                 ) -> dict[str, tuple[tuple[int, ...], Any]]:
   """Shape and dtype of every array of one global batch of the stage's batch format as the step receives it (the
-  data counts popped)."""
+  data counts popped). `batch_devices`: the devices the batch is split over (default: the run's, from config.mesh);
+  packed preference rows come in multiples of them times train.micro_batches."""
   fmt = losses.get(config.loss.name).batch_format
-  b, t = config.train.global_batch_size, config.data.seq_len
+  sizes = {"B": config.train.global_batch_size, "T": config.data.seq_len}
   optional = ["record_index"]  # preference rows carry their record's index
   if config.data.precomputed_reference:
     optional += fmt.reference
   if fmt is formats.RL:
-    t = prompt_len(config) + config.rl.max_completion_len
+    sizes["T"] = prompt_len(config) + config.rl.max_completion_len
     optional += ["old_logps", "old_is_current"] if config.rl.iterations > 1 else []
-  return fmt.abstract({"B": b, "T": t}, optional)
+  if fmt in (formats.PREFERENCE, formats.RL) and config.data.pack:
+    sizes["B"] = packed_rows(config, batch_devices or datasets.batch_devices(config), fmt)
+    sizes["P"] = packing.pair_slots(config.train.global_batch_size, config.data.seq_len)
+    sizes["S"] = packing.sequence_slots(config.train.global_batch_size, sizes["T"])
+    fmt = fmt.packed
+  return fmt.abstract(sizes, optional)
+
+
+def packed_rows(config: ml_collections.ConfigDict, batch_devices: int, fmt: formats.BatchFormat) -> int:
+  """Rows of the packed preference (GRPO) step the check compiles: the largest bucket (packing.row_buckets /
+  sequence_buckets), what a step of global_batch_size pairs (completions) takes when no two of them share a row. The
+  compiled program is then the run's largest step, so a stage that fits here fits at any fill; a step of shorter
+  examples takes a smaller bucket (fewer rows, less memory). The bucket at an expected fill would be the common
+  step, but one batch of long examples would then need more memory than was checked."""
+  multiple = batch_devices * config.train.micro_batches  # each micro-batch split evenly over the devices
+  buckets = packing.row_buckets if fmt is formats.PREFERENCE else packing.sequence_buckets
+  return buckets(config.train.global_batch_size, multiple)[-1]
 
 
 def prompt_len(config: ml_collections.ConfigDict) -> int:
@@ -129,7 +146,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, j
   """The global batch as sharded shapes (split over the batch axes, as `sharding.shard_global_batch` does)."""
   spec = lambda shape: sharding.batch_spec(len(shape), mesh, shape[0]) if shape else P()
   return {k: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec(shape)))
-          for k, (shape, dt) in batch_fields(config).items()}
+          for k, (shape, dt) in batch_fields(config, math.prod(mesh.shape[a] for a in sharding.BATCH)).items()}
 
 
 def _compile(name: str, lower: Callable[[], jax.stages.Lowered], mesh: Mesh, held: int = 0,

@@ -120,10 +120,11 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def init_source(init_from: str) -> tuple[str, str]:
-  """config.init_from 'hf:DIR' / 'ckpt:WORKDIR' -> (kind, path)."""
+  """config.init_from 'hf:DIR' / 'ckpt:WORKDIR' / 'peft:ADAPTER_DIR' -> (kind, path)."""
   kind, _, path = init_from.partition(":")
-  if kind not in ("hf", "ckpt") or not path:
-    raise ValueError(f"config.init_from={init_from!r}: use '', 'hf:/path/to/hf_folder' or 'ckpt:/path/to/workdir'")
+  if kind not in ("hf", "ckpt", "peft") or not path:
+    raise ValueError(f"config.init_from={init_from!r}: use '', 'hf:/path/to/hf_folder', 'ckpt:/path/to/workdir' or "
+                     "'peft:/path/to/adapter_folder'")
   return kind, path
 
 

@@ -67,7 +67,8 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key("init_from", "", "'' = random init; 'hf:DIR' = a Hugging Face folder; 'ckpt:WORKDIR' = another stage's run"),
+    Key("init_from", "", "'' = random init; 'hf:DIR' = a Hugging Face folder; 'ckpt:WORKDIR' = another stage's run; "
+        "'peft:DIR' = a PEFT LoRA adapter on its base (base_model_name_or_path), continued"),
 
     Key("model.preset", Given("preset"), "models/config.py preset (ignored when init_from gives the architecture)"),
     Key("model.vocab_size", 0, "0 = the preset's (random init: the tokenizer's, rounded up to 128)", at_least(0)),
@@ -89,14 +90,15 @@ KEYS: tuple[Key, ...] = (
     Key("mesh.slices", 1, "TPU slices (multislice over DCN): data, fsdp, tensor describe one; the data axis spans them",
         at_least(1)),
 
-    # models/lora.py: the adapters are merged into the weights each step (W + alpha/rank * A B); the base is frozen.
+    # models/lora.py: each adapted projection computes x W + alpha/rank * (x A) B; the base W is frozen.
     Key("lora.rank", 0, "LoRA adapter rank; 0 = full fine-tuning", at_least(0)),
     Key("lora.alpha", 16.0, "adapter scale alpha / rank", POSITIVE),
-    Key("lora.dropout", 0.0, "dropout on the adapters' input (only 0 is implemented: adapters are merged)", FRACTION),
+    Key("lora.dropout", 0.0, "dropout on the adapters' input (only 0 is implemented)", FRACTION),
     Key("lora.targets", DEFAULT_TARGETS,
         "regex (re.search) over module names layers.N.self_attn.{q,k,v,o}_proj, layers.N.mlp.{gate,up,down}_proj"),
-    Key("lora.base_dtype", "bfloat16", "dtype of the frozen base weights under adapters (int8/int4 QLoRA: not yet)",
-        choices=("bfloat16", "float32")),
+    Key("lora.base_dtype", "bfloat16", "dtype of the frozen base under adapters; int8/int4 = QLoRA (projections "
+        "quantised per output channel, models/quant.py; the rest bfloat16)", choices=("bfloat16", "float32", "int8",
+                                                                                       "int4")),
 
     Key("data.train", "", "comma-separated JSONL/ArrayRecord paths or globs, sample:NAME, tfds:NAME, seqio:TASK"),
     Key("data.eval", "", "held-out set in the same formats ('' = no eval)"),
@@ -104,7 +106,8 @@ KEYS: tuple[Key, ...] = (
     Key("data.template", "auto", "chat template; auto = init_from's tokenizer folder's, else the model family's",
         choices=("auto", *chat.TEMPLATES)),
     Key("data.tokenizer", "auto", "sample, sp:PATH, hf:PATH or auto (= init_from's; random-init tiny: sample)"),
-    Key("data.pack", True, "pack several examples per row (segment ids keep them apart); dpo/wpo: whole pairs"),
+    Key("data.pack", True, "pack several examples per row (segment ids keep them apart); dpo/wpo: whole pairs; "
+        "grpo: the rollout's prompt ⧺ completion sequences"),
     Key("data.seed", 0, "shuffling seed"),
     Key("data.max_prompt_len", 0, "rl/preference: longest prompt in tokens (0 = seq_len // 2)", at_least(0)),
     Key("data.precomputed_reference", False, "preference data has ref_*_logp (towerplus_jax.reference): no ref model"),

@@ -352,16 +352,18 @@ def _restore(abstract: nnx.State, mesh: Mesh, workdir: str, step: int | None) ->
 
 
 def lora_base(record: dict, cfg: ModelConfig, mesh: Mesh) -> nnx.Module:
-  """The base a LoRA run adapted, from its record (convert/peft.py): its init_from (an HF folder or another run's
-  workdir) or its seeded random init, in `cfg`'s layout and param dtype, cast to the run's `lora.base_dtype`."""
+  """The base a LoRA run adapted, from its record (convert/peft.py): its init_from (an HF folder, a PEFT adapter's
+  base or another run's workdir) or its seeded random init, in `cfg`'s layout and param dtype (not yet stored as the
+  run's `lora.base_dtype`: models/lora.py `store_base`)."""
   kind, _, path = record["init_from"].partition(":")
+  if kind == "peft":
+    kind, path = "hf", peft.read_adapter(path)[1]
   if kind == "hf":
-    _, model = load_hf(path, mesh=mesh, overrides={"param_dtype": cfg.param_dtype, "scan_layers": cfg.scan_layers})
+    _, model = load_hf(path, mesh=mesh, overrides={k: getattr(cfg, k) for k in model_config.RUNTIME_FIELDS})
   elif kind == "ckpt":
     model = run_model(path, cfg, mesh)
   else:
     model = sharding.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(record["seed"])), mesh)
-  nnx.update(model, jax.tree.map(lambda x: x.astype(record["base_dtype"]), nnx.state(model, nnx.Param)))
   return model
 
 
@@ -390,7 +392,7 @@ def lora_adapters(workdir: str, record: dict, cfg: ModelConfig, mesh: Mesh, step
 def lora_merged(workdir: str, record: dict, cfg: ModelConfig, mesh: Mesh, step: int | None = None) -> dict:
   """A LoRA run's merged params (base + alpha / rank · A B) as a pure dict in `cfg`'s layout, on `mesh`."""
   spec, adapters = lora_adapters(workdir, record, cfg, mesh, step)
-  model = lora.apply(lora_base(record, cfg, mesh), spec, nnx.Rngs(0))
+  model = lora.apply(lora.store_base(lora_base(record, cfg, mesh), record["base_dtype"]), spec, nnx.Rngs(0))
   state = nnx.state(model, nnx.LoRAParam)
   nnx.replace_by_pure_dict(state, adapters)
   nnx.update(model, state)
@@ -413,7 +415,7 @@ def export_workdir(workdir: str, out_dir: str, *, step: int | None = None, dtype
   else:
     if adapter:
       spec, adapters = lora_adapters(workdir, record, cfg, mesh, step)
-      peft.save_adapter(adapters, cfg, spec, record["base"], out_dir)
+      peft.save_adapter(adapters, cfg, spec, peft.base_name(record), out_dir)
       return
     params = lora_merged(workdir, record, cfg, mesh, step)
   tokenizer_dir = os.path.join(workdir, "tokenizer")

@@ -1,5 +1,6 @@
-"""PEFT LoRA adapter folders (what `peft.PeftModel.from_pretrained(base, folder)` loads), and the record of a LoRA
-run's base in its workdir (`lora_base.json`: where the base came from, its fingerprint, the adapters' spec).
+"""PEFT LoRA adapter folders (what `peft.PeftModel.from_pretrained(base, folder)` loads), written from a run's
+adapters and read back (`init_from=peft:DIR`: a stage from base + adapter), and the record of a LoRA run's base in
+its workdir (`lora_base.json`: where the base came from, its fingerprint, the adapters' spec).
 
 Key table: our adapter `X_lora_a` [*lead, *in, r] / `X_lora_b` [*lead, r, *out] of layer i's projection `NAME`
 (models/lora.py PROJECTIONS, HF's module names) <-> `base_model.model.model.layers.{i}.NAME.lora_A.weight` [r, in]
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Mapping
 
@@ -20,6 +22,7 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from towerplus_jax import sharding
 from towerplus_jax.models import lora
@@ -59,6 +62,17 @@ def target_modules(modules: list[str], num_layers: int) -> list[str]:
   return [f"model.{m}" for m in modules]
 
 
+def base_name(record: dict) -> str:
+  """PEFT's `base_model_name_or_path` of a run's base: the HF folder it started from (through an adapter too), else
+  the record's description."""
+  kind, _, path = (record.get("init_from") or "").partition(":")
+  if kind == "hf":
+    return path
+  if kind == "peft":
+    return read_adapter(path)[1]
+  return record["base"]
+
+
 def save_adapter(adapters: Mapping, cfg: ModelConfig, spec: lora.Spec, base: str, out_dir: str,
                  dtype: str = "float32") -> None:
   """Write a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) into `out_dir` (process 0)."""
@@ -78,6 +92,54 @@ def save_adapter(adapters: Mapping, cfg: ModelConfig, spec: lora.Spec, base: str
   epath.Path(tmp, CONFIG_FILE).write_text(json.dumps(config, indent=2))
   shutil.rmtree(out_dir, ignore_errors=True)
   os.replace(tmp, out_dir)
+
+
+def read_adapter(folder: str) -> tuple[lora.Spec, str]:
+  """(spec, base HF folder) of a PEFT LoRA adapter folder; ValueError (one line) when it is not one we can continue,
+  or its base is not a local HF folder."""
+  path = epath.Path(folder) / CONFIG_FILE
+  if not path.exists() or not (epath.Path(folder) / WEIGHTS_FILE).exists():
+    raise ValueError(f"init_from=peft:{folder}: not a PEFT adapter folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+  c = json.loads(path.read_text())
+  unsupported = {k: c.get(k) for k in ("use_rslora", "use_dora") if c.get(k)}
+  if c.get("peft_type") != "LORA" or unsupported or c.get("modules_to_save"):
+    raise ValueError(f"init_from=peft:{folder}: only plain LoRA adapters continue (peft_type={c.get('peft_type')!r}"
+                     f", {unsupported or ''} modules_to_save={c.get('modules_to_save')!r})")
+  base = c.get("base_model_name_or_path") or ""
+  if not (epath.Path(base) / "config.json").exists():
+    raise ValueError(f"init_from=peft:{folder}: its base_model_name_or_path {base!r} is not a local Hugging Face "
+                     f"folder (with config.json): download the base and set base_model_name_or_path in {path}")
+  with safetensors.safe_open(str(epath.Path(folder) / WEIGHTS_FILE), "numpy") as f:
+    modules = sorted({m.group(1) for k in f.keys() if (m := re.match(r"base_model\.model\.model\.(.*)\.lora_A", k))})
+  targets = "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+  return lora.Spec(int(c["r"]), float(c["lora_alpha"]), targets), base
+
+
+def load_adapter(folder: str, model: nnx.Module, mesh: Mesh) -> None:
+  """Set the adapters of `model` (adapted by `read_adapter`'s spec) to a PEFT folder's tensors, placed on `mesh`, in
+  place; ValueError (one line) when a tensor's shape is not the model's (an adapter of another base or family)."""
+  cfg = model.cfg
+  state = nnx.state(model, nnx.LoRAParam)
+  pure = jax.tree.map(lambda x: np.array(sharding.to_host(x)), nnx.to_pure_dict(state))
+  with safetensors.safe_open(os.path.join(folder, WEIGHTS_FILE), "numpy") as f:
+    for i in range(cfg.num_layers):
+      slot, row = layer_slot(cfg, i)
+      name, index = slot.split(".")
+      sub = pure.get(name, {}).get(int(index), {})
+      for owner, weight, hf, _ in lora.PROJECTIONS:
+        for suffix, ab in ((lora.A_SUFFIX, "A"), (lora.B_SUFFIX, "B")):
+          ours = sub.get(owner, {}).get(weight + suffix)
+          if ours is None:
+            continue
+          view = ours if row is None else ours[row]
+          t = f.get_tensor(KEY.format(i=i, name=hf, ab=ab)).T  # ours flattened: A [in, r], B [r, out]
+          if t.shape != (view.reshape(-1, view.shape[-1]) if ab == "A" else view.reshape(view.shape[0], -1)).shape:
+            raise ValueError(f"init_from=peft:{folder}: layers.{i}.{hf}.lora_{ab} has shape {t.T.shape}, which "
+                             f"does not fit this {cfg.family} model (embed_dim {cfg.embed_dim}): an adapter of "
+                             "another base")
+          view[...] = t.reshape(view.shape)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
 
 
 # ------------------------------------------------------------------------------------------------ a run's base

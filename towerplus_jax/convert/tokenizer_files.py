@@ -13,7 +13,7 @@ import ml_collections
 from etils import epath
 
 from towerplus_jax.config import config_check
-from towerplus_jax.convert import hf_config, hf_tokenizer
+from towerplus_jax.convert import hf_config, hf_tokenizer, peft
 from towerplus_jax.data import chat
 from towerplus_jax.data.tokenizers import (
   CHAT_SYMBOLS,
@@ -95,10 +95,13 @@ def template_in(folder: str) -> str | None:
 
 
 def init_folder(config: ml_collections.ConfigDict) -> tuple[str, str] | None:
-  """(config.init_from's tokenizer folder, init kind 'hf' | 'ckpt'), or None for a random init."""
+  """(config.init_from's tokenizer folder, init kind 'hf' | 'ckpt'), or None for a random init (an adapter's: its
+  base HF folder's)."""
   if not config.init_from:
     return None
   kind, path = config_check.init_source(config.init_from)
+  if kind == "peft":
+    return peft.read_adapter(path)[1], "hf"
   return (path if kind == "hf" else os.path.join(path, "tokenizer")), kind
 
 

@@ -3,9 +3,10 @@ required). Each loss names its format (`losses.register(..., batch_format=...)`)
 build batches of it, the AOT check builds its abstract batch from it, and the train loop checks the first batch
 against it (`BatchFormat.check`: one error naming the field, before anything is traced).
 
-Shape letters: B rows of the global batch, T tokens of a row, P pair slots of a row; "" a scalar. Optional fields
-appear when their producer adds them: reference log-probs (precomputed, else the trainer adds them with the loss's
-reference_fn), GRPO's old policy (rl.iterations > 1), the data counts the trainer pops into `data/*` metrics.
+Shape letters: B rows of the global batch, T tokens of a row, P pair slots of a row, S sequence slots of a row;
+"" a scalar. Optional fields appear when their producer adds them: reference log-probs (precomputed, else the
+trainer adds them with the loss's reference_fn), GRPO's old policy (rl.iterations > 1), the data counts the trainer
+pops into `data/*` metrics.
 """
 from __future__ import annotations
 
@@ -94,11 +95,17 @@ PREFERENCE = BatchFormat(
         reference=("ref_chosen_logp", "ref_rejected_logp")))
 # GRPO rollout rows (prompt ⧺ completion, loss on completion tokens), group-relative advantages; with μ > 1 the old
 # policy's log-probs and `old_is_current` (1 on a rollout's first update); per-token reference log-probs.
+RL_OPTIONAL = {"old_logps": Field("BT", np.float32, False), "old_is_current": Field("", np.int32, False),
+               "ref_logps": Field("BT", np.float32, False)}
 RL = BatchFormat(
-    "rl",
-    {**ROW, "advantages": Field("B", np.float32), "old_logps": Field("BT", np.float32, False),
-     "old_is_current": Field("", np.int32, False), "ref_logps": Field("BT", np.float32, False)},
-    reference=("ref_logps",))
+    "rl", {**ROW, "advantages": Field("B", np.float32), **RL_OPTIONAL}, reference=("ref_logps",),
+    # Packed (data.pack=True): the rollout's sequences share rows (packing.pack_sequences), slot s of a row its
+    # segment s + 1 (positions restarting at 0); `completion_index` [B, S] is each slot's completion in the rollout
+    # (-1: unused) and `advantages` are per token, each sequence's on its tokens, so the surrogate reads them as the
+    # log-probs (no slot lookup). A step holds the unpacked step's completions.
+    packed=BatchFormat(
+        "rl_packed", {"completion_index": Field("BS", np.int32), **ROW, "advantages": Field("BT", np.float32),
+                      **RL_OPTIONAL}, reference=("ref_logps",)))
 
 FORMATS = {f.name: f for f in (LM, SFT, PREFERENCE, RL)}
 

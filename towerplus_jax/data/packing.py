@@ -1,11 +1,13 @@
 """Tokenized examples -> fixed-length rows with `segment_ids` (1..n per row, 0 = padding) and `positions`
 (restarting at 0 per segment). Packing is grain's best-fit packer; examples longer than a row are first split
 into row-sized chunks (each chunk its own segment). Rows also carry int32 `example_start`: 1 on the first token of
-each example, 2 when that example was longer than the row (split), 0 elsewhere (pipeline.py counts them)."""
+each example, 2 when that example was longer than the row (split), 0 elsewhere (pipeline.py counts them).
+A step's preference pairs (`pack_pairs`) and a rollout's prompt ⧺ completion sequences (`pack_sequences`) are
+packed whole instead: first-fit, longest first, into one of a few row counts (`row_buckets`)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -114,6 +116,16 @@ def _first_fit(lengths_E: np.ndarray, seq_len: int, slots: int) -> list[list[int
   return rows
 
 
+def _place(lengths_E: np.ndarray, seq_len: int, slots: int, buckets: Sequence[int], what: str
+           ) -> tuple[list[list[int]], int]:
+  """`_first_fit`'s rows of the examples and the smallest bucket (row count) that holds them."""
+  rows = _first_fit(lengths_E, seq_len, slots)
+  num_rows = next((b for b in buckets if b >= len(rows)), None)
+  if num_rows is None:
+    raise ValueError(f"{len(lengths_E)} {what} need {len(rows)} rows; the largest bucket is {buckets[-1]}")
+  return rows, num_rows
+
+
 def pack_pairs(examples: Sequence[dict], seq_len: int, slots: int, buckets: Sequence[int],
                pair_keys: Sequence[str]) -> dict[str, np.ndarray]:
   """Preference examples ({side}_{inputs,targets,loss_mask}, each pair at most `seq_len` tokens, and scalar
@@ -122,10 +134,7 @@ def pack_pairs(examples: Sequence[dict], seq_len: int, slots: int, buckets: Sequ
   slots, NaN reference log-probs), `num_examples` / `num_truncated` per row."""
   sides = [[{k: e[f"{s}_{k}"] for k in SEQUENCE_KEYS} for s in ("chosen", "rejected")] for e in examples]
   lengths_E = np.asarray([sum(len(side["inputs"]) for side in pair) for pair in sides])
-  rows = _first_fit(lengths_E, seq_len, slots)
-  num_rows = next((b for b in buckets if b >= len(rows)), None)
-  if num_rows is None:
-    raise ValueError(f"{len(examples)} pairs need {len(rows)} rows; the largest bucket is {buckets[-1]}")
+  rows, num_rows = _place(lengths_E, seq_len, slots, buckets, "pairs")
   out = {k: np.zeros((num_rows, seq_len), np.float32 if k == "loss_mask" else np.int32)
          for k in (*SEQUENCE_KEYS, "segment_ids", "positions")}
   out.update({k: np.full((num_rows, slots), np.nan if k.startswith("ref_") else -1,
@@ -145,4 +154,48 @@ def pack_pairs(examples: Sequence[dict], seq_len: int, slots: int, buckets: Sequ
         out[k][r, p] = examples[e][k]
       out["num_examples"][r] += 1
       out["num_truncated"][r] += examples[e]["num_truncated"]
+  return out
+
+
+def sequence_buckets(num_sequences: int, multiple: int) -> list[int]:
+  """The row counts of a step of `num_sequences` packed sequences (pack_sequences): `row_buckets`, capped at
+  `num_sequences` when that is a multiple, so a packed step never takes more rows than a row per sequence."""
+  buckets = row_buckets(num_sequences, multiple)
+  return [b for b in buckets if b < num_sequences] + [num_sequences] if num_sequences % multiple == 0 else buckets
+
+
+def pair_slots(batch_size: int, seq_len: int) -> int:
+  """P, the pair slots of a packed preference row (pack_pairs): the step's pairs, at most what a row's segments can
+  hold."""
+  return min(batch_size, seq_len // 2)
+
+
+def sequence_slots(num_sequences: int, seq_len: int) -> int:
+  """S, the sequence slots of a packed row from `pack_sequences`: as many as the row could ever hold (one token a
+  sequence), at most the sequences there are; so slots never limit the packing, and S is fixed for fixed shapes."""
+  return min(num_sequences, seq_len)
+
+
+def pack_sequences(rows: Mapping[str, np.ndarray], buckets: Sequence[int], index_key: str) -> dict[str, np.ndarray]:
+  """Rows of one sequence each (its tokens first: `segment_ids` 1, positions from 0; then padding) -> rows of the same
+  length, as many as the smallest bucket that holds the sequences placed first-fit, longest first. Slot s of a row
+  is its segment s + 1 (positions restarting at 0). Per-token fields [N, T] keep their values on each sequence's
+  tokens, per-sequence fields [N] are repeated over them (0 on padding), and `index_key` [rows, S] (sequence_slots)
+  is each slot's input row (-1: unused)."""
+  segment_ids_NT = rows["segment_ids"]
+  n, seq_len = segment_ids_NT.shape
+  lengths_N = np.count_nonzero(segment_ids_NT, axis=1)
+  slots = sequence_slots(n, seq_len)
+  placed, num_rows = _place(lengths_N, seq_len, slots, buckets, "sequences")
+  out = {k: np.zeros((num_rows, seq_len), v.dtype) for k, v in rows.items()}
+  out[index_key] = np.full((num_rows, slots), -1, np.int32)
+  for r, row in enumerate(placed):
+    t = 0
+    for s, i in enumerate(row):
+      n_i = lengths_N[i]
+      for k, v in rows.items():
+        out[k][r, t:t + n_i] = v[i, :n_i] if v.ndim == 2 else v[i]
+      out["segment_ids"][r, t:t + n_i] = s + 1
+      out[index_key][r, s] = i
+      t += n_i
   return out

@@ -319,7 +319,7 @@ def make_dataset(kind: str, sources: str | Sequence[str] | RecordSource, tokeniz
     return it.filter(fits).batch(batch_size, batch_fn=functools.partial(
         _rl_batch, max_prompt_len=max_prompt_len, pad_id=tokenizer.pad_id, fits=fits))
   if kind == "preference" and pack:
-    pack_fn = functools.partial(packing.pack_pairs, seq_len=seq_len, slots=min(batch_size, seq_len // 2),
+    pack_fn = functools.partial(packing.pack_pairs, seq_len=seq_len, slots=packing.pair_slots(batch_size, seq_len),
                                 buckets=packing.row_buckets(batch_size, row_multiple),
                                 pair_keys=("record_index", *formats.PREFERENCE.reference))
     return it.batch(batch_size, batch_fn=pack_fn).map(_reference_logps)

@@ -33,11 +33,6 @@ def require(batch: Batch, keys: tuple[str, ...], loss: str) -> None:
     raise KeyError(f"loss '{loss}': batch lacks {missing}; it has {sorted(batch)}")
 
 
-def masked_mean(x_BT: jax.Array, mask_BT: jax.Array, axis: int | None = None) -> jax.Array:
-  """Mean of x over mask (0 where the mask is empty)."""
-  return jnp.sum(x_BT * mask_BT, axis=axis) / jnp.maximum(jnp.sum(mask_BT, axis=axis), 1.0)
-
-
 def row_mask(batch: Batch, prefix: str = "") -> jax.Array:
   """float32 [B]: 1 for rows holding a sequence, 0 for all-padding rows (segment_ids all 0)."""
   segment_ids_BT = batch.get(f"{prefix}segment_ids")

@@ -22,6 +22,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "offload")
 ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # models/attention.py
 
 
+# The fields a run chooses (compute, layout, kernels), not the weights': a stage config overrides them on any init.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "scan_layers")
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Decoder hyper-parameters; names follow the Hugging Face configs where one exists."""

@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
-from towerplus_jax.models import attention, matmul
+from towerplus_jax.models import attention, lora
 from towerplus_jax.models.config import ModelConfig
 
 
@@ -124,8 +124,8 @@ class Attention(nnx.Module):
     self.softcap = cfg.attn_logit_softcap
     self.cfg = cfg
 
-  def _project(self, x_BTD: jax.Array, w: nnx.Param, bias_name: str) -> jax.Array:
-    y = matmul.einsum("BTD,DNH->BTNH", x_BTD, w[...].astype(x_BTD.dtype))
+  def _project(self, x_BTD: jax.Array, weight: str, bias_name: str) -> jax.Array:
+    y = lora.project(self, weight, "BTD,DNH->BTNH", x_BTD)
     if self.cfg.qkv_bias:
       y = y + getattr(self, bias_name)[...].astype(y.dtype)
     return y
@@ -133,9 +133,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, segment_ids_BT: jax.Array | None,
                cache: dict | None = None) -> tuple[jax.Array, dict | None]:
     cfg = self.cfg
-    q_BTNH = self._project(x_BTD, self.q_DNH, "q_bias_NH")
-    k_BTKH = self._project(x_BTD, self.k_DKH, "k_bias_KH")
-    v_BTKH = self._project(x_BTD, self.v_DKH, "v_bias_KH")
+    q_BTNH = self._project(x_BTD, "q_DNH", "q_bias_NH")
+    k_BTKH = self._project(x_BTD, "k_DKH", "k_bias_KH")
+    v_BTKH = self._project(x_BTD, "v_DKH", "v_bias_KH")
     if cfg.qk_norm:
       q_BTNH, k_BTKH = self.q_norm(q_BTNH), self.k_norm(k_BTKH)
     q_BTNH = rope(q_BTNH, positions_BT, self.theta, self.rope_scale)
@@ -152,7 +152,7 @@ class Attention(nnx.Module):
     out_BTNH = attention.attend(q_BTNH, k_BTKH, v_BTKH, q_positions_BT=positions_BT, k_positions_BS=k_pos_BS,
                                 q_segments_BT=segment_ids_BT, k_segments_BS=k_seg_BS, window=self.window,
                                 softcap=self.softcap, scale=self.scale, impl=impl, block=cfg.attention_block)
-    return matmul.einsum("BTNH,NHD->BTD", out_BTNH, self.o_NHD[...].astype(out_BTNH.dtype)), cache
+    return lora.project(self, "o_NHD", "BTNH,NHD->BTD", out_BTNH), cache
 
 
 class MLP(nnx.Module):
@@ -166,8 +166,7 @@ class MLP(nnx.Module):
     self.gelu = cfg.is_gemma
 
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
-    dt = x_BTD.dtype
-    gate_BTF = matmul.einsum("BTD,DF->BTF", x_BTD, self.gate_DF[...].astype(dt))
+    gate_BTF = lora.project(self, "gate_DF", "BTD,DF->BTF", x_BTD)
     act_BTF = jax.nn.gelu(gate_BTF, approximate=True) if self.gelu else jax.nn.silu(gate_BTF)
-    up_BTF = matmul.einsum("BTD,DF->BTF", x_BTD, self.up_DF[...].astype(dt))
-    return matmul.einsum("BTF,FD->BTD", act_BTF * up_BTF, self.down_FD[...].astype(dt))
+    up_BTF = lora.project(self, "up_DF", "BTD,DF->BTF", x_BTD)
+    return lora.project(self, "down_FD", "BTF,FD->BTD", act_BTF * up_BTF)

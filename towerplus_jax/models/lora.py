@@ -1,10 +1,12 @@
-"""LoRA adapters on a Transformer's projections: W' = W + (alpha / rank) · A B, with A [*in, r] and B [r, *out].
+"""LoRA adapters on a Transformer's projections: y = x W + (alpha / rank) · (x A) B, with A [*in, r], B [r, *out].
 
 `apply` adds, next to each targeted weight `X` (e.g. `attn.q_DNH`, stacked [G, ...] in a scanned model), two
 `nnx.LoRAParam`s `X_lora_a` and `X_lora_b` (B starts at 0, so the adapted model starts as the base) and records the
-`Spec` on the model. The layers never read them: `merged` returns the model with every targeted weight replaced by
-W', which is what training differentiates (the gradient reaches A and B through the merge). The unmerged model is the
-base itself, which is why a LoRA run's reference policy costs no second copy of the weights.
+`Spec` on the model. The layers compute every projection through `project`, which adds the adapter's path when the
+weight has one: the base weights are never copied or merged (not in training, not in the sampler), the gradient of
+a step is A's and B's only, and with B = 0 the model is exactly its base (x W + scale · (x A) 0 = x W), which is why
+a LoRA run's reference policy is a copy of its initial adapters on the same base, not a second copy of the weights. `store_base` keeps the frozen base in bfloat16 or
+quantised (QLoRA, models/quant.py); `merged` gives W' = W + scale · A B as plain weights (HF export).
 
 Why not qwix's interception (qwix 0.1.8 `apply_lora_to_model`): it wraps only the NNX model's `__call__`, so
 `Transformer.hidden` / `decode` (what the losses, the chunked log-prob kernel and the sampler call) run without the
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from towerplus_jax.models import layout
+from towerplus_jax.models import layout, matmul, quant
 
 # (sub-module of a Block, weight, HF module name, number of input axes of the weight)
 PROJECTIONS = (
@@ -84,10 +86,21 @@ def _split(shape: tuple[int, ...], stacked: bool, weight: str) -> tuple[tuple, t
   return shape[:n_lead], shape[n_lead:n_lead + n_in], shape[n_lead + n_in:]
 
 
+def projections(model: nnx.Module) -> list[tuple[str, nnx.Module, str, bool]]:
+  """(slot name, owning module, weight, stacked) of every projection weight of every block."""
+  out = []
+  for name in layout.LAYER_KEYS:
+    for block in getattr(model, name, ()):
+      for owner, weight, _, _ in PROJECTIONS:
+        out.append((name, getattr(block, owner), weight, name == "stack"))
+  return out
+
+
 def apply(model: nnx.Module, spec: Spec, rngs: nnx.Rngs) -> nnx.Module:
   """`model` (a Transformer, changed in place and returned) with adapters on the weights `spec.targets` selects,
-  in the weights' dtype. A ~ U(±1/sqrt(fan_in)) (PEFT's kaiming-uniform init), B = 0; each takes its weight's
+  in the model's param dtype. A ~ U(±1/sqrt(fan_in)) (PEFT's kaiming-uniform init), B = 0; each takes its weight's
   logical axes (A its input axes, B its output axes; the rank axis unsplit)."""
+  dtype = jnp.dtype(model.cfg.param_dtype)
   for (name, index, owner, weight) in targeted(model, spec):
     module = getattr(getattr(model, name)[index], owner)
     w = getattr(module, weight)
@@ -95,11 +108,44 @@ def apply(model: nnx.Module, spec: Spec, rngs: nnx.Rngs) -> nnx.Module:
     axes = w.get_metadata().get("axes") or (None,) * w.ndim
     n = len(lead) + len(ins)
     bound = 1 / math.sqrt(math.prod(ins))
-    a = jax.random.uniform(rngs.params(), (*lead, *ins, spec.rank), w.dtype, -bound, bound)
+    a = jax.random.uniform(rngs.params(), (*lead, *ins, spec.rank), dtype, -bound, bound)
     setattr(module, weight + A_SUFFIX, nnx.LoRAParam(a, axes=(*axes[:n], None)))
-    setattr(module, weight + B_SUFFIX, nnx.LoRAParam(jnp.zeros((*lead, spec.rank, *outs), w.dtype),
+    setattr(module, weight + B_SUFFIX, nnx.LoRAParam(jnp.zeros((*lead, spec.rank, *outs), dtype),
                                                      axes=(*axes[:len(lead)], None, *axes[n:])))
+    module.lora_scale = spec.scale
   model.lora = spec
+  return model
+
+
+def project(module: nnx.Module, weight: str, eqn: str, x: jax.Array) -> jax.Array:
+  """`einsum(eqn, x, W)` for the module's weight `weight` (dequantised if stored quantised), plus
+  scale · (x A) B when `apply` gave it an adapter (the module has `lora_scale`; qwix's same-named adapters in the
+  tests' oracle are not ours); `eqn`'s weight subscripts are its input axes, then its output axes."""
+  y = matmul.einsum(eqn, x, quant.read(module, weight, x.dtype))
+  a = getattr(module, weight + A_SUFFIX, None)
+  if a is None or not hasattr(module, "lora_scale"):
+    return y
+  x_sub, rest = eqn.split(",")
+  w_sub, y_sub = rest.split("->")
+  ins = "".join(c for c in w_sub if c in x_sub)
+  keep = "".join(c for c in x_sub if c not in ins)
+  xa = matmul.einsum(f"{x_sub},{ins}R->{keep}R", x, a[...].astype(x.dtype))
+  b = getattr(module, weight + B_SUFFIX)[...].astype(x.dtype)
+  return y + module.lora_scale * matmul.einsum(f"{keep}R,R{w_sub[len(ins):]}->{y_sub}", xa, b)
+
+
+def store_base(model: nnx.Module, dtype: str) -> nnx.Module:
+  """The model's base weights (every `nnx.Param` but the adapters; changed in place) in `dtype`, or for int8 / int4
+  (QLoRA) its projection weights quantised per output channel (models/quant.py) and the rest in bfloat16."""
+  if dtype not in quant.QMAX:
+    nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, BASE)))
+    return model
+  for _, module, weight, stacked in projections(model):
+    w = getattr(module, weight)
+    _, ins, _ = _split(w.shape, stacked, weight)
+    quant.store(module, weight, tuple(range(int(stacked), int(stacked) + len(ins))), dtype)
+  rest = nnx.All(BASE, nnx.Not(quant.Scale), lambda _, x: not jnp.issubdtype(x.dtype, jnp.integer))
+  nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model, rest)))
   return model
 
 
@@ -113,23 +159,27 @@ def _delta(a: jax.Array, b: jax.Array, shape: tuple[int, ...], stacked: bool, we
 
 
 def merged(model: nnx.Module) -> nnx.Module:
-  """The model with W + scale · A B in place of every adapted weight (in the wider of W's and A's dtypes); a model
-  without adapters as it is."""
+  """A plain model (no adapters, nothing quantised; a copy) with W + scale · A B in place of every adapted weight,
+  in the wider of W's and A's dtypes (a quantised W dequantised to A's); a model without adapters as it is."""
   spec = getattr(model, "lora", None)
   if spec is None:
     return model
-  graphdef, state = nnx.split(model)
-  pure = nnx.to_pure_dict(state)
-  for name, blocks in pure.items():
-    if name not in layout.LAYER_KEYS:
+  model = nnx.merge(*nnx.split(model))
+  for _, module, weight, stacked in projections(model):
+    a = getattr(module, weight + A_SUFFIX, None)
+    quantised = hasattr(module, weight + quant.SCALE_SUFFIX)
+    if a is None and not quantised:
       continue
-    for block in blocks.values():
-      for owner, weight, _, _ in PROJECTIONS:
-        sub = block[owner]
-        if weight + A_SUFFIX in sub:
-          w, a = sub[weight], sub[weight + A_SUFFIX]
-          d = _delta(a, sub[weight + B_SUFFIX], w.shape, name == "stack", weight)
-          dtype = jnp.promote_types(w.dtype, a.dtype)
-          sub[weight] = w.astype(dtype) + spec.scale * d.astype(dtype)
-  nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+    stored = getattr(module, weight)
+    dtype = jnp.dtype(model.cfg.param_dtype) if quantised else jnp.promote_types(stored.dtype, a.dtype)
+    w = quant.read(module, weight, dtype)
+    if a is not None:
+      w = w + spec.scale * _delta(a[...], getattr(module, weight + B_SUFFIX)[...], w.shape, stacked,
+                                  weight).astype(dtype)
+      for suffix in (A_SUFFIX, B_SUFFIX):
+        delattr(module, weight + suffix)
+    if quantised:
+      delattr(module, weight + quant.SCALE_SUFFIX)
+    setattr(module, weight, nnx.Param(w, **stored.get_metadata()))
+  model.lora = None
+  return model

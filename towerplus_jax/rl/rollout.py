@@ -6,7 +6,8 @@ a completion-only loss mask. With μ > 1 updates per rollout (`rl.iterations`) t
 log-probs (`old_logps`): as TRL and verl, from a training forward pass of the policy before the first update (the
 loss's kernel and temperature, the batch sharded as for training), not from the sampler (a bf16 KV-cache decode
 differs from the full forward); the mean gap to the sampler's is a metric. replay.py holds a rollout for its μ
-updates; source.py makes one whenever the buffer is empty.
+updates; source.py makes one whenever the buffer is empty. With data.pack the rows are packed (several prompt ⧺
+completion sequences a row, formats.RL.packed) before the old log-probs' forward pass, so it too runs on fewer rows.
 
 Multi-host: every host gets the same global prompt batch; each samples and scores only the rows its devices hold
 (a costly reward model runs once per row, not once per host), the completions and scores are gathered onto every
@@ -16,7 +17,7 @@ from the global rollout, identically on every host.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
@@ -26,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
+from towerplus_jax.data import packing
 from towerplus_jax.evaluate import sampler
 from towerplus_jax.losses import grpo
 
@@ -52,7 +54,7 @@ class RolloutOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-  batch: dict[str, np.ndarray]  # formats.RL rows of every completion, with advantages (and old_logps for μ > 1)
+  batch: dict[str, np.ndarray]  # formats.RL rows (or packed) of every completion, advantages (old_logps for μ > 1)
   metrics: dict[str, float]  # reward/*, completions/*, frac_reward_zero_std, data/dropped, old_logps gap
   prompts: list[str]  # per completion: its prompt text, completion text and total reward (for samples.jsonl)
   completions: list[str]
@@ -121,10 +123,12 @@ def old_logps_forward(graphdef: nnx.GraphDef, loss_cfg: ml_collections.ConfigDic
 
 def make_rollout(policy: nnx.Module, prompts: dict, *, rng: jax.Array, options: RolloutOptions, reward_fn: RewardFn,
                  tokenizer, stop_ids: tuple[int, ...], mesh: Mesh,
-                 old_logps: Callable[[nnx.Module, dict], np.ndarray] | None = None) -> Rollout:
+                 old_logps: Callable[[nnx.Module, dict], np.ndarray] | None = None,
+                 row_buckets: Sequence[int] = ()) -> Rollout:
   """Sample G completions of each prompt (`prompts`: a batch of the RL prompt pipeline), score them, normalise the
   rewards per group and build the training rows; `old_logps` (μ > 1) replaces the sampler's log-probs by the
-  training forward's."""
+  training forward's. `row_buckets` (data.pack): the rows packed (formats.RL.packed) into one of these row counts;
+  empty: a row per completion."""
   g = options.num_generations
   records = prompts["records"]
   prompt_tokens = np.repeat(prompts["prompt_tokens"], g, axis=0)
@@ -144,6 +148,8 @@ def make_rollout(policy: nnx.Module, prompts: dict, *, rng: jax.Array, options: 
   logps = out.logprobs if options.iterations > 1 else None
   batch = training_rows(prompt_tokens, prompt_lengths, tokens, lengths, logps, keep, tokenizer.pad_id)
   batch["advantages"] = adv
+  if row_buckets:
+    batch = packing.pack_sequences(batch, row_buckets, index_key="completion_index")
   scored = total[~np.isnan(total)]
   metrics = {"reward/mean": float(scored.mean()) if scored.size else float("nan"),
              "reward/std": float(scored.std()) if scored.size else float("nan"),

@@ -8,6 +8,7 @@ few samples of each rollout to WORKDIR/samples.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 
@@ -17,7 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from towerplus_jax.data import chat
+from towerplus_jax import sharding
+from towerplus_jax.data import chat, packing
 from towerplus_jax.files import storage
 from towerplus_jax.rl import rewards
 from towerplus_jax.rl.replay import ReplayBuffer
@@ -39,6 +41,10 @@ class RolloutSource:
     self.rng = jax.random.key(config.train.seed + 1)
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.buffer = ReplayBuffer(rl.iterations)
+    # data.pack: packed rows in multiples of the devices the batch is split over times train.micro_batches (each
+    # micro-batch split evenly), the same on every host since every host holds the global rollout.
+    multiple = math.prod(mesh.shape[a] for a in sharding.BATCH) * config.train.micro_batches
+    self.row_buckets = packing.sequence_buckets(rows, multiple) if config.data.pack else ()
     self.rollouts = 0
     self._old_logps: Callable | None = None
 
@@ -55,7 +61,8 @@ class RolloutSource:
       self._old_logps = old_logps_forward(nnx.graphdef(policy), self.loss_cfg, self.mesh)
     return make_rollout(policy, next(self.prompts), rng=jax.random.fold_in(self.rng, self.rollouts),
                         options=self.options, reward_fn=self.reward_fn, tokenizer=self.tokenizer,
-                        stop_ids=self.stop_ids, mesh=self.mesh, old_logps=self._old_logps)
+                        stop_ids=self.stop_ids, mesh=self.mesh, old_logps=self._old_logps,
+                        row_buckets=self.row_buckets)
 
   def host_metrics(self) -> dict[str, float]:
     return dict(self.buffer.metrics)

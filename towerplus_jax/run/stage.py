@@ -37,8 +37,7 @@ class RunSetup:
   tokenizer: Any
   model_cfg: ModelConfig
   model: nnx.Module
-  ref_params: Any  # nnx.State of a frozen reference model, or None
-  reference_is_base: bool  # LoRA with a reference policy: the base, i.e. the policy with its adapters off
+  ref_params: Any  # nnx.State: a frozen copy of the trainable params (under LoRA: the adapters), or None
   batches: BatchSource
   eval_batches: Callable[[], Iterable[dict]] | None
   # Writes the run's model_config.json and tokenizer/ into the workdir: called once the run is known to be valid
@@ -90,7 +89,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
 
   loss = losses.get(config.loss.name)
   use_reference = loss.needs_reference(config.loss) and not config.data.precomputed_reference
-  ref_params = weights.frozen_copy(model) if use_reference and not base else None
+  ref_params = weights.frozen_copy(model, lora.trainable(config)) if use_reference else None
   fmt = datasets.batch_format(config)
   dataset = datasets.dataset_fn(config, tokenizer)
   dcfg = config.data
@@ -108,8 +107,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> RunSetup:
       return itertools.islice(iter(dataset(dcfg.eval, False, global_batch)), config.train.eval_steps)
   logging.info("model %s: %s params on mesh %s", model_cfg.family,
                f"{sum(x.size for x in jax.tree.leaves(nnx.state(model))):,}", dict(mesh.shape))
-  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, bool(base) and use_reference, batches, eval_batches,
-                  save_files)
+  return RunSetup(mesh, tokenizer, model_cfg, model, ref_params, batches, eval_batches, save_files)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -117,11 +115,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   signal stopped it early (after saving a checkpoint)."""
   run = setup(config, workdir)
   tx, lr = optim.make(config.optimizer, config.train.steps)
-  trainable = lora.TRAINABLE if lora.spec(config) else nnx.Param
   graphdef, state = state_lib.init(run.model, tx, run.mesh, config.train.seed, reference=run.ref_params,
-                                   trainable=trainable)
-  options = StepOptions(losses.get(config.loss.name), config.loss, tx, lr, config.train.micro_batches,
-                        reference_is_base=run.reference_is_base)
+                                   trainable=lora.trainable(config))
+  options = StepOptions(losses.get(config.loss.name), config.loss, tx, lr, config.train.micro_batches)
   trainer = Trainer(graphdef=graphdef, state=state, step_options=options, mesh=run.mesh, batches=run.batches,
                     eval_batches=run.eval_batches, options=LoopOptions.of(config.train), workdir=workdir,
                     flops_per_token=flops_per_token(run.model_cfg, config.data.seq_len), on_restored=run.save_files)

@@ -1,30 +1,61 @@
-"""A stage's LoRA (config `lora.*`, adapters from models/lora.py): the adapters put on the loaded model, the frozen
-base cast to `lora.base_dtype`, and the base's record (convert/peft.py `lora_base.json`) kept in the run folder and
+"""A stage's LoRA (config `lora.*`, adapters from models/lora.py): the adapters put on the loaded model (fresh, or a
+PEFT adapter's with `init_from=peft:DIR`, whose rank, alpha and modules then rule), the frozen base stored as
+`lora.base_dtype` (bf16, or quantised: QLoRA), and the base's record (convert/peft.py `lora_base.json`) kept in the run folder and
 checked on resume, since a LoRA checkpoint holds the adapters and their optimizer state only."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
 from towerplus_jax import sharding
-from towerplus_jax.convert import peft
-from towerplus_jax.models import lora
+from towerplus_jax.convert import hf, peft
+from towerplus_jax.models import config as model_config
+from towerplus_jax.models import layout, lora
 
 TRAINABLE = nnx.LoRAParam  # the `trainable` filter of training/state.py under LoRA
 
 
+def trainable(config: ml_collections.ConfigDict) -> type[nnx.Param]:
+  """The stage's `trainable` filter (training/state.py): the adapters under LoRA, else every param."""
+  return TRAINABLE if spec(config) is not None else nnx.Param
+
+
+def adapter_folder(config: ml_collections.ConfigDict) -> str | None:
+  """The PEFT adapter folder a stage continues (`init_from=peft:DIR`), or None."""
+  kind, _, path = (config.init_from or "").partition(":")
+  return path if kind == "peft" else None
+
+
+def continued_run(config: ml_collections.ConfigDict) -> tuple[str, dict] | None:
+  """(workdir, base record) of the LoRA run whose adapter a LoRA stage continues on the same base (`init_from=ckpt:`
+  such a run, `lora.rank` > 0; with rank 0 the stage fully fine-tunes the run's merged weights), or None."""
+  kind, _, path = (config.init_from or "").partition(":")
+  record = peft.read_base(path) if kind == "ckpt" and config.lora.rank else None
+  return (path, record) if record else None
+
+
 def spec(config: ml_collections.ConfigDict) -> lora.Spec | None:
-  """The stage's adapters, or None for full fine-tuning (`lora.rank` = 0)."""
+  """The stage's adapters (a continued adapter's own: `init_from=peft:DIR` or a LoRA run's), or None for full
+  fine-tuning (`lora.rank` = 0)."""
   c = config.lora
-  if c.rank == 0:
-    return None
   if c.dropout:
-    raise ValueError(f"config.lora.dropout={c.dropout}: only 0 is implemented (the adapters are merged into the "
-                     "weights, models/lora.py)")
-  return lora.Spec(c.rank, c.alpha, c.targets)
+    raise ValueError(f"config.lora.dropout={c.dropout}: only 0 is implemented (models/lora.py)")
+  continued, folder = continued_run(config), adapter_folder(config)
+  if continued:
+    s = lora.Spec(continued[1]["rank"], continued[1]["alpha"], continued[1]["targets"])
+    if c.rank != s.rank:
+      raise ValueError(f"config.lora.rank={c.rank}, but init_from={config.init_from} is a LoRA run of rank {s.rank}: "
+                       f"set lora.rank={s.rank} to continue its adapter, or 0 to fine-tune its merged weights")
+    return s
+  if folder is None:
+    return None if c.rank == 0 else lora.Spec(c.rank, c.alpha, c.targets)
+  s, _ = peft.read_adapter(folder)
+  if c.rank not in (0, s.rank):
+    raise ValueError(f"config.lora.rank={c.rank}, but init_from=peft:{folder} is an adapter of rank {s.rank}: set "
+                     f"lora.rank={s.rank} (or 0: the adapter's)")
+  return s
 
 
 def adapt(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Module:
@@ -34,27 +65,41 @@ def adapt(config: ml_collections.ConfigDict, model: nnx.Module) -> nnx.Module:
   if s is None:
     return model
   lora.apply(model, s, nnx.Rngs(config.train.seed))
-  dtype = jnp.dtype(config.lora.base_dtype)
-  nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model, lora.BASE)))
-  return model
+  return lora.store_base(model, config.lora.base_dtype)
 
 
 def apply(config: ml_collections.ConfigDict, model: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """`adapt` on a model placed on `mesh` (the base is cast where it lies), the adapters placed by their logical
+  """`adapt` on a model placed on `mesh`, the adapters (and a quantised base's new arrays) placed by their logical
   axes."""
   model = adapt(config, model)
   if spec(config) is not None:
-    adapters = nnx.state(model, TRAINABLE)
-    nnx.update(model, jax.device_put(adapters, sharding.state_shardings(adapters, mesh)))
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
+  if adapter_folder(config):
+    peft.load_adapter(adapter_folder(config), model, mesh)
+  if continued_run(config):
+    _load_run_adapter(*continued_run(config), model, mesh)
   return model
+
+
+def _load_run_adapter(workdir: str, record: dict, model: nnx.Module, mesh: Mesh) -> None:
+  """Set `model`'s adapters to those of a LoRA run's latest checkpoint (in either layer layout), in place."""
+  saved = model_config.load_json(workdir)
+  _, adapters = hf.lora_adapters(workdir, record, saved.replace(param_dtype=model.cfg.param_dtype), mesh, None)
+  state = nnx.state(model, TRAINABLE)
+  nnx.replace_by_pure_dict(state, layout.convert(adapters, saved, model.cfg))
+  nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
 
 
 def base_record(config: ml_collections.ConfigDict, model: nnx.Module) -> dict:
   """Where the adapted model's base came from (what export rebuilds it from), its fingerprint and the adapters."""
-  c = config.lora
+  c, s, continued = config.lora, spec(config), continued_run(config)
   source = config.init_from or f"random init (model.preset={config.model.preset}, train.seed={config.train.seed})"
-  return {"base": source, "init_from": config.init_from, "seed": config.train.seed, "base_dtype": c.base_dtype,
-          "rank": c.rank, "alpha": c.alpha, "targets": c.targets,
+  origin = {"base": source, "init_from": config.init_from, "seed": config.train.seed}
+  if continued:  # the continued run's base
+    origin = {k: continued[1][k] for k in origin}
+  return {**origin, "base_dtype": c.base_dtype,
+          "rank": s.rank, "alpha": s.alpha, "targets": s.targets,
           "fingerprint": peft.fingerprint(nnx.state(model, lora.BASE))}
 
 

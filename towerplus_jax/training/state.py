@@ -2,9 +2,10 @@
 
 `params` are the trainable parameters (every `nnx.Param` for full fine-tuning, the adapters' `nnx.LoRAParam`s under
 LoRA); `frozen` the rest of the model, read by every step and never updated (empty for full fine-tuning; the base
-weights under LoRA adapters); `reference` the frozen reference policy a preference or KL loss compares against, or
-None. Only `params` have optimizer state and gradients. The policy is `policy(graphdef, params, frozen)`: the merged
-model, whose adapters (if any) are merged into their weights (models/lora.py).
+weights under LoRA adapters); `reference` a frozen copy of `params` as the stage started, which with `frozen` is the
+reference policy a preference or KL loss compares against (under LoRA a copy of the adapters only: fresh adapters
+give exactly the base, a continued adapter the previous stage's policy), or None. Only `params` have optimizer state and gradients. The policy is `policy(graphdef, params, frozen)`: the model,
+whose layers apply its LoRA adapters (if any) next to the frozen base weights (models/lora.py).
 
 `abstract` gives the same state as sharded shapes (for the TPU compiler, nothing allocated), `init` the real one
 placed on the mesh; both lay every leaf out as `shardings` says.
@@ -21,14 +22,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from towerplus_jax import sharding
-from towerplus_jax.models import lora
 
 Filter = Any  # an nnx filter: a Variable type, a path predicate, ...
 
 
 def policy(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State) -> nnx.Module:
-  """The model of `params` and `frozen`, its LoRA adapters (if any) merged into their weights."""
-  return lora.merged(nnx.merge(graphdef, params, frozen))
+  """The model of `params` and `frozen` (its layers apply the LoRA adapters, if any)."""
+  return nnx.merge(graphdef, params, frozen)
 
 
 @struct.dataclass
@@ -38,18 +38,14 @@ class TrainState:
   step: jax.Array  # int32[]: optimizer steps taken
   rng: jax.Array  # uint32[2]: key data of the run's RNG (folded with the step in each step)
   frozen: nnx.State  # model variables the step reads but never updates
-  reference: nnx.State | None = None  # frozen reference policy (same layout as params + frozen), or None
+  reference: nnx.State | None = None  # frozen copy of the stage's initial params (the reference policy), or None
 
   def model(self, graphdef: nnx.GraphDef) -> nnx.Module:
     """The current policy."""
     return policy(graphdef, self.params, self.frozen)
 
-  def base_model(self, graphdef: nnx.GraphDef) -> nnx.Module:
-    """The policy with its LoRA adapters off, i.e. the frozen base (the layers never read the adapters)."""
-    return nnx.merge(graphdef, self.params, self.frozen)
-
   def reference_model(self, graphdef: nnx.GraphDef) -> nnx.Module:
-    return nnx.merge(graphdef, self.reference)
+    return policy(graphdef, self.reference, self.frozen)
 
   def checkpoint_items(self) -> tuple[dict, dict]:
     """(params as a pure dict, {"opt_state", "step", "rng"}): what a checkpoint saves of the state."""
@@ -79,7 +75,7 @@ def shardings(params: nnx.State, frozen: nnx.State, tx: optax.GradientTransforma
   replicated = NamedSharding(mesh, P())
   params_sh = sharding.state_shardings(params, mesh)
   frozen_sh = sharding.state_shardings(frozen, mesh)
-  ref_sh = sharding.state_shardings(nnx.merge_state(params, frozen), mesh) if reference else None
+  ref_sh = params_sh if reference else None
   return TrainState(params_sh, opt_shardings(tx, params, params_sh, replicated), replicated,
                     jax.tree.map(lambda _: replicated, jax.eval_shape(lambda: _key_data(0))), frozen_sh, ref_sh)
 
@@ -95,7 +91,7 @@ def abstract(model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh, *,
   sh = shardings(params, frozen, tx, mesh, reference)
   shapes = TrainState(params, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32),
                       jax.eval_shape(lambda: _key_data(0)), frozen,
-                      nnx.merge_state(params, frozen) if reference else None)
+                      params if reference else None)
   return graphdef, _with(shapes, sh)
 
 

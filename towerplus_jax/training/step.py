@@ -29,9 +29,6 @@ class StepOptions:
   tx: optax.GradientTransformation
   lr: optax.Schedule
   micro_batches: int = 1  # gradient accumulation: the batch is split into this many sequential passes
-  # LoRA: the reference policy is the policy with its adapters off (the base, `TrainState.base_model`), so no copy
-  # of the weights is kept (`TrainState.reference` is None).
-  reference_is_base: bool = False
 
 
 def _micro_split(x: jax.Array, m: int) -> jax.Array:
@@ -46,10 +43,9 @@ def _micro_split(x: jax.Array, m: int) -> jax.Array:
 def _with_reference(graphdef: nnx.GraphDef, opts: StepOptions, state: TrainState, batch: dict) -> dict:
   """The batch with the reference model's log-probs the loss needs, unless the data carries them (precomputed)."""
   loss = opts.loss
-  if (state.reference is None and not opts.reference_is_base) or all(k in batch for k in loss.reference_keys):
+  if state.reference is None or all(k in batch for k in loss.reference_keys):
     return batch
-  reference = state.base_model(graphdef) if opts.reference_is_base else state.reference_model(graphdef)
-  extra = loss.reference_fn(reference, batch, opts.loss_cfg)
+  extra = loss.reference_fn(state.reference_model(graphdef), batch, opts.loss_cfg)
   return {**batch, **jax.tree.map(jax.lax.stop_gradient, extra)}
 
 

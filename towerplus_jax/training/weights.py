@@ -1,5 +1,6 @@
 """Where a stage's model weights come from (config.init_from): a random init of a preset, an HF folder or another
-run's checkpoint (in either layer layout, model.scan_layers), each placed straight onto the mesh; the layer layout a
+run's checkpoint (in either layer layout, model.scan_layers; a LoRA run's merged, or its base when a LoRA stage
+continues its adapter), each placed straight onto the mesh; the layer layout a
 resumed run must keep; and the frozen copy a loss with a reference model compares against."""
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from towerplus_jax.models import config as model_config
 from towerplus_jax.models import layout
 from towerplus_jax.models.config import ModelConfig, preset
 from towerplus_jax.models.transformer import Transformer, abstract_model
+from towerplus_jax.training import lora
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
   """The ModelConfig fields a stage config sets on top of the preset / saved architecture."""
-  return {k: config.model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention", "attention_block")}
+  return {k: config.model[k] for k in model_config.RUNTIME_FIELDS}
 
 
 def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -> tuple[ModelConfig, nnx.Module]:
@@ -36,11 +38,16 @@ def load_model(config: ml_collections.ConfigDict, mesh: Mesh, vocab_size: int) -
                                               vocab_size=config.model.vocab_size or _round_up(vocab_size, 128))
     return cfg, new_model(cfg, mesh, config.train.seed)
   kind, path = config_check.init_source(config.init_from)
+  if kind == "peft":  # the adapter's base; training/lora.py puts the adapter on it
+    kind, path = "hf", peft.read_adapter(path)[1]
   source = hf_config.config_from_folder(path) if kind == "hf" else model_config.load_json(path)
   warn_ignored_preset(config, source)
   if kind == "hf":
     return hf.load_hf(path, mesh=mesh, overrides=model_overrides(config))
   cfg = source.replace(**model_overrides(config))
+  continued = lora.continued_run(config)
+  if continued:  # a LoRA run whose adapter this stage continues: its base (training/lora.py adds the adapter)
+    return cfg, hf.lora_base(continued[1], cfg, mesh)
   return cfg, restore_model(cfg, mesh, os.path.join(path, "checkpoints"), saved=source)
 
 
@@ -109,9 +116,6 @@ def _relayout(params: dict, src: ModelConfig, dst: ModelConfig, shardings: dict)
   return traverse_util.unflatten_dict(out)
 
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention", "attention_block", "scan_layers")  # not the weights'
-
-
 def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
   """A run resumed in `workdir` must be of the model its checkpoints hold (the architecture in its
   model_config.json; only the runtime fields may change) and keep their layer layout (train state is restored as
@@ -123,7 +127,7 @@ def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
     return
   saved = model_config.load_json(workdir)
   theirs, ours = dataclasses.asdict(saved), dataclasses.asdict(cfg)
-  differ = [k for k in theirs if k not in RUNTIME_FIELDS and theirs[k] != ours.get(k)]
+  differ = [k for k in theirs if k not in model_config.RUNTIME_FIELDS and theirs[k] != ours.get(k)]
   if differ:
     shown = "; ".join(f"{k}={theirs[k]!r} there, {ours.get(k)!r} here" for k in differ[:3])
     more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
@@ -136,9 +140,10 @@ def check_resume_layout(workdir: str, cfg: ModelConfig) -> None:
                      f"init_from=ckpt:{workdir})")
 
 
-def frozen_copy(model: nnx.Module) -> nnx.State:
-  """A copy of the model's params (the reference model of DPO/WPO/GRPO), untouched by the policy's updates."""
-  params = nnx.state(model)
+def frozen_copy(model: nnx.Module, trainable: nnx.filterlib.Filter = nnx.Param) -> nnx.State:
+  """A copy of the model's trainable params (with the frozen rest, the reference model of DPO/WPO/GRPO), untouched by
+  the policy's updates."""
+  params = nnx.state(model, trainable)
   return jax.jit(lambda p: jax.tree.map(lambda x: x.copy(), p))(params)
 
 
