@@ -47,7 +47,8 @@ def heldout_config(data: str) -> ml_collections.ConfigDict:
 
 
 def stages_config() -> ml_collections.ConfigDict:
-  """SFT -> WPO -> GRPO, a few tiny steps each (checkpoints every 2 steps, all kept), no held-out decoding."""
+  """SFT -> WPO (packed) -> GRPO (packed, LoRA), a few tiny steps each (checkpoints every 2 steps, all kept), no
+  held-out decoding."""
   c = tower_plus.get_config("tiny")
   c.stage_order = ("sft", "wpo", "grpo")
   c.eval_data = ""
@@ -66,7 +67,8 @@ def stages_config() -> ml_collections.ConfigDict:
                  reward_weights=(*grpo.rl.reward_weights, 0.0))
   grpo.rl.iterations = 2  # μ > 1: old log-probs by a training forward pass, replicated onto every process
   grpo.train.global_batch_size = 16
-  grpo.data.max_prompt_len = 56
+  grpo.data.update(max_prompt_len=56, pack=True)  # packed rollout rows, the same on every host
+  grpo.lora.update(rank=4, alpha=8.0, base_dtype="float32")  # adapters on WPO's merged weights, sampled as trained
   return c
 
 

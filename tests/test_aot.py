@@ -77,22 +77,6 @@ def test_bad_mesh_flag_names_the_entry():
   assert cli.parse_mesh("fsdp=8, tensor=2", {"data": 1, "fsdp": -1}) == {"data": 1, "fsdp": 8, "tensor": 2}
 
 
-def test_new_memory_defaults_cut_a_mid_size_step_by_a_large_factor():
-  """qwen2_5_0_5b SFT, 1 row x 1024 per device on fsdp=8: the shipped defaults (scanned layers, full remat, chunked
-  log-probs with the head never gathered) against the old ones (unrolled, dots_no_batch, full [B, T, V] logits)."""
-  mesh = sharding.make_mesh({"fsdp": 8})
-
-  def total(old_defaults: bool) -> int:
-    config = get_config("qwen2_5_0_5b")
-    config.train.global_batch_size, config.data.seq_len = 8, 1024
-    if old_defaults:
-      config.model.scan_layers, config.model.remat, config.loss.logprob_chunk = False, "dots_no_batch", 0
-    return programs.train_step(config, mesh).memory.total
-
-  new, old = total(False), total(True)
-  assert old > 5 * new, (old / 2 ** 30, new / 2 ** 30)  # measured: 9.2 GiB -> 1.4 GiB
-
-
 def test_grpo_with_iterations_compiles_the_old_logps_layout():
   """μ > 1 batches carry old_logps [B, T] and the scalar old_is_current (replicated), as the rollout source yields."""
   from configs import grpo
