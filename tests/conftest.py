@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 
+from towerplus_jax import sharding
 from towerplus_jax.data import tokenizers
 
 
@@ -90,3 +93,20 @@ def sample_sp_path() -> str:
 @pytest.fixture(scope="session")
 def sample_tok(sample_sp_path) -> tokenizers.SentencePieceTokenizer:
   return tokenizers.SentencePieceTokenizer(sample_sp_path)
+
+
+@pytest.fixture
+def sigterm_on_batch(monkeypatch):
+  """`sigterm_on_batch(n)`: the process gets SIGTERM while the loop shards its n-th batch (a preemption mid-run, the
+  loop saves and stops); `monkeypatch.undo()` disarms it."""
+  def arm(n: int = 3) -> None:
+    calls = {"n": 0}
+    shard = sharding.shard_global_batch
+
+    def shard_then_stop(batch, mesh):
+      calls["n"] += 1
+      if calls["n"] == n:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return shard(batch, mesh)
+    monkeypatch.setattr(sharding, "shard_global_batch", shard_then_stop)
+  return arm

@@ -4,7 +4,6 @@ base, resume, base identity."""
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import pytest
 import qwix
 from flax import nnx
 
-from configs import grpo, sft, tower_plus, wpo
+from configs import sft, tower_plus, wpo
 from towerplus_jax import sharding
 from towerplus_jax.convert import hf, peft
 from towerplus_jax.files import checkpoint
@@ -156,20 +155,11 @@ def adapters(c, workdir):
   return jax.device_get(checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target))
 
 
-def test_lora_resume_after_sigterm_is_bit_exact_and_keeps_its_base(tmp_path, monkeypatch):
+def test_lora_resume_after_sigterm_is_bit_exact_and_keeps_its_base(tmp_path, monkeypatch, sigterm_on_batch):
   c = small(sft.get_config("tiny"), steps=6)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   stage.train(c, a)
-  calls = {"n": 0}
-  shard_global_batch = sharding.shard_global_batch
-
-  def sigterm_on_third_batch(batch, mesh):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return shard_global_batch(batch, mesh)
-
-  monkeypatch.setattr(sharding, "shard_global_batch", sigterm_on_third_batch)
+  sigterm_on_batch(3)
   with pytest.raises(preemption.Stopped):
     stage.train(c, b)
   monkeypatch.undo()

@@ -4,7 +4,6 @@ equal the unpacked ones, in one pass or in micro-batches; a tiny WPO run logs th
 and resumes bit-exact."""
 import json
 import os
-import signal
 
 import jax
 import numpy as np
@@ -210,22 +209,13 @@ def test_tiny_wpo_run_logs_the_same_losses_packed(tmp_path):
   assert len(logged[True]) == 3
 
 
-def test_resume_inside_a_packed_run_is_bit_exact(tmp_path, monkeypatch):
+def test_resume_inside_a_packed_run_is_bit_exact(tmp_path, monkeypatch, sigterm_on_batch):
   c = wpo.get_config("tiny")
   c.data.update(pack=True, seq_len=384)
   c.train.update(steps=4, log_every=1, checkpoint_every=2)
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   stage.train(c, a)
-  calls = {"n": 0}
-  shard = sharding.shard_global_batch
-
-  def sigterm_on_third_batch(batch, mesh):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return shard(batch, mesh)
-
-  monkeypatch.setattr(sharding, "shard_global_batch", sigterm_on_third_batch)
+  sigterm_on_batch(3)
   with pytest.raises(preemption.Stopped):
     stage.train(c, b)
   monkeypatch.undo()

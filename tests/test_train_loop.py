@@ -1,7 +1,6 @@
 """The whole loop on the shipped sample: resume after SIGTERM is bit-exact, configs load and lock, bad keys fail."""
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -35,22 +34,13 @@ def final_params(workdir):
   return jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
 
-def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch):
+def test_resume_after_sigterm_is_bit_exact(tmp_path, monkeypatch, sigterm_on_batch):
   c = small(sft.get_config("tiny"))
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   first = stage.train(c, a)
   assert np.isfinite(first["loss"]) and "eval/loss" in first
 
-  calls = {"n": 0}
-  shard_local_batch = sharding.shard_global_batch
-
-  def sigterm_on_third_batch(batch, mesh):
-    calls["n"] += 1
-    if calls["n"] == 3:
-      os.kill(os.getpid(), signal.SIGTERM)
-    return shard_local_batch(batch, mesh)
-
-  monkeypatch.setattr(sharding, "shard_global_batch", sigterm_on_third_batch)
+  sigterm_on_batch(3)
   with pytest.raises(preemption.Stopped, match=r"^stopped at step 3 of \d+ \(SIGTERM\); a checkpoint was saved: "
                      r"rerun the same command to resume$") as stopped:
     stage.train(c, b)
