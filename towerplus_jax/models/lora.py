@@ -5,8 +5,9 @@
 `Spec` on the model. The layers compute every projection through `project`, which adds the adapter's path when the
 weight has one: the base weights are never copied or merged (not in training, not in the sampler), the gradient of
 a step is A's and B's only, and with B = 0 the model is exactly its base (x W + scale · (x A) 0 = x W), which is why
-a LoRA run's reference policy is a copy of its initial adapters on the same base, not a second copy of the weights. `store_base` keeps the frozen base in bfloat16 or
-quantised (QLoRA, models/quant.py); `merged` gives W' = W + scale · A B as plain weights (HF export).
+a LoRA run's reference policy is a copy of its initial adapters on the same base, not a second copy of the weights.
+`store_base` keeps the frozen base in bfloat16 or quantised (QLoRA, models/quant.py); `merged` gives
+W' = W + scale · A B as plain weights (the HF export).
 
 Why not qwix's interception (qwix 0.1.8 `apply_lora_to_model`): it wraps only the NNX model's `__call__`, so
 `Transformer.hidden` / `decode` (what the losses, the chunked log-prob kernel and the sampler call) run without the

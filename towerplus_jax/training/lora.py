@@ -1,7 +1,8 @@
-"""A stage's LoRA (config `lora.*`, adapters from models/lora.py): the adapters put on the loaded model (fresh, or a
-PEFT adapter's with `init_from=peft:DIR`, whose rank, alpha and modules then rule), the frozen base stored as
-`lora.base_dtype` (bf16, or quantised: QLoRA), and the base's record (convert/peft.py `lora_base.json`) kept in the run folder and
-checked on resume, since a LoRA checkpoint holds the adapters and their optimizer state only."""
+"""A stage's LoRA (config `lora.*`, adapters from models/lora.py): the adapters put on the loaded model (fresh, or
+continued: a PEFT folder's with `init_from=peft:DIR`, a LoRA run's with `init_from=ckpt:RUN`; their rank, alpha and
+modules then rule), the frozen base stored as `lora.base_dtype` (bf16, or quantised: QLoRA), and the base's record
+(convert/peft.py `lora_base.json`) kept in the run folder and checked on resume, since a LoRA checkpoint holds the
+adapters and their optimizer state only."""
 from __future__ import annotations
 
 import jax
@@ -75,10 +76,11 @@ def apply(config: ml_collections.ConfigDict, model: nnx.Module, mesh: Mesh) -> n
   if spec(config) is not None:
     state = nnx.state(model, nnx.Param)
     nnx.update(model, jax.device_put(state, sharding.state_shardings(state, mesh)))
-  if adapter_folder(config):
-    peft.load_adapter(adapter_folder(config), model, mesh)
-  if continued_run(config):
-    _load_run_adapter(*continued_run(config), model, mesh)
+  folder, continued = adapter_folder(config), continued_run(config)
+  if folder:
+    peft.load_adapter(folder, model, mesh)
+  if continued:
+    _load_run_adapter(*continued, model, mesh)
   return model
 
 
